@@ -1,0 +1,119 @@
+"""Frozen, validated configuration of each service.
+
+Every field has a default and a one-line doc. Environment variables are read
+in one place (``from_env``) with the ``DISAGG_`` prefix; command-line flags
+override them (see disagg.cli).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+ENV_PREFIX = "DISAGG_"
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    model: str = ""  # local HF model directory; "" = the default SmolLM2-135M-Instruct
+    dtype: str = "auto"  # float32 | bfloat16 | float16 | auto (bf16 on CUDA, fp32 on CPU)
+    device: str = "auto"  # cpu | cuda | cuda:N | auto
+    block_size: int = 16  # tokens per KV block
+    num_blocks: int = 0  # KV blocks in the pool; 0 = derive from kv_cache_mb
+    kv_cache_mb: int = 1024  # KV pool size in MiB when num_blocks is 0
+    max_num_seqs: int = 64  # requests in one decode batch
+    max_num_batched_tokens: int = 2048  # prefill tokens per step (chunk size for long prompts)
+    threads: int = 0  # torch intra-op threads; 0 = torch's default
+    enable_prefix_cache: bool = True  # reuse KV blocks of identical prompt prefixes
+
+    def __post_init__(self) -> None:
+        if self.block_size <= 0 or self.block_size & (self.block_size - 1):
+            raise ValueError("block_size must be a positive power of two")
+        if self.num_blocks < 0 or self.kv_cache_mb <= 0:
+            raise ValueError("num_blocks must be >= 0 and kv_cache_mb > 0")
+        if self.max_num_seqs <= 0 or self.max_num_batched_tokens <= 0:
+            raise ValueError("max_num_seqs and max_num_batched_tokens must be > 0")
+        if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
+            raise ValueError(f"unknown dtype {self.dtype!r}")
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    role: str = "prefill"  # prefill | decode
+    host: str = "127.0.0.1"  # bind address
+    port: int = 0  # gRPC port; 0 = any free port
+    advertise_host: str = ""  # host others use to reach this worker; "" = host
+    redis_url: str = "redis://127.0.0.1:6379/0"  # control plane
+    worker_id: str = ""  # "" = <role>-<hostname>-<pid>
+    heartbeat_s: float = 1.0  # heartbeat period
+    heartbeat_ttl_s: float = 3.0  # a worker silent this long vanishes from the registry
+    kv_lease_s: float = 30.0  # prefill: held KV not pulled within this is freed
+    max_chunk_bytes: int = 2 << 20  # KV transfer chunk size (under the gRPC message limit)
+    transfer_timeout_s: float = 10.0  # decode: a KV pull slower than this fails
+    metrics_port: int = -1  # Prometheus /metrics port; -1 = off, 0 = any free port
+    engine: EngineConfig = dataclasses.field(default_factory=EngineConfig)
+
+    def __post_init__(self) -> None:
+        if self.role not in ("prefill", "decode"):
+            raise ValueError("role must be prefill or decode")
+        if not 0 <= self.port < 65536:
+            raise ValueError("port out of range")
+        if self.heartbeat_ttl_s <= self.heartbeat_s:
+            raise ValueError("heartbeat_ttl_s must exceed heartbeat_s")
+        if self.kv_lease_s <= 0 or self.transfer_timeout_s <= 0:
+            raise ValueError("kv_lease_s and transfer_timeout_s must be > 0")
+        if self.max_chunk_bytes < 4096:
+            raise ValueError("max_chunk_bytes must be >= 4096")
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    host: str = "127.0.0.1"  # bind address
+    port: int = 50051  # gRPC port
+    http_port: int = 8000  # OpenAI-compatible HTTP port; -1 = off
+    redis_url: str = "redis://127.0.0.1:6379/0"  # control plane
+    model: str = ""  # model dir for the tokenizer; "" = the default SmolLM2
+    default_max_tokens: int = 256  # max_tokens when a request sets none
+    max_inflight: int = 256  # admitted requests at once; more get RESOURCE_EXHAUSTED
+    registry_refresh_s: float = 0.25  # how often the worker list is re-read from Redis
+    worker_timeout_s: float = 30.0  # deadline of a prefill call
+    api_key: str = ""  # required as Bearer / authorization metadata when set
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.port < 65536:
+            raise ValueError("port out of range")
+        if self.default_max_tokens <= 0 or self.max_inflight <= 0:
+            raise ValueError("default_max_tokens and max_inflight must be > 0")
+
+
+def _coerce(value: str, kind: Any) -> Any:
+    if kind in (bool, "bool"):
+        return value.strip().lower() in ("1", "true", "yes", "on")
+    if kind in (int, "int"):
+        return int(value)
+    if kind in (float, "float"):
+        return float(value)
+    return value
+
+
+def from_env(cls: type[T], env: dict[str, str] | None = None, prefix: str = ENV_PREFIX) -> T:
+    """Builds cls from DISAGG_<FIELD> variables (nested EngineConfig fields too)."""
+    env = dict(os.environ) if env is None else env
+    kwargs: dict[str, Any] = {}
+    for f in dataclasses.fields(cls):  # type: ignore[arg-type]
+        if f.name == "engine":
+            kwargs["engine"] = from_env(EngineConfig, env, prefix)
+            continue
+        key = prefix + f.name.upper()
+        if key in env:
+            kwargs[f.name] = _coerce(env[key], f.type)
+    return cls(**kwargs)
+
+
+def override(cfg: T, **changes: Any) -> T:
+    """cfg with the non-None changes applied (command-line flags over env)."""
+    return dataclasses.replace(cfg, **{k: v for k, v in changes.items() if v is not None})  # type: ignore[type-var]
