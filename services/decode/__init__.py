@@ -1,0 +1,1 @@
+"""Decode worker: pulls handed-off KV, joins the running batch, streams tokens."""

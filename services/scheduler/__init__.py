@@ -1,0 +1,1 @@
+"""Scheduler: client-facing gRPC (and HTTP); tokenizes, admits, routes, relays tokens."""

@@ -1,0 +1,202 @@
+"""The `disagg` command: `up` (whole system on one host), each service alone, and a client.
+
+    disagg up [--model DIR] [--prefill N] [--decode M] [--port 50051] [--http-port 8000] [--redis-url URL]
+    disagg scheduler | prefill | decode  [flags]   # one service in this process
+    disagg generate "prompt" [--address HOST:PORT] # stream a completion to the terminal
+    disagg workers [--address HOST:PORT]           # the workers the scheduler sees
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+import threading
+from collections.abc import Sequence
+
+from disagg.runtime.config import (
+    EngineConfig,
+    SchedulerConfig,
+    WorkerConfig,
+    from_env,
+    override,
+)
+
+
+def _engine_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("engine")
+    g.add_argument("--model", help="local HF model directory (default: SmolLM2-135M-Instruct, bundled)")
+    g.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"])
+    g.add_argument("--device", help="cpu | cuda | cuda:N | auto")
+    g.add_argument("--block-size", type=int, help="tokens per KV block")
+    g.add_argument("--num-blocks", type=int, help="KV blocks per worker (default: from --kv-cache-mb)")
+    g.add_argument("--kv-cache-mb", type=int, help="KV pool size per worker in MiB")
+    g.add_argument("--max-num-seqs", type=int, help="requests in one decode batch")
+    g.add_argument("--max-num-batched-tokens", type=int, help="prefill tokens per step")
+    g.add_argument("--threads", type=int, help="torch threads per worker")
+
+
+def _engine_cfg(args: argparse.Namespace) -> EngineConfig:
+    return override(
+        from_env(EngineConfig),
+        model=args.model,
+        dtype=args.dtype,
+        device=args.device,
+        block_size=args.block_size,
+        num_blocks=args.num_blocks,
+        kv_cache_mb=args.kv_cache_mb,
+        max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens,
+        threads=args.threads,
+    )
+
+
+def _common_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--host", help="bind address (default 127.0.0.1)")
+    p.add_argument("--redis-url", help="Redis/Valkey URL of the control plane")
+    p.add_argument("--log-level", default=None, help="DEBUG | INFO | WARNING")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="disagg", description="Disaggregated LLM inference server")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    up = sub.add_parser("up", help="start Valkey (embedded), the scheduler and the workers on this host")
+    _common_flags(up)
+    _engine_flags(up)
+    up.add_argument("--prefill", type=int, default=1, help="prefill workers")
+    up.add_argument("--decode", type=int, default=1, help="decode workers")
+    up.add_argument("--port", type=int, default=50051, help="scheduler gRPC port")
+    up.add_argument("--http-port", type=int, default=8000, help="OpenAI-compatible HTTP port (-1 = off)")
+    up.add_argument("--ready-timeout", type=float, default=600.0, help="seconds to wait for every service")
+
+    sch = sub.add_parser("scheduler", help="run the scheduler")
+    _common_flags(sch)
+    sch.add_argument("--model", help="model directory for the tokenizer")
+    sch.add_argument("--port", type=int, help="gRPC port (default 50051)")
+    sch.add_argument("--http-port", type=int, help="HTTP port (default 8000, -1 = off)")
+    sch.add_argument("--default-max-tokens", type=int)
+    sch.add_argument("--max-inflight", type=int)
+
+    for role in ("prefill", "decode"):
+        w = sub.add_parser(role, help=f"run a {role} worker")
+        _common_flags(w)
+        _engine_flags(w)
+        w.add_argument("--port", type=int, help="gRPC port (default: any free port)")
+        w.add_argument("--advertise-host", help="host other services use to reach this worker")
+        w.add_argument("--worker-id")
+        w.add_argument("--kv-lease-s", type=float, help="prefill: free unpulled KV after this long")
+
+    gen = sub.add_parser("generate", help="stream a completion from a running scheduler")
+    gen.add_argument("prompt")
+    gen.add_argument("--address", default="127.0.0.1:50051")
+    gen.add_argument("--chat", action="store_true", help="send the prompt as a user chat message")
+    gen.add_argument("--max-tokens", type=int)
+    gen.add_argument("--temperature", type=float, default=0.0)
+    gen.add_argument("--top-p", type=float)
+    gen.add_argument("--seed", type=int)
+    gen.add_argument("--stop", action="append", default=[])
+
+    wk = sub.add_parser("workers", help="list the workers a running scheduler sees")
+    wk.add_argument("--address", default="127.0.0.1:50051")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from disagg.runtime.logs import setup_logging
+
+    setup_logging(args.command, getattr(args, "log_level", None))
+    handler = {
+        "up": _cmd_up,
+        "scheduler": _cmd_scheduler,
+        "prefill": _cmd_worker,
+        "decode": _cmd_worker,
+        "generate": _cmd_generate,
+        "workers": _cmd_workers,
+    }[args.command]
+    return int(handler(args) or 0)
+
+
+def _cmd_scheduler(args: argparse.Namespace) -> int:
+    from services.scheduler.main import main as run
+
+    cfg = override(from_env(SchedulerConfig), host=args.host, port=args.port, http_port=args.http_port,
+                   redis_url=args.redis_url, model=args.model, default_max_tokens=args.default_max_tokens,
+                   max_inflight=args.max_inflight)
+    run(cfg)
+    return 0
+
+
+def _cmd_worker(args: argparse.Namespace) -> int:
+    cfg = override(from_env(WorkerConfig), role=args.command, host=args.host, port=args.port,
+                   advertise_host=args.advertise_host, redis_url=args.redis_url, worker_id=args.worker_id,
+                   kv_lease_s=args.kv_lease_s)
+    cfg = override(cfg, engine=_engine_cfg(args))
+    if args.command == "prefill":
+        from services.prefill.main import main as run
+    else:
+        from services.decode.main import main as run  # type: ignore[assignment]
+    run(cfg)
+    return 0
+
+
+def _cmd_up(args: argparse.Namespace) -> int:
+    from disagg.launcher import Launcher
+
+    if args.prefill < 0 or args.decode < 1:
+        print("disagg up: need --decode >= 1 and --prefill >= 0", file=sys.stderr)
+        return 2
+    launcher = Launcher(args, _engine_cfg(args))
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    return launcher.run(stop)
+
+
+def _cmd_generate(args: argparse.Namespace) -> int:
+    import grpc
+
+    from disagg.v1 import scheduler_pb2, scheduler_pb2_grpc
+
+    req = scheduler_pb2.GenerateRequest(temperature=args.temperature, stop=args.stop)
+    if args.chat:
+        req.messages.add(role="user", content=args.prompt)
+    else:
+        req.prompt = args.prompt
+    for name in ("max_tokens", "top_p", "seed"):
+        if getattr(args, name) is not None:
+            setattr(req, name, getattr(args, name))
+    with grpc.insecure_channel(args.address) as channel:
+        stub = scheduler_pb2_grpc.SchedulerStub(channel)
+        try:
+            for resp in stub.Generate(req):
+                sys.stdout.write(resp.text)
+                sys.stdout.flush()
+                if resp.finish_reason:
+                    u, t = resp.usage, resp.timings
+                    print(f"\n[{resp.finish_reason}] prompt={u.prompt_tokens} completion={u.completion_tokens} "
+                          f"ttft={t.ttft_ms:.0f}ms prefill={t.prefill_ms:.0f}ms transfer={t.kv_transfer_ms:.1f}ms "
+                          f"decode={t.decode_ms:.0f}ms", file=sys.stderr)
+        except grpc.RpcError as e:
+            print(f"\nerror: {e.code().name}: {e.details()}", file=sys.stderr)
+            return 1
+    return 0
+
+
+def _cmd_workers(args: argparse.Namespace) -> int:
+    import grpc
+    from google.protobuf import json_format
+
+    from disagg.v1 import scheduler_pb2, scheduler_pb2_grpc
+
+    with grpc.insecure_channel(args.address) as channel:
+        resp = scheduler_pb2_grpc.SchedulerStub(channel).ListWorkers(scheduler_pb2.ListWorkersRequest())
+    print(json_format.MessageToJson(resp))
+    return 0
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    sys.exit(main())

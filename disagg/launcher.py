@@ -1,0 +1,109 @@
+"""`disagg up`: the whole system on one host, each service its own process.
+
+1. Resolve the model once (the default is converted and cached here, so the
+   workers only load safetensors).
+2. Redis: the given --redis-url, or an embedded Valkey on a free loopback port.
+3. Spawn the scheduler, N prefill and M decode workers (`python -m disagg.cli ...`).
+4. Ready when the scheduler's health is SERVING and it sees every worker;
+   print one line with `ready`.
+5. On SIGINT/SIGTERM, or when a service dies: stop every process group, then Valkey.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sys
+import threading
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from disagg.engine.model_loader import resolve_model
+from disagg.metastore.embedded import EmbeddedValkey, start_embedded_valkey
+from disagg.runtime.config import EngineConfig
+from disagg.runtime.procs import ServiceExited, ServiceGroup
+from disagg.v1 import common_pb2, scheduler_pb2, scheduler_pb2_grpc
+
+
+def _engine_argv(e: EngineConfig, threads: int) -> list[str]:
+    return [
+        "--model", e.model, "--dtype", e.dtype, "--device", e.device,
+        "--block-size", str(e.block_size), "--num-blocks", str(e.num_blocks),
+        "--kv-cache-mb", str(e.kv_cache_mb), "--max-num-seqs", str(e.max_num_seqs),
+        "--max-num-batched-tokens", str(e.max_num_batched_tokens), "--threads", str(threads),
+    ]  # fmt: skip
+
+
+class Launcher:
+    def __init__(self, args: argparse.Namespace, engine: EngineConfig):
+        self.args = args
+        self.engine = engine
+        self.host = args.host or "127.0.0.1"
+        self.valkey: EmbeddedValkey | None = None
+
+    def run(self, stop: threading.Event) -> int:
+        engine = dataclasses.replace(self.engine, model=resolve_model(self.engine.model))
+        redis_url = self.args.redis_url
+        if not redis_url:
+            self.valkey = start_embedded_valkey()
+            redis_url = self.valkey.url
+        group = ServiceGroup()
+        try:
+            self._spawn(group, engine, redis_url)
+            if not self._wait_ready(group, stop):
+                return 1
+            print(f"disagg ready: grpc {self.host}:{self.args.port} http {self.host}:{self.args.http_port} "
+                  f"prefill={self.args.prefill} decode={self.args.decode} redis={redis_url}", flush=True)
+            while not stop.is_set():
+                exited = group.wait_any(timeout_s=0.2)
+                if exited is not None:
+                    print(f"disagg: {exited.name} exited with code {exited.returncode}; stopping", file=sys.stderr)
+                    return 1
+            return 0
+        except ServiceExited as e:
+            print(f"disagg: {e}", file=sys.stderr)
+            return 1
+        finally:
+            group.terminate_all(timeout_s=15.0)
+            if self.valkey is not None:
+                self.valkey.stop()
+            print("disagg stopped", file=sys.stderr, flush=True)
+
+    def _spawn(self, group: ServiceGroup, engine: EngineConfig, redis_url: str) -> None:
+        py = [sys.executable, "-m", "disagg.cli"]
+        common = ["--host", self.host, "--redis-url", redis_url]
+        n = self.args.prefill + self.args.decode
+        threads = engine.threads or max(1, (os.cpu_count() or 1) // n)
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        group.spawn("scheduler", [*py, "scheduler", *common, "--model", engine.model, "--port", str(self.args.port),
+                                  "--http-port", str(self.args.http_port)], env=env)
+        for role, count in (("prefill", self.args.prefill), ("decode", self.args.decode)):
+            for i in range(count):
+                group.spawn(f"{role}-{i}", [*py, role, *common, *_engine_argv(engine, threads)], env=env)
+
+    def _wait_ready(self, group: ServiceGroup, stop: threading.Event) -> bool:
+        address = f"{self.host}:{self.args.port}"
+        with grpc.insecure_channel(address) as channel:
+            health = health_pb2_grpc.HealthStub(channel)
+            sched = scheduler_pb2_grpc.SchedulerStub(channel)
+
+            def ready() -> bool:
+                if stop.is_set():
+                    return True
+                try:
+                    status = health.Check(health_pb2.HealthCheckRequest(), timeout=1).status
+                    if status != health_pb2.HealthCheckResponse.SERVING:
+                        return False
+                    workers = sched.ListWorkers(scheduler_pb2.ListWorkersRequest(), timeout=2).workers
+                except grpc.RpcError:
+                    return False
+                roles = [w.role for w in workers]
+                return (roles.count(common_pb2.WORKER_ROLE_PREFILL) >= self.args.prefill
+                        and roles.count(common_pb2.WORKER_ROLE_DECODE) >= self.args.decode)
+
+            ok = group.wait_until(ready, timeout_s=self.args.ready_timeout, poll_s=0.2)
+        if not ok:
+            print(f"disagg: not ready after {self.args.ready_timeout:g}s", file=sys.stderr)
+        return ok and not stop.is_set()

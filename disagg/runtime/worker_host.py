@@ -1,0 +1,117 @@
+"""What every worker process does around its servicer.
+
+1. Load the model and start the engine.
+2. Bind gRPC (health + reflection, NOT_SERVING), connect to Redis, start the
+   heartbeat, then SERVING.
+3. SERVING until SIGTERM/SIGINT; then drain: NOT_SERVING, leave the registry
+   (no new work is routed here), let in-flight RPCs finish within the grace
+   period, stop the engine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import time
+from collections.abc import Callable
+from typing import Any, Protocol
+
+import grpc
+
+from disagg.engine.api import Engine
+from disagg.metastore.store import Heartbeat, MetaStore
+from disagg.runtime.config import WorkerConfig
+from disagg.runtime.grpc_server import create_grpc_server
+from disagg.runtime.ids import default_worker_id
+from disagg.runtime.telemetry import read_gpu_telemetry
+from disagg.v1 import common_pb2
+from disagg.wire import layout_to_pb
+
+log = logging.getLogger(__name__)
+
+_ROLES = {"prefill": common_pb2.WORKER_ROLE_PREFILL, "decode": common_pb2.WORKER_ROLE_DECODE}
+
+
+class Servicer(Protocol):
+    def close(self) -> None: ...
+
+
+ServicerFactory = Callable[[Engine, MetaStore, str, str], tuple[Servicer, Callable[[Any, grpc.aio.Server], None]]]
+
+
+def make_engine(cfg: WorkerConfig) -> Engine:
+    from disagg.engine.engine import LLMEngine
+
+    engine = LLMEngine(cfg.engine)
+    engine.start()
+    return engine
+
+
+class WorkerHost:
+    def __init__(self, cfg: WorkerConfig, service_name: str, factory: ServicerFactory):
+        self.cfg = cfg
+        self.worker_id = cfg.worker_id or default_worker_id(cfg.role)
+        self._service_name = service_name
+        self._factory = factory
+        self._started_ms = int(time.time() * 1000)
+        self._stop = asyncio.Event()
+        self.engine: Engine | None = None
+        self.address = ""
+
+    def request_stop(self) -> None:
+        self._stop.set()
+
+    async def run(self, engine: Engine | None = None) -> None:
+        cfg = self.cfg
+        self.engine = engine or await asyncio.to_thread(make_engine, cfg)
+        server = await create_grpc_server(cfg.host, cfg.port, [self._service_name])
+        self.address = f"{cfg.advertise_host or cfg.host}:{server.port}"
+        store = MetaStore(cfg.redis_url)
+        servicer, add = self._factory(self.engine, store, self.worker_id, self.address)
+        add(servicer, server.server)
+        await server.start()  # NOT_SERVING until registered
+        heartbeat = Heartbeat(store, self._info, cfg.heartbeat_s, cfg.heartbeat_ttl_s)
+        await heartbeat.start()
+        await server.set_serving(True)
+        log.info("%s serving worker_id=%s address=%s", cfg.role, self.worker_id, self.address)
+        self._install_signals()
+        try:
+            await self._stop.wait()
+        finally:
+            log.info("%s draining worker_id=%s", cfg.role, self.worker_id)
+            await server.set_serving(False)
+            await heartbeat.stop()
+            await server.stop(grace_s=10.0)
+            servicer.close()
+            self.engine.stop()
+            await store.close()
+
+    def _install_signals(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                loop.add_signal_handler(sig, self._stop.set)
+            except (NotImplementedError, RuntimeError):  # not the main thread (in-process tests)
+                pass
+
+    def _info(self) -> common_pb2.WorkerInfo:
+        assert self.engine is not None
+        stats, info = self.engine.stats(), self.engine.info
+        return common_pb2.WorkerInfo(
+            worker_id=self.worker_id,
+            role=_ROLES[self.cfg.role],
+            address=self.address,
+            model=info.name,
+            layout=layout_to_pb(info.layout),
+            free_blocks=stats.free_blocks,
+            total_blocks=stats.total_blocks,
+            queued_prefill_tokens=stats.queued_prefill_tokens,
+            running_requests=stats.running,
+            waiting_requests=stats.waiting,
+            max_context=info.max_context,
+            started_unix_ms=self._started_ms,
+            gpu=read_gpu_telemetry(),
+            pid=os.getpid(),
+        )

@@ -1,0 +1,1 @@
+"""Prompt rendering, validation and incremental detokenization (no I/O)."""

@@ -1,0 +1,77 @@
+"""Entry point of the scheduler process (`disagg scheduler`).
+
+Startup: tokenizer (no weights) -> Redis -> worker registry -> gRPC with
+health + reflection -> SERVING. SIGTERM/SIGINT: NOT_SERVING, in-flight
+streams finish within the grace period, then exit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+
+from disagg.engine.model_loader import resolve_model
+from disagg.metastore.store import MetaStore
+from disagg.runtime.channels import get_channel
+from disagg.runtime.config import SchedulerConfig
+from disagg.runtime.grpc_server import GrpcServer, create_grpc_server
+from disagg.tokenization.loader import load_tokenizer
+from disagg.v1 import scheduler_pb2, scheduler_pb2_grpc
+from services.scheduler.orchestrator import Orchestrator
+from services.scheduler.registry import WorkerRegistry
+from services.scheduler.servicer import SchedulerServicer
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = scheduler_pb2.DESCRIPTOR.services_by_name["Scheduler"].full_name
+
+
+class SchedulerApp:
+    def __init__(self, cfg: SchedulerConfig):
+        self.cfg = cfg
+        self.port = 0
+        self._stop = asyncio.Event()
+        self._server: GrpcServer | None = None
+
+    def request_stop(self) -> None:
+        self._stop.set()
+
+    async def run(self, ready: asyncio.Event | None = None) -> None:
+        cfg = self.cfg
+        tok = await asyncio.to_thread(load_tokenizer, await asyncio.to_thread(resolve_model, cfg.model))
+        store = MetaStore(cfg.redis_url)
+        registry = WorkerRegistry(store, cfg.registry_refresh_s)
+        await registry.start()
+        self.orchestrator = Orchestrator(registry, tok.tokenizer, tok.eos_token_ids, get_channel,
+                                         cfg.max_inflight, cfg.worker_timeout_s)
+        servicer = SchedulerServicer(self.orchestrator, registry, tok.tokenizer, tok.vocab_size,
+                                     tok.max_context, cfg.default_max_tokens)
+        server = await create_grpc_server(cfg.host, cfg.port, [SERVICE_NAME])
+        scheduler_pb2_grpc.add_SchedulerServicer_to_server(servicer, server.server)
+        await server.start()
+        self.port = server.port
+        await server.set_serving(True)
+        log.info("scheduler serving grpc=%s:%d", cfg.host, server.port)
+        self._install_signals()
+        if ready is not None:
+            ready.set()
+        try:
+            await self._stop.wait()
+        finally:
+            await server.set_serving(False)
+            await server.stop(grace_s=10.0)
+            await registry.stop()
+            await store.close()
+
+    def _install_signals(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                loop.add_signal_handler(sig, self._stop.set)
+            except (NotImplementedError, RuntimeError):
+                pass
+
+
+def main(cfg: SchedulerConfig) -> None:
+    asyncio.run(SchedulerApp(cfg).run())

@@ -1,0 +1,149 @@
+"""Front-end-neutral request values and their validation.
+
+Both front ends (gRPC here, HTTP next to it) turn their wire input into a
+``GenerationRequest`` through ``build_request``; errors are ``InvalidRequest``
+naming the field, answered as INVALID_ARGUMENT / HTTP 400.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from disagg.engine.api import SamplingParams
+from disagg.runtime.ids import new_request_id
+from disagg.tokenization.prompts import ChatTurn, PromptError, render_prompt
+
+MAX_STOP_STRINGS = 16
+MAX_STOP_LEN = 256
+
+
+class InvalidRequest(ValueError):
+    def __init__(self, field: str, message: str):
+        super().__init__(f"{field}: {message}")
+        self.field = field
+
+
+class Unavailable(RuntimeError):
+    """No worker can serve the request now (gRPC UNAVAILABLE / HTTP 503)."""
+
+
+class Overloaded(RuntimeError):
+    """Admission refused (gRPC RESOURCE_EXHAUSTED / HTTP 429)."""
+
+    def __init__(self, message: str, retry_after_s: float = 1.0):
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    request_id: str
+    prompt_token_ids: list[int]
+    sampling: SamplingParams
+    stop: tuple[str, ...] = ()
+    prefill_pin: str = ""
+    decode_pin: str = ""
+
+
+@dataclass
+class Timing:
+    queue_ms: float = 0.0
+    prefill_ms: float = 0.0
+    kv_transfer_ms: float = 0.0
+    decode_ms: float = 0.0
+    ttft_ms: float = 0.0
+    e2e_ms: float = 0.0
+
+
+@dataclass
+class GenerationEvent:
+    """New tokens/text; the last event has ``finish_reason`` and the totals."""
+
+    token_ids: list[int]
+    text: str
+    finish_reason: str | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cached_tokens: int = 0
+    timing: Timing = field(default_factory=Timing)
+    prefill_worker: str = ""
+    decode_worker: str = ""
+    error: str = ""
+
+
+@dataclass(frozen=True)
+class RawRequest:
+    """A request as the front ends parsed it, before any checks (None = unset)."""
+
+    request_id: str = ""
+    prompt: str = ""
+    messages: Sequence[ChatTurn] = ()
+    prompt_token_ids: Sequence[int] = ()
+    max_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    seed: int | None = None
+    stop: Sequence[str] = ()
+    ignore_eos: bool = False
+    prefill_pin: str = ""
+    decode_pin: str = ""
+
+
+def build_request(raw: RawRequest, tokenizer: Any, vocab_size: int, max_context: int,
+                  default_max_tokens: int) -> GenerationRequest:
+    try:
+        ids = render_prompt(tokenizer, vocab_size, raw.prompt, raw.messages, raw.prompt_token_ids)
+    except PromptError as e:
+        raise InvalidRequest(e.field, str(e).split(": ", 1)[1]) from e
+    if len(ids) >= max_context:
+        raise InvalidRequest("prompt", f"prompt is {len(ids)} tokens; the model's context is {max_context} (it must leave room for one new token)")
+    room = max_context - len(ids)
+    if raw.max_tokens is None:
+        max_tokens = min(default_max_tokens, room)
+    elif raw.max_tokens <= 0:
+        raise InvalidRequest("max_tokens", f"must be > 0, got {raw.max_tokens}")
+    elif raw.max_tokens > room:
+        raise InvalidRequest("max_tokens", f"prompt ({len(ids)} tokens) + max_tokens ({raw.max_tokens}) exceeds the model's context of {max_context}")
+    else:
+        max_tokens = raw.max_tokens
+    return GenerationRequest(
+        request_id=raw.request_id or new_request_id(),
+        prompt_token_ids=ids,
+        sampling=_sampling(raw, max_tokens),
+        stop=_stops(raw.stop),
+        prefill_pin=raw.prefill_pin,
+        decode_pin=raw.decode_pin,
+    )
+
+
+def _sampling(raw: RawRequest, max_tokens: int) -> SamplingParams:
+    temperature = 1.0 if raw.temperature is None else raw.temperature
+    top_p = 1.0 if raw.top_p is None else raw.top_p
+    top_k = 0 if raw.top_k is None else raw.top_k
+    if not math.isfinite(temperature) or temperature < 0:
+        raise InvalidRequest("temperature", f"must be >= 0, got {temperature}")
+    if temperature > 100:
+        raise InvalidRequest("temperature", f"must be <= 100, got {temperature}")
+    if not math.isfinite(top_p) or not 0 < top_p <= 1:
+        raise InvalidRequest("top_p", f"must be in (0, 1], got {top_p}")
+    if top_k < 0:
+        raise InvalidRequest("top_k", f"must be >= 0 (0 disables it), got {top_k}")
+    if raw.seed is not None and not -(2**63) <= raw.seed < 2**63:
+        raise InvalidRequest("seed", "must fit in a signed 64-bit integer")
+    return SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p,
+                          top_k=top_k, seed=raw.seed, ignore_eos=raw.ignore_eos)
+
+
+def _stops(stop: Sequence[str]) -> tuple[str, ...]:
+    if len(stop) > MAX_STOP_STRINGS:
+        raise InvalidRequest("stop", f"at most {MAX_STOP_STRINGS} stop strings")
+    for s in stop:
+        if not s:
+            raise InvalidRequest("stop", "stop strings must be non-empty")
+        if len(s) > MAX_STOP_LEN:
+            raise InvalidRequest("stop", f"stop strings must be at most {MAX_STOP_LEN} characters")
+    return tuple(stop)

@@ -1,0 +1,92 @@
+"""gRPC Scheduler: protobuf in and out; everything else is the orchestrator's."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+
+from disagg.tokenization.prompts import ChatTurn
+from disagg.v1 import common_pb2, scheduler_pb2, scheduler_pb2_grpc
+from services.scheduler.orchestrator import Orchestrator
+from services.scheduler.registry import WorkerRegistry
+from services.scheduler.requests import (
+    GenerationEvent,
+    InvalidRequest,
+    Overloaded,
+    RawRequest,
+    Unavailable,
+    build_request,
+)
+
+
+def raw_from_pb(req: scheduler_pb2.GenerateRequest) -> RawRequest:
+    def opt(name: str) -> Any:
+        return getattr(req, name) if req.HasField(name) else None
+
+    return RawRequest(
+        request_id=req.request_id,
+        prompt=req.prompt,
+        messages=[ChatTurn(m.role, m.content) for m in req.messages],
+        prompt_token_ids=list(req.prompt_token_ids),
+        max_tokens=opt("max_tokens"),
+        temperature=opt("temperature"),
+        top_p=opt("top_p"),
+        top_k=opt("top_k"),
+        seed=opt("seed"),
+        stop=list(req.stop),
+        ignore_eos=req.ignore_eos,
+        prefill_pin=req.prefill_worker,
+        decode_pin=req.decode_worker,
+    )
+
+
+def event_to_pb(rid: str, ev: GenerationEvent) -> scheduler_pb2.GenerateResponse:
+    resp = scheduler_pb2.GenerateResponse(request_id=rid, token_ids=ev.token_ids, text=ev.text)
+    if ev.finish_reason is not None:
+        t = ev.timing
+        resp.finish_reason = ev.finish_reason
+        resp.usage.CopyFrom(common_pb2.Usage(prompt_tokens=ev.prompt_tokens, completion_tokens=ev.completion_tokens,
+                                             cached_prompt_tokens=ev.cached_tokens))
+        resp.timings.CopyFrom(common_pb2.Timings(queue_ms=t.queue_ms, prefill_ms=t.prefill_ms, kv_transfer_ms=t.kv_transfer_ms,
+                                                 decode_ms=t.decode_ms, ttft_ms=t.ttft_ms, e2e_ms=t.e2e_ms))
+        resp.prefill_worker, resp.decode_worker = ev.prefill_worker, ev.decode_worker
+    return resp
+
+
+class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
+    def __init__(self, orchestrator: Orchestrator, registry: WorkerRegistry, tokenizer: Any,
+                 vocab_size: int, max_context: int, default_max_tokens: int):
+        self._orch = orchestrator
+        self._registry = registry
+        self._tok = tokenizer
+        self._vocab = vocab_size
+        self._ctx = max_context
+        self._default_max = default_max_tokens
+
+    async def Generate(self, request: scheduler_pb2.GenerateRequest, context: grpc.aio.ServicerContext) -> AsyncIterator[scheduler_pb2.GenerateResponse]:  # type: ignore[override]
+        try:
+            req = build_request(raw_from_pb(request), self._tok, self._vocab, self._ctx, self._default_max)
+        except InvalidRequest as e:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+            return
+        code, message = None, ""
+        try:
+            async with contextlib.aclosing(self._orch.generate(req)) as events:
+                async for ev in events:
+                    yield event_to_pb(req.request_id, ev)
+        except InvalidRequest as e:
+            code, message = grpc.StatusCode.INVALID_ARGUMENT, str(e)
+        except Overloaded as e:
+            await context.send_initial_metadata((("retry-after", f"{e.retry_after_s:g}"),))
+            code, message = grpc.StatusCode.RESOURCE_EXHAUSTED, f"{e}; retry after {e.retry_after_s:g}s"
+        except Unavailable as e:
+            code, message = grpc.StatusCode.UNAVAILABLE, str(e)
+        if code is not None:
+            await context.abort(code, message)
+
+    async def ListWorkers(self, request: scheduler_pb2.ListWorkersRequest, context: grpc.aio.ServicerContext) -> scheduler_pb2.ListWorkersResponse:
+        await self._registry.refresh()
+        return scheduler_pb2.ListWorkersResponse(workers=self._registry.infos())
