@@ -1,0 +1,122 @@
+"""Paged attention plugged into transformers' attention interface.
+
+The runner calls the model with every scheduled token of every request
+flattened into one row (batch 1), ``use_cache=False``, and a ``PagedMetadata``
+under the forward kwarg ``paged``; transformers passes it through to each
+layer's attention function. No dense mask is ever built: the implementation
+name is not in ``AttentionMaskInterface``, so ``create_causal_mask`` returns None.
+
+Per layer the function (1) writes this step's post-RoPE K/V into the pool at
+the tokens' slots, then (2) attends:
+
+- decode tokens (the first ``num_decode`` tokens, one per request): one batched
+  SDPA over each request's blocks gathered into ``[B, kv_heads, L, d]`` with a
+  length mask;
+- prefill chunks: one SDPA per request; a chunk without cached prefix attends
+  to its own K/V causally, a chunk after a cached prefix gathers the prefix
+  from the pool and uses a causal mask offset by the prefix length.
+
+Choice and measurements: docs/adr/0001-paged-attention.md.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from transformers import AttentionInterface
+
+from disagg.engine.kv_cache import KVCache
+
+ATTN_IMPLEMENTATION = "disagg_paged"
+
+
+@dataclass
+class PrefillSpan:
+    """One request's prefill chunk: query tokens [start, end) of the flattened batch."""
+
+    start: int
+    end: int
+    context_len: int  # tokens of KV after this chunk (cached prefix + chunk)
+    block_ids: torch.Tensor  # long [ceil(context_len / block_size)]
+    mask: torch.Tensor | None  # bool [chunk, context_len]; None = no prefix, plain causal
+
+
+@dataclass
+class PagedMetadata:
+    """What attention needs for one step; built once per step by the runner."""
+
+    kv: KVCache
+    slot_mapping: torch.Tensor  # long [T]: pool slot of each flattened token
+    num_decode: int = 0
+    decode_block_tables: torch.Tensor | None = None  # long [B, max_blocks] (padded)
+    decode_mask: torch.Tensor | None = None  # bool [B, 1, 1, max_blocks * block_size]
+    prefills: list[PrefillSpan] = field(default_factory=list)
+
+
+def prefix_causal_mask(chunk: int, context_len: int, device: torch.device) -> torch.Tensor:
+    """bool [chunk, context_len]: query j (at position context_len - chunk + j) sees keys <= it."""
+    q_pos = torch.arange(context_len - chunk, context_len, device=device)
+    return torch.arange(context_len, device=device)[None, :] <= q_pos[:, None]
+
+
+def _gather(cache: torch.Tensor, block_ids: torch.Tensor) -> torch.Tensor:
+    """cache[block_ids] as [..., kv_heads, blocks * block_size, d]."""
+    g = cache[block_ids]  # [..., nb, bs, h, d]
+    return g.flatten(-4, -3).transpose(-3, -2)
+
+
+def paged_attention_forward(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    paged: PagedMetadata | None = None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    """query [1, H, T, d], key/value [1, Hkv, T, d] -> output [1, T, H, d]."""
+    if paged is None:
+        raise RuntimeError("disagg_paged attention needs the `paged` forward kwarg")
+    layer: int = module.layer_idx  # type: ignore[assignment]
+    k_cache, v_cache = paged.kv.k[layer], paged.kv.v[layer]
+    _, num_heads, num_tokens, head_dim = query.shape
+    kv_heads = key.shape[1]
+    k_tok, v_tok = key[0].transpose(0, 1), value[0].transpose(0, 1)  # [T, Hkv, d]
+    k_cache.view(-1, kv_heads, head_dim).index_copy_(0, paged.slot_mapping, k_tok)
+    v_cache.view(-1, kv_heads, head_dim).index_copy_(0, paged.slot_mapping, v_tok)
+
+    out = query.new_empty(num_tokens, num_heads, head_dim)
+    nd = paged.num_decode
+    if nd:
+        assert paged.decode_block_tables is not None
+        q = query[0, :, :nd].transpose(0, 1).unsqueeze(2)  # [B, H, 1, d]
+        k = _gather(k_cache, paged.decode_block_tables)  # [B, Hkv, L, d]
+        v = _gather(v_cache, paged.decode_block_tables)
+        o = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=paged.decode_mask, scale=scaling, enable_gqa=True
+        )
+        out[:nd] = o.squeeze(2)
+    for span in paged.prefills:
+        q = query[:, :, span.start : span.end]
+        if span.mask is None:
+            k, v = key[:, :, span.start : span.end], value[:, :, span.start : span.end]
+            o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scaling, enable_gqa=True)
+        else:
+            k = _gather(k_cache, span.block_ids)[:, : span.context_len].unsqueeze(0)
+            v = _gather(v_cache, span.block_ids)[:, : span.context_len].unsqueeze(0)
+            o = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=span.mask, scale=scaling, enable_gqa=True
+            )
+        out[span.start : span.end] = o[0].transpose(0, 1)
+    return out.unsqueeze(0), None
+
+
+def register() -> str:
+    """Registers the paged attention with transformers (idempotent); returns its name."""
+    AttentionInterface.register(ATTN_IMPLEMENTATION, paged_attention_forward)
+    return ATTN_IMPLEMENTATION

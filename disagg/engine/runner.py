@@ -1,0 +1,90 @@
+"""Runs one scheduled step through the model: batch tensors in, last-token logits out.
+
+All scheduled tokens are flattened into one row (decodes first, then prefill
+chunks); per-token positions and pool slots, the decode block tables and the
+prefill spans are built once per step and handed to the paged attention.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from disagg.engine.attention import PagedMetadata, PrefillSpan, prefix_causal_mask, register
+from disagg.engine.kv_cache import KVCache
+from disagg.engine.scheduler import ScheduledBatch
+
+
+class ModelRunner:
+    def __init__(self, model: Any, kv: KVCache, device: torch.device) -> None:
+        self.model = model
+        self.kv = kv
+        self.device = device
+        self.block_size = kv.layout.block_size
+        model.set_attn_implementation(register())
+
+    def _long(self, values: list[int]) -> torch.Tensor:
+        return torch.tensor(values, dtype=torch.long, device=self.device)
+
+    def build(self, batch: ScheduledBatch) -> tuple[torch.Tensor, torch.Tensor, PagedMetadata, torch.Tensor]:
+        """(input_ids [1, T], position_ids [1, T], metadata, last-token indices [num_seqs])."""
+        bs = self.block_size
+        ids: list[int] = []
+        pos: list[int] = []
+        slots: list[int] = []
+        for seq in batch.decodes:
+            p = seq.num_computed
+            ids.append(seq.token_ids[p])
+            pos.append(p)
+            slots.append(seq.block_ids[p // bs] * bs + p % bs)
+        meta = PagedMetadata(kv=self.kv, slot_mapping=torch.empty(0), num_decode=len(batch.decodes))
+        if batch.decodes:
+            self._decode_tables(batch, meta)
+        last = list(range(len(batch.decodes)))
+        input_ids = self._long(ids)
+        positions = self._long(pos)
+        slot_t = self._long(slots)
+        parts_ids, parts_pos, parts_slots = [input_ids], [positions], [slot_t]
+        start = len(ids)
+        for seq, n in batch.prefills:
+            c = seq.num_computed
+            p = torch.arange(c, c + n, device=self.device)
+            table = self._long(seq.block_ids[: -(-(c + n) // bs)])
+            parts_ids.append(self._long(seq.token_ids[c : c + n]))
+            parts_pos.append(p)
+            parts_slots.append(table[p // bs] * bs + p % bs)
+            mask = prefix_causal_mask(n, c + n, self.device) if c else None
+            meta.prefills.append(PrefillSpan(start, start + n, c + n, table, mask))
+            start += n
+            last.append(start - 1)
+        meta.slot_mapping = torch.cat(parts_slots)
+        return (
+            torch.cat(parts_ids)[None],
+            torch.cat(parts_pos)[None],
+            meta,
+            self._long(last),
+        )
+
+    def _decode_tables(self, batch: ScheduledBatch, meta: PagedMetadata) -> None:
+        bs = self.block_size
+        ctx = [s.num_computed + 1 for s in batch.decodes]
+        width = max(-(-c // bs) for c in ctx)
+        rows = [s.block_ids[:width] + [0] * (width - len(s.block_ids[:width])) for s in batch.decodes]
+        meta.decode_block_tables = self._long(rows)
+        ctx_t = self._long(ctx)
+        keys = torch.arange(width * bs, device=self.device)
+        meta.decode_mask = (keys[None, :] < ctx_t[:, None])[:, None, None, :]
+
+    @torch.inference_mode()
+    def run(self, batch: ScheduledBatch) -> torch.Tensor:
+        """Logits [num_seqs, vocab] of each scheduled sequence's last token this step."""
+        input_ids, positions, meta, last = self.build(batch)
+        out = self.model(
+            input_ids=input_ids,
+            position_ids=positions,
+            use_cache=False,
+            logits_to_keep=last,
+            paged=meta,
+        )
+        return out.logits[0]
