@@ -47,7 +47,7 @@ def sampling_from_pb(pb: common_pb2.SamplingParams) -> SamplingParams:
     return SamplingParams(
         max_tokens=pb.max_tokens,
         temperature=pb.temperature,
-        top_p=pb.top_p,
+        top_p=pb.top_p or 1.0,  # proto3 default 0 = unset
         top_k=pb.top_k,
         seed=pb.seed if pb.HasField("seed") else None,
         ignore_eos=pb.ignore_eos,

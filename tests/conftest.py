@@ -1,0 +1,30 @@
+"""Shared fixtures: a real Valkey, a tiny random Llama, the default model."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+
+import pytest
+
+from disagg.engine.testing import make_tiny_llama
+from disagg.metastore.embedded import EmbeddedValkey, start_embedded_valkey
+
+
+@pytest.fixture(scope="session")
+def valkey() -> Iterator[EmbeddedValkey]:
+    server = start_embedded_valkey()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> str:
+    return make_tiny_llama(str(tmp_path_factory.mktemp("tiny-llama")))
+
+
+@pytest.fixture(scope="session")
+def smollm_path() -> str:
+    from disagg.engine.model_loader import resolve_model
+
+    return resolve_model(os.environ.get("DISAGG_TEST_MODEL", ""))
