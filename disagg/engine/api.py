@@ -139,13 +139,16 @@ class Engine(Protocol):
     def abort(self, request_id: str) -> None:
         """Cancels a waiting/running request (its on_output gets CANCELLED) or
         releases held/imported KV. Idempotent; unknown ids are ignored."""
+
     def stats(self) -> EngineStats: ...
 
     # KV transfer: export side (prefill worker).
     def held_blocks(self, request_id: str) -> tuple[list[int], int] | None:
         """(block_ids, num_tokens) of a PREFILL_ONLY request's held KV, or None."""
+
     def read_kv(self, block_ids: list[int], layer: int) -> tuple[bytes, bytes]:
         """Raw K and V bytes of these blocks of one layer, [n, block_size, kv_heads, head_dim]."""
+
     def release(self, request_id: str) -> bool:
         """Frees held KV (export side) or imported-but-unsubmitted KV (import side).
         Returns False when nothing was held."""
@@ -154,5 +157,6 @@ class Engine(Protocol):
     def reserve_import(self, request_id: str, num_tokens: int) -> list[int] | None:
         """Allocates blocks for num_tokens of prompt KV under request_id;
         None when the pool cannot hold them now."""
+
     def write_kv(self, block_ids: list[int], layer: int, k: bytes, v: bytes) -> None:
         """Writes raw K and V (same shape as read_kv) into these blocks of one layer."""

@@ -105,7 +105,9 @@ def paged_attention_forward(
         q = query[:, :, span.start : span.end]
         if span.mask is None:
             k, v = key[:, :, span.start : span.end], value[:, :, span.start : span.end]
-            o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scaling, enable_gqa=True)
+            o = F.scaled_dot_product_attention(
+                q, k, v, is_causal=True, scale=scaling, enable_gqa=True
+            )
         else:
             k = _gather(k_cache, span.block_ids)[:, : span.context_len].unsqueeze(0)
             v = _gather(v_cache, span.block_ids)[:, : span.context_len].unsqueeze(0)

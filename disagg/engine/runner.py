@@ -24,10 +24,12 @@ class ModelRunner:
         self.block_size = kv.layout.block_size
         model.set_attn_implementation(register())
 
-    def _long(self, values: list[int]) -> torch.Tensor:
+    def _long(self, values: list[int] | list[list[int]]) -> torch.Tensor:
         return torch.tensor(values, dtype=torch.long, device=self.device)
 
-    def build(self, batch: ScheduledBatch) -> tuple[torch.Tensor, torch.Tensor, PagedMetadata, torch.Tensor]:
+    def build(
+        self, batch: ScheduledBatch
+    ) -> tuple[torch.Tensor, torch.Tensor, PagedMetadata, torch.Tensor]:
         """(input_ids [1, T], position_ids [1, T], metadata, last-token indices [num_seqs])."""
         bs = self.block_size
         ids: list[int] = []
@@ -49,11 +51,11 @@ class ModelRunner:
         start = len(ids)
         for seq, n in batch.prefills:
             c = seq.num_computed
-            p = torch.arange(c, c + n, device=self.device)
+            span = torch.arange(c, c + n, device=self.device)
             table = self._long(seq.block_ids[: -(-(c + n) // bs)])
             parts_ids.append(self._long(seq.token_ids[c : c + n]))
-            parts_pos.append(p)
-            parts_slots.append(table[p // bs] * bs + p % bs)
+            parts_pos.append(span)
+            parts_slots.append(table[span // bs] * bs + span % bs)
             mask = prefix_causal_mask(n, c + n, self.device) if c else None
             meta.prefills.append(PrefillSpan(start, start + n, c + n, table, mask))
             start += n
@@ -70,7 +72,9 @@ class ModelRunner:
         bs = self.block_size
         ctx = [s.num_computed + 1 for s in batch.decodes]
         width = max(-(-c // bs) for c in ctx)
-        rows = [s.block_ids[:width] + [0] * (width - len(s.block_ids[:width])) for s in batch.decodes]
+        rows = [
+            s.block_ids[:width] + [0] * (width - len(s.block_ids[:width])) for s in batch.decodes
+        ]
         meta.decode_block_tables = self._long(rows)
         ctx_t = self._long(ctx)
         keys = torch.arange(width * bs, device=self.device)

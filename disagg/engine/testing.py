@@ -102,7 +102,7 @@ _ids = itertools.count()
 
 def engine_config(model: str, **kw: Any) -> EngineConfig:
     """Small-pool, one-thread EngineConfig for tests."""
-    base = {"model": model, "block_size": 16, "num_blocks": 64, "threads": 1}
+    base: dict[str, Any] = {"model": model, "block_size": 16, "num_blocks": 64, "threads": 1}
     base.update(kw)
     return EngineConfig(**base)
 

@@ -8,6 +8,7 @@ import torch
 from disagg.engine.engine import LLMEngine
 from disagg.engine.testing import assert_engine_empty, engine_config, make_tiny_llama
 
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
     return make_tiny_llama(str(tmp_path_factory.mktemp("tiny-llama")))
@@ -52,5 +53,3 @@ def make_engine(tiny_model_dir: str) -> Iterator:  # type: ignore[type-arg]
     for eng in engines:
         eng.stop()
         assert_engine_empty(eng)
-
-

@@ -1,0 +1,54 @@
+"""The real default model: GGUF -> cached safetensors, engine greedy == generate."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from disagg.engine.api import FinishReason
+from disagg.engine.model_loader import resolve_model
+from disagg.engine.testing import OutputCollector, assert_engine_empty, request
+
+pytestmark = pytest.mark.smollm
+
+
+def test_default_model_greedy_matches_generate() -> None:
+    from transformers import AutoModelForCausalLM
+
+    from disagg.engine.engine import LLMEngine
+    from disagg.runtime.config import EngineConfig
+
+    path = resolve_model("")
+    assert os.path.exists(os.path.join(path, "model.safetensors"))
+    assert resolve_model("") == path  # cached: no second conversion
+    eng = LLMEngine(EngineConfig(num_blocks=64, threads=2))
+    assert eng.info.name == "SmolLM2-135M-Instruct" and eng.info.eos_token_ids
+    ref = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    tok = eng.tokenizer
+    prompts = [
+        tok.apply_chat_template(
+            [{"role": "user", "content": "What is the capital of France?"}],
+            add_generation_prompt=True,
+            tokenize=True,
+        ),
+        tok("The quick brown fox")["input_ids"],
+    ]
+    prompts = [list(p["input_ids"]) if hasattr(p, "keys") else list(p) for p in prompts]
+    sink = OutputCollector()
+    reqs = [request(p, sink, max_tokens=32) for p in prompts]
+    eng.start()
+    try:
+        for r in reqs:
+            eng.submit(r)
+        sink.wait([r.request_id for r in reqs], timeout=120)
+    finally:
+        eng.stop()
+    for r in reqs:
+        expected = ref.generate(
+            torch.tensor([r.prompt_token_ids]), do_sample=False, max_new_tokens=32
+        )[0, len(r.prompt_token_ids) :].tolist()
+        assert sink.tokens(r.request_id) == expected
+        assert sink.finish(r.request_id) in (FinishReason.STOP, FinishReason.LENGTH)
+    assert_engine_empty(eng)
