@@ -103,3 +103,32 @@ def test_read_write_kv_roundtrip(make_engine) -> None:
     assert eng.read_kv(blocks, 1) == (k, v)
     assert eng.read_kv(blocks[1:2], 1)[0] == k[n // 3 : 2 * n // 3]
     eng.release("r")
+
+
+def test_decode_side_preemption_recomputes_imported_prompt(make_engine, reference) -> None:
+    a = make_engine()
+    b = make_engine(num_blocks=10)
+    prompts = {f"pre-{i}": prompt_of(20, 800 + i) for i in range(3)}
+    firsts = {}
+    sink = OutputCollector()
+    for rid, prompt in prompts.items():
+        a.submit(request(prompt, sink, rid=rid, mode=RequestMode.PREFILL_ONLY))
+        sink.wait([rid])
+        firsts[rid] = sink.tokens(rid)[0]
+        _transfer(a, b, rid)
+    sink2 = OutputCollector()
+    for rid, prompt in prompts.items():
+        b.submit(
+            request(
+                prompt,
+                sink2,
+                rid=rid,
+                mode=RequestMode.DECODE,
+                first_token_id=firsts[rid],
+                max_tokens=40,
+            )
+        )
+    sink2.wait(list(prompts))
+    assert b.num_preemptions > 0
+    for rid, prompt in prompts.items():
+        assert [firsts[rid], *sink2.tokens(rid)] == reference(prompt, 40)

@@ -147,3 +147,17 @@ def test_submit_from_many_threads(make_engine, reference) -> None:
     sink.wait([r.request_id for r in reqs])
     for r in reqs:
         assert sink.tokens(r.request_id) == reference(r.prompt_token_ids, 6)
+
+
+def test_chunked_prefill_after_prefix_hit(make_engine, reference) -> None:
+    eng = make_engine(max_num_batched_tokens=16)
+    sink = OutputCollector()
+    prefix = prompt_of(32, 900)
+    a = request([*prefix, 4], sink, max_tokens=4)
+    eng.submit(a)
+    sink.wait([a.request_id])
+    b = request([*prefix, *prompt_of(40, 901)], sink, max_tokens=15)
+    eng.submit(b)
+    sink.wait([b.request_id])
+    assert sink.outputs[b.request_id][0].cached_tokens == 32
+    assert sink.tokens(b.request_id) == reference(b.prompt_token_ids, 15)

@@ -136,3 +136,21 @@ def test_stats_counts(make_engine) -> None:
     s = eng.stats()
     assert (s.running, s.waiting, s.held, s.queued_prefill_tokens) == (0, 0, 0, 0)
     assert s.total_blocks == 64
+
+
+def test_abort_during_forward_is_deferred(make_engine) -> None:
+    eng = make_engine()
+    sink = OutputCollector()
+    real_run = eng.runner.run
+
+    def run_and_abort(batch):  # type: ignore[no-untyped-def]
+        for seq in batch.seqs:
+            eng.abort(seq.request_id)  # the forward still writes into its blocks
+            assert eng.stats().free_blocks < eng.stats().total_blocks
+        return real_run(batch)
+
+    eng.runner.run = run_and_abort
+    r = request(prompt_of(40), sink, max_tokens=10)
+    eng.submit(r)
+    sink.wait([r.request_id])
+    assert sink.finish(r.request_id) is FinishReason.CANCELLED and sink.tokens(r.request_id) == []
