@@ -1,9 +1,10 @@
 """The `disagg` command: `up` (whole system on one host), each service alone, and a client.
 
-    disagg up [--model DIR] [--prefill N] [--decode M] [--port 50051] [--http-port 8000] [--redis-url URL]
-    disagg scheduler | prefill | decode  [flags]   # one service in this process
-    disagg generate "prompt" [--address HOST:PORT] # stream a completion to the terminal
-    disagg workers [--address HOST:PORT]           # the workers the scheduler sees
+disagg up [--model DIR] [--prefill N] [--decode M] [--port 50051] [--http-port 8000] [--redis-url URL]
+disagg scheduler | prefill | decode  [flags]   # one service in this process
+disagg generate "prompt" [--address HOST:PORT] # stream a completion to the terminal
+disagg workers [--address HOST:PORT]           # the workers the scheduler sees
+disagg bench [--base-url URL] [--request-rate R] ...  # load test with goodput (disagg.bench)
 """
 
 from __future__ import annotations
@@ -26,11 +27,15 @@ from disagg.runtime.config import (
 
 def _engine_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("engine")
-    g.add_argument("--model", help="local HF model directory (default: SmolLM2-135M-Instruct, bundled)")
+    g.add_argument(
+        "--model", help="local HF model directory (default: SmolLM2-135M-Instruct, bundled)"
+    )
     g.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"])
     g.add_argument("--device", help="cpu | cuda | cuda:N | auto")
     g.add_argument("--block-size", type=int, help="tokens per KV block")
-    g.add_argument("--num-blocks", type=int, help="KV blocks per worker (default: from --kv-cache-mb)")
+    g.add_argument(
+        "--num-blocks", type=int, help="KV blocks per worker (default: from --kv-cache-mb)"
+    )
     g.add_argument("--kv-cache-mb", type=int, help="KV pool size per worker in MiB")
     g.add_argument("--max-num-seqs", type=int, help="requests in one decode batch")
     g.add_argument("--max-num-batched-tokens", type=int, help="prefill tokens per step")
@@ -59,17 +64,28 @@ def _common_flags(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="disagg", description="Disaggregated LLM inference server")
+    parser = argparse.ArgumentParser(
+        prog="disagg", description="Disaggregated LLM inference server"
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
-    up = sub.add_parser("up", help="start Valkey (embedded), the scheduler and the workers on this host")
+    up = sub.add_parser(
+        "up", help="start Valkey (embedded), the scheduler and the workers on this host"
+    )
     _common_flags(up)
     _engine_flags(up)
     up.add_argument("--prefill", type=int, default=1, help="prefill workers")
     up.add_argument("--decode", type=int, default=1, help="decode workers")
     up.add_argument("--port", type=int, default=50051, help="scheduler gRPC port")
-    up.add_argument("--http-port", type=int, default=8000, help="OpenAI-compatible HTTP port (-1 = off)")
-    up.add_argument("--ready-timeout", type=float, default=600.0, help="seconds to wait for every service")
+    up.add_argument(
+        "--http-port", type=int, default=8000, help="OpenAI-compatible HTTP port (-1 = off)"
+    )
+    up.add_argument(
+        "--ready-timeout", type=float, default=600.0, help="seconds to wait for every service"
+    )
+    up.add_argument(
+        "--api-key", help="require 'Bearer KEY' on HTTP and gRPC (default: $DISAGG_API_KEY, none)"
+    )
 
     sch = sub.add_parser("scheduler", help="run the scheduler")
     _common_flags(sch)
@@ -78,6 +94,9 @@ def build_parser() -> argparse.ArgumentParser:
     sch.add_argument("--http-port", type=int, help="HTTP port (default 8000, -1 = off)")
     sch.add_argument("--default-max-tokens", type=int)
     sch.add_argument("--max-inflight", type=int)
+    sch.add_argument(
+        "--api-key", help="require 'Bearer KEY' on HTTP and gRPC (default: $DISAGG_API_KEY, none)"
+    )
 
     for role in ("prefill", "decode"):
         w = sub.add_parser(role, help=f"run a {role} worker")
@@ -97,9 +116,17 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--top-p", type=float)
     gen.add_argument("--seed", type=int)
     gen.add_argument("--stop", action="append", default=[])
+    gen.add_argument("--api-key", default=os.environ.get("DISAGG_API_KEY", ""))
 
     wk = sub.add_parser("workers", help="list the workers a running scheduler sees")
     wk.add_argument("--address", default="127.0.0.1:50051")
+    wk.add_argument("--api-key", default=os.environ.get("DISAGG_API_KEY", ""))
+
+    from disagg.bench.cli import add_arguments as bench_arguments
+
+    bench_arguments(
+        sub.add_parser("bench", help="load-test a running system; latency table and goodput")
+    )
     return parser
 
 
@@ -115,6 +142,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "decode": _cmd_worker,
         "generate": _cmd_generate,
         "workers": _cmd_workers,
+        "bench": _cmd_bench,
     }[args.command]
     return int(handler(args) or 0)
 
@@ -122,17 +150,32 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _cmd_scheduler(args: argparse.Namespace) -> int:
     from services.scheduler.main import main as run
 
-    cfg = override(from_env(SchedulerConfig), host=args.host, port=args.port, http_port=args.http_port,
-                   redis_url=args.redis_url, model=args.model, default_max_tokens=args.default_max_tokens,
-                   max_inflight=args.max_inflight)
+    cfg = override(
+        from_env(SchedulerConfig),
+        host=args.host,
+        port=args.port,
+        http_port=args.http_port,
+        redis_url=args.redis_url,
+        model=args.model,
+        default_max_tokens=args.default_max_tokens,
+        max_inflight=args.max_inflight,
+        api_key=args.api_key,
+    )
     run(cfg)
     return 0
 
 
 def _cmd_worker(args: argparse.Namespace) -> int:
-    cfg = override(from_env(WorkerConfig), role=args.command, host=args.host, port=args.port,
-                   advertise_host=args.advertise_host, redis_url=args.redis_url, worker_id=args.worker_id,
-                   kv_lease_s=args.kv_lease_s)
+    cfg = override(
+        from_env(WorkerConfig),
+        role=args.command,
+        host=args.host,
+        port=args.port,
+        advertise_host=args.advertise_host,
+        redis_url=args.redis_url,
+        worker_id=args.worker_id,
+        kv_lease_s=args.kv_lease_s,
+    )
     cfg = override(cfg, engine=_engine_cfg(args))
     if args.command == "prefill":
         from services.prefill.main import main as run
@@ -171,14 +214,17 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     with grpc.insecure_channel(args.address) as channel:
         stub = scheduler_pb2_grpc.SchedulerStub(channel)
         try:
-            for resp in stub.Generate(req):
+            for resp in stub.Generate(req, metadata=_auth(args.api_key)):
                 sys.stdout.write(resp.text)
                 sys.stdout.flush()
                 if resp.finish_reason:
                     u, t = resp.usage, resp.timings
-                    print(f"\n[{resp.finish_reason}] prompt={u.prompt_tokens} completion={u.completion_tokens} "
-                          f"ttft={t.ttft_ms:.0f}ms prefill={t.prefill_ms:.0f}ms transfer={t.kv_transfer_ms:.1f}ms "
-                          f"decode={t.decode_ms:.0f}ms", file=sys.stderr)
+                    print(
+                        f"\n[{resp.finish_reason}] prompt={u.prompt_tokens} completion={u.completion_tokens} "
+                        f"ttft={t.ttft_ms:.0f}ms prefill={t.prefill_ms:.0f}ms transfer={t.kv_transfer_ms:.1f}ms "
+                        f"decode={t.decode_ms:.0f}ms",
+                        file=sys.stderr,
+                    )
         except grpc.RpcError as e:
             print(f"\nerror: {e.code().name}: {e.details()}", file=sys.stderr)
             return 1
@@ -192,9 +238,21 @@ def _cmd_workers(args: argparse.Namespace) -> int:
     from disagg.v1 import scheduler_pb2, scheduler_pb2_grpc
 
     with grpc.insecure_channel(args.address) as channel:
-        resp = scheduler_pb2_grpc.SchedulerStub(channel).ListWorkers(scheduler_pb2.ListWorkersRequest())
+        resp = scheduler_pb2_grpc.SchedulerStub(channel).ListWorkers(
+            scheduler_pb2.ListWorkersRequest(), metadata=_auth(args.api_key)
+        )
     print(json_format.MessageToJson(resp))
     return 0
+
+
+def _auth(api_key: str) -> tuple[tuple[str, str], ...]:
+    return (("authorization", f"Bearer {api_key}"),) if api_key else ()
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from disagg.bench.cli import run
+
+    return run(args)
 
 
 if __name__ == "__main__":

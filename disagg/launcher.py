@@ -42,6 +42,7 @@ class Launcher:
         self.engine = engine
         self.host = args.host or "127.0.0.1"
         self.valkey: EmbeddedValkey | None = None
+        self.api_key = getattr(args, "api_key", None) or os.environ.get("DISAGG_API_KEY", "")
 
     def run(self, stop: threading.Event) -> int:
         engine = dataclasses.replace(self.engine, model=resolve_model(self.engine.model))
@@ -54,12 +55,18 @@ class Launcher:
             self._spawn(group, engine, redis_url)
             if not self._wait_ready(group, stop):
                 return 1
-            print(f"disagg ready: grpc {self.host}:{self.args.port} http {self.host}:{self.args.http_port} "
-                  f"prefill={self.args.prefill} decode={self.args.decode} redis={redis_url}", flush=True)
+            print(
+                f"disagg ready: grpc {self.host}:{self.args.port} http {self.host}:{self.args.http_port} "
+                f"prefill={self.args.prefill} decode={self.args.decode} redis={redis_url}",
+                flush=True,
+            )
             while not stop.is_set():
                 exited = group.wait_any(timeout_s=0.2)
                 if exited is not None:
-                    print(f"disagg: {exited.name} exited with code {exited.returncode}; stopping", file=sys.stderr)
+                    print(
+                        f"disagg: {exited.name} exited with code {exited.returncode}; stopping",
+                        file=sys.stderr,
+                    )
                     return 1
             return 0
         except ServiceExited as e:
@@ -77,11 +84,28 @@ class Launcher:
         n = self.args.prefill + self.args.decode
         threads = engine.threads or max(1, (os.cpu_count() or 1) // n)
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-        group.spawn("scheduler", [*py, "scheduler", *common, "--model", engine.model, "--port", str(self.args.port),
-                                  "--http-port", str(self.args.http_port)], env=env)
+        # The key travels in the environment, not argv, so `ps` does not show it.
+        sched_env = {**env, "DISAGG_API_KEY": self.api_key} if self.api_key else env
+        group.spawn(
+            "scheduler",
+            [
+                *py,
+                "scheduler",
+                *common,
+                "--model",
+                engine.model,
+                "--port",
+                str(self.args.port),
+                "--http-port",
+                str(self.args.http_port),
+            ],
+            env=sched_env,
+        )
         for role, count in (("prefill", self.args.prefill), ("decode", self.args.decode)):
             for i in range(count):
-                group.spawn(f"{role}-{i}", [*py, role, *common, *_engine_argv(engine, threads)], env=env)
+                group.spawn(
+                    f"{role}-{i}", [*py, role, *common, *_engine_argv(engine, threads)], env=env
+                )
 
     def _wait_ready(self, group: ServiceGroup, stop: threading.Event) -> bool:
         address = f"{self.host}:{self.args.port}"
@@ -96,12 +120,17 @@ class Launcher:
                     status = health.Check(health_pb2.HealthCheckRequest(), timeout=1).status
                     if status != health_pb2.HealthCheckResponse.SERVING:
                         return False
-                    workers = sched.ListWorkers(scheduler_pb2.ListWorkersRequest(), timeout=2).workers
+                    auth = (("authorization", f"Bearer {self.api_key}"),) if self.api_key else ()
+                    workers = sched.ListWorkers(
+                        scheduler_pb2.ListWorkersRequest(), timeout=2, metadata=auth
+                    ).workers
                 except grpc.RpcError:
                     return False
                 roles = [w.role for w in workers]
-                return (roles.count(common_pb2.WORKER_ROLE_PREFILL) >= self.args.prefill
-                        and roles.count(common_pb2.WORKER_ROLE_DECODE) >= self.args.decode)
+                return (
+                    roles.count(common_pb2.WORKER_ROLE_PREFILL) >= self.args.prefill
+                    and roles.count(common_pb2.WORKER_ROLE_DECODE) >= self.args.decode
+                )
 
             ok = group.wait_until(ready, timeout_s=self.args.ready_timeout, poll_s=0.2)
         if not ok:

@@ -26,16 +26,37 @@ from services.scheduler.main import SchedulerApp
 
 
 class Cluster:
-    def __init__(self, model: str, redis_url: str, prefill: int = 1, decode: int = 1,
-                 engine: dict[str, Any] | None = None, worker: dict[str, Any] | None = None,
-                 scheduler: dict[str, Any] | None = None):
+    def __init__(
+        self,
+        model: str,
+        redis_url: str,
+        prefill: int = 1,
+        decode: int = 1,
+        engine: dict[str, Any] | None = None,
+        worker: dict[str, Any] | None = None,
+        scheduler: dict[str, Any] | None = None,
+    ):
         self.redis_url = redis_url
         eng = EngineConfig(model=model, **{"num_blocks": 256, **(engine or {})})
-        base = WorkerConfig(redis_url=redis_url, engine=eng, heartbeat_s=0.2, heartbeat_ttl_s=1.0, **(worker or {}))
-        self.prefill_hosts = [make_prefill(dataclasses.replace(base, role="prefill")) for _ in range(prefill)]
-        self.decode_hosts = [make_decode(dataclasses.replace(base, role="decode")) for _ in range(decode)]
-        self.app = SchedulerApp(SchedulerConfig(port=0, http_port=-1, redis_url=redis_url, model=model,
-                                                registry_refresh_s=0.1, **(scheduler or {})))
+        base = WorkerConfig(
+            redis_url=redis_url, engine=eng, heartbeat_s=0.2, heartbeat_ttl_s=1.0, **(worker or {})
+        )
+        self.prefill_hosts = [
+            make_prefill(dataclasses.replace(base, role="prefill")) for _ in range(prefill)
+        ]
+        self.decode_hosts = [
+            make_decode(dataclasses.replace(base, role="decode")) for _ in range(decode)
+        ]
+        self.app = SchedulerApp(
+            SchedulerConfig(
+                port=0,
+                http_port=-1,
+                redis_url=redis_url,
+                model=model,
+                registry_refresh_s=0.1,
+                **(scheduler or {}),
+            )
+        )
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
         self._tasks: list[asyncio.Future[None]] = []
@@ -53,8 +74,13 @@ class Cluster:
         self._tasks.append(asyncio.run_coroutine_threadsafe(self.app.run(ready), self._loop))  # type: ignore[arg-type]
         self._wait(lambda: self.app.port != 0, timeout_s, "scheduler")
         want = len(self.hosts)
-        self._wait(lambda: len(self.stub().ListWorkers(scheduler_pb2.ListWorkersRequest()).workers) >= want,
-                   timeout_s, "registry")
+        self._wait(
+            lambda: (
+                len(self.stub().ListWorkers(scheduler_pb2.ListWorkersRequest()).workers) >= want
+            ),
+            timeout_s,
+            "registry",
+        )
         return self
 
     def _wait(self, cond: Callable[[], bool], timeout_s: float, what: str) -> None:
@@ -106,7 +132,11 @@ class Cluster:
         deadline = time.monotonic() + timeout_s
         while True:
             stats = [h.engine.stats() for h in self.hosts if h.engine is not None]
-            leaks = [s for s in stats if s.free_blocks != s.total_blocks or s.held or s.running or s.waiting]
+            leaks = [
+                s
+                for s in stats
+                if s.free_blocks != s.total_blocks or s.held or s.running or s.waiting
+            ]
             keys = self.kv_keys()
             if not leaks and keys == 0:
                 return
@@ -123,7 +153,7 @@ class Cluster:
         for t in self._tasks:
             try:
                 t.result(timeout=30)
-            except Exception:  # noqa: BLE001 - already reported by the test if it matters
+            except Exception:
                 pass
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(timeout=10)

@@ -44,7 +44,9 @@ def find_pinned(workers: Sequence[WorkerView], role: str, pin: str) -> WorkerVie
     for w in workers:
         if w.role == role and pin in (w.worker_id, w.address):
             return w
-    raise NoWorker(f"{role}_worker: no {role} worker {pin!r} in the registry", field=f"{role}_worker")
+    raise NoWorker(
+        f"{role}_worker: no {role} worker {pin!r} in the registry", field=f"{role}_worker"
+    )
 
 
 def blocks_needed(prompt_len: int, max_tokens: int, block_size: int) -> int:
@@ -82,7 +84,11 @@ def route(
     prefill_pin: str = "",
     decode_pin: str = "",
 ) -> Route:
-    decode = find_pinned(workers, "decode", decode_pin) if decode_pin else choose_decode(workers, prompt_len, max_tokens)
+    decode = (
+        find_pinned(workers, "decode", decode_pin)
+        if decode_pin
+        else choose_decode(workers, prompt_len, max_tokens)
+    )
     if prefill_pin:
         return Route(find_pinned(workers, "prefill", prefill_pin), decode, "pinned")
     prefill = choose_prefill(workers, prompt_len)

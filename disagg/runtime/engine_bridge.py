@@ -8,7 +8,7 @@ request is aborted in the engine so its blocks are freed.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 
 from disagg.engine.api import (
     Engine,
@@ -27,7 +27,7 @@ async def run_request(
     sampling: SamplingParams,
     mode: RequestMode,
     first_token_id: int | None = None,
-) -> AsyncIterator[TokenOutput]:
+) -> AsyncGenerator[TokenOutput, None]:
     loop = asyncio.get_running_loop()
     queue: asyncio.Queue[TokenOutput] = asyncio.Queue()
 

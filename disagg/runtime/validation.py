@@ -7,12 +7,20 @@ import grpc
 from disagg.engine.api import Engine
 
 
-async def validate_prompt(engine: Engine, ids: list[int], context: grpc.aio.ServicerContext) -> None:
+async def validate_prompt(
+    engine: Engine, ids: list[int], context: grpc.aio.ServicerContext
+) -> None:
     info = engine.info
     if not ids:
         await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "prompt_token_ids: empty")
     if len(ids) >= info.max_context:
-        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"prompt_token_ids: {len(ids)} tokens, context is {info.max_context}")
+        await context.abort(
+            grpc.StatusCode.INVALID_ARGUMENT,
+            f"prompt_token_ids: {len(ids)} tokens, context is {info.max_context}",
+        )
     bad = next((t for t in ids if not 0 <= t < info.vocab_size), None)
     if bad is not None:
-        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"prompt_token_ids: token id {bad} outside [0, {info.vocab_size})")
+        await context.abort(
+            grpc.StatusCode.INVALID_ARGUMENT,
+            f"prompt_token_ids: token id {bad} outside [0, {info.vocab_size})",
+        )

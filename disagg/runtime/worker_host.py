@@ -22,6 +22,8 @@ import grpc
 
 from disagg.engine.api import Engine
 from disagg.metastore.store import Heartbeat, MetaStore
+from disagg.metrics.http import MetricsServer
+from disagg.metrics.worker import worker_registry
 from disagg.runtime.config import WorkerConfig
 from disagg.runtime.grpc_server import create_grpc_server
 from disagg.runtime.ids import default_worker_id
@@ -38,7 +40,9 @@ class Servicer(Protocol):
     def close(self) -> None: ...
 
 
-ServicerFactory = Callable[[Engine, MetaStore, str, str], tuple[Servicer, Callable[[Any, grpc.aio.Server], None]]]
+ServicerFactory = Callable[
+    [Engine, MetaStore, str, str], tuple[Servicer, Callable[[Any, grpc.aio.Server], None]]
+]
 
 
 def make_engine(cfg: WorkerConfig) -> Engine:
@@ -59,21 +63,24 @@ class WorkerHost:
         self._stop = asyncio.Event()
         self.engine: Engine | None = None
         self.address = ""
+        self.metrics_port = 0  # bound /metrics port once serving (cfg.metrics_port -1: stays 0)
 
     def request_stop(self) -> None:
         self._stop.set()
 
     async def run(self, engine: Engine | None = None) -> None:
         cfg = self.cfg
-        self.engine = engine or await asyncio.to_thread(make_engine, cfg)
+        eng = engine if engine is not None else await asyncio.to_thread(make_engine, cfg)
+        self.engine = eng
         server = await create_grpc_server(cfg.host, cfg.port, [self._service_name])
         self.address = f"{cfg.advertise_host or cfg.host}:{server.port}"
         store = MetaStore(cfg.redis_url)
-        servicer, add = self._factory(self.engine, store, self.worker_id, self.address)
+        servicer, add = self._factory(eng, store, self.worker_id, self.address)
         add(servicer, server.server)
         await server.start()  # NOT_SERVING until registered
         heartbeat = Heartbeat(store, self._info, cfg.heartbeat_s, cfg.heartbeat_ttl_s)
         await heartbeat.start()
+        metrics = await self._start_metrics()
         await server.set_serving(True)
         log.info("%s serving worker_id=%s address=%s", cfg.role, self.worker_id, self.address)
         self._install_signals()
@@ -83,10 +90,25 @@ class WorkerHost:
             log.info("%s draining worker_id=%s", cfg.role, self.worker_id)
             await server.set_serving(False)
             await heartbeat.stop()
+            if metrics is not None:
+                await metrics.stop()
             await server.stop(grace_s=10.0)
             servicer.close()
-            self.engine.stop()
+            eng.stop()
             await store.close()
+
+    async def _start_metrics(self) -> MetricsServer | None:
+        if self.cfg.metrics_port < 0:
+            return None
+        engine = self.engine
+        server = MetricsServer(
+            worker_registry(self.worker_id, lambda: engine.stats() if engine else None),
+            self.cfg.host,
+            self.cfg.metrics_port,
+        )
+        self.metrics_port = await server.start()
+        log.info("%s metrics on %s:%d/metrics", self.cfg.role, self.cfg.host, self.metrics_port)
+        return server
 
     def _install_signals(self) -> None:
         loop = asyncio.get_running_loop()

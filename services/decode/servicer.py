@@ -43,14 +43,18 @@ class _Plan:
 
 
 class DecodeServicer(worker_pb2_grpc.DecodeWorkerServicer):
-    def __init__(self, engine: Engine, cfg: WorkerConfig, channel_for: Callable[[str], grpc.aio.Channel]):
+    def __init__(
+        self, engine: Engine, cfg: WorkerConfig, channel_for: Callable[[str], grpc.aio.Channel]
+    ):
         self._engine = engine
         self._cfg = cfg
         self._channel_for = channel_for
         self._tasks: set[asyncio.Task[None]] = set()
         self.transfers = {"ok": 0, "failed": 0, "bytes": 0}
 
-    async def Decode(self, request: worker_pb2.DecodeRequest, context: grpc.aio.ServicerContext) -> AsyncIterator[worker_pb2.DecodeResponse]:  # type: ignore[override]
+    async def Decode(
+        self, request: worker_pb2.DecodeRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[worker_pb2.DecodeResponse]:  # type: ignore[override]
         ids = list(request.prompt_token_ids)
         await validate_prompt(self._engine, ids, context)
         try:
@@ -64,12 +68,16 @@ class DecodeServicer(worker_pb2_grpc.DecodeWorkerServicer):
         else:
             plan = _Plan(RequestMode.GENERATE, ids, sampling)
         if plan.sampling.max_tokens <= 0:
-            yield worker_pb2.DecodeResponse(finish_reason="length", kv_transfer_ms=plan.kv_transfer_ms)
+            yield worker_pb2.DecodeResponse(
+                finish_reason="length", kv_transfer_ms=plan.kv_transfer_ms
+            )
             return
         first = True
         started = time.monotonic()
         async with contextlib.aclosing(
-            run_request(self._engine, rid, plan.prompt, plan.sampling, plan.mode, plan.first_token_id)
+            run_request(
+                self._engine, rid, plan.prompt, plan.sampling, plan.mode, plan.first_token_id
+            )
         ) as stream:
             async for out in stream:
                 resp = worker_pb2.DecodeResponse(token_ids=out.token_ids)
@@ -85,7 +93,9 @@ class DecodeServicer(worker_pb2_grpc.DecodeWorkerServicer):
                     resp.decode_ms = (time.monotonic() - started) * 1000
                 yield resp
 
-    async def _take_handoff(self, rid: str, ids: list[int], sampling: SamplingParams, handle: common_pb2.KvHandle) -> _Plan:
+    async def _take_handoff(
+        self, rid: str, ids: list[int], sampling: SamplingParams, handle: common_pb2.KvHandle
+    ) -> _Plan:
         start = time.monotonic()
         ok = False
         try:
@@ -102,28 +112,49 @@ class DecodeServicer(worker_pb2_grpc.DecodeWorkerServicer):
             self.transfers["bytes"] += nbytes
             return _Plan(RequestMode.DECODE, ids, sampling, handle.first_token_id, elapsed, nbytes)
         # Recompute: the first token was already streamed, so continue after it.
-        rest = dataclasses.replace(sampling, max_tokens=sampling.max_tokens - 1) if sampling.max_tokens > 1 else None
+        rest = (
+            dataclasses.replace(sampling, max_tokens=sampling.max_tokens - 1)
+            if sampling.max_tokens > 1
+            else None
+        )
         if rest is None:
-            return _Plan(RequestMode.GENERATE, ids, dataclasses.replace(sampling, max_tokens=1), kv_transfer_ms=elapsed)
-        return _Plan(RequestMode.GENERATE, [*ids, handle.first_token_id], rest, kv_transfer_ms=elapsed)
+            return _Plan(
+                RequestMode.GENERATE,
+                ids,
+                dataclasses.replace(sampling, max_tokens=1),
+                kv_transfer_ms=elapsed,
+            )
+        return _Plan(
+            RequestMode.GENERATE, [*ids, handle.first_token_id], rest, kv_transfer_ms=elapsed
+        )
 
     async def _pull(self, rid: str, handle: common_pb2.KvHandle) -> int:
         layout = layout_from_pb(handle.layout)
         if layout != self._engine.info.layout:
-            raise TransferError(f"KV layout {layout} differs from this worker's {self._engine.info.layout}")
+            raise TransferError(
+                f"KV layout {layout} differs from this worker's {self._engine.info.layout}"
+            )
         blocks = self._engine.reserve_import(rid, handle.num_tokens)
         if blocks is None:
             raise TransferError("no free KV blocks for the import")
         if len(blocks) != len(handle.block_ids):
             self._engine.release(rid)
-            raise TransferError(f"handle has {len(handle.block_ids)} blocks for {handle.num_tokens} tokens, expected {len(blocks)}")
+            raise TransferError(
+                f"handle has {len(handle.block_ids)} blocks for {handle.num_tokens} tokens, expected {len(blocks)}"
+            )
         tracker = ChunkTracker(layout, len(blocks))
         try:
             async with asyncio.timeout(self._cfg.transfer_timeout_s):
                 stub = worker_pb2_grpc.PrefillWorkerStub(self._channel_for(handle.owner_address))
-                call = stub.PullKv(worker_pb2.PullKvRequest(request_id=rid, max_chunk_bytes=self._cfg.max_chunk_bytes))
+                call = stub.PullKv(
+                    worker_pb2.PullKvRequest(
+                        request_id=rid, max_chunk_bytes=self._cfg.max_chunk_bytes
+                    )
+                )
                 async for chunk in call:
-                    tracker.accept(chunk.layer, chunk.first_block, chunk.num_blocks, len(chunk.k), len(chunk.v))
+                    tracker.accept(
+                        chunk.layer, chunk.first_block, chunk.num_blocks, len(chunk.k), len(chunk.v)
+                    )
                     dst = blocks[chunk.first_block : chunk.first_block + chunk.num_blocks]
                     self._engine.write_kv(dst, chunk.layer, chunk.k, chunk.v)
             if not tracker.complete():
@@ -131,9 +162,13 @@ class DecodeServicer(worker_pb2_grpc.DecodeWorkerServicer):
         except BaseException as e:
             self._engine.release(rid)
             if isinstance(e, grpc.aio.AioRpcError):
-                raise TransferError(f"PullKv from {handle.owner_address}: {e.code().name} {e.details()}") from e
+                raise TransferError(
+                    f"PullKv from {handle.owner_address}: {e.code().name} {e.details()}"
+                ) from e
             if isinstance(e, TimeoutError):
-                raise TransferError(f"PullKv from {handle.owner_address} exceeded {self._cfg.transfer_timeout_s}s") from e
+                raise TransferError(
+                    f"PullKv from {handle.owner_address} exceeded {self._cfg.transfer_timeout_s}s"
+                ) from e
             raise
         return tracker.bytes
 
@@ -143,7 +178,10 @@ class DecodeServicer(worker_pb2_grpc.DecodeWorkerServicer):
         async def release() -> None:
             stub = worker_pb2_grpc.PrefillWorkerStub(self._channel_for(handle.owner_address))
             try:
-                await stub.ReleaseKv(worker_pb2.ReleaseKvRequest(request_id=handle.request_id, consumed=consumed), timeout=5)
+                await stub.ReleaseKv(
+                    worker_pb2.ReleaseKvRequest(request_id=handle.request_id, consumed=consumed),
+                    timeout=5,
+                )
             except grpc.aio.AioRpcError as e:
                 log.warning("ReleaseKv to %s failed: %s", handle.owner_address, e.code().name)
 

@@ -24,4 +24,3 @@ def make_host(cfg: WorkerConfig) -> WorkerHost:
 
 def main(cfg: WorkerConfig) -> None:
     asyncio.run(make_host(cfg).run())
-

@@ -28,7 +28,7 @@ from services.prefill.leases import LeaseTable
 
 log = logging.getLogger(__name__)
 
-_OUTCOME_STATE = {
+_OUTCOME_STATE: dict[str, common_pb2.KvState] = {
     "consumed": common_pb2.KV_STATE_CONSUMED,
     "failed": common_pb2.KV_STATE_FAILED,
     "expired": common_pb2.KV_STATE_EXPIRED,
@@ -36,7 +36,9 @@ _OUTCOME_STATE = {
 
 
 class PrefillServicer(worker_pb2_grpc.PrefillWorkerServicer):
-    def __init__(self, engine: Engine, store: MetaStore, cfg: WorkerConfig, worker_id: str, address: str):
+    def __init__(
+        self, engine: Engine, store: MetaStore, cfg: WorkerConfig, worker_id: str, address: str
+    ):
         self._engine = engine
         self._store = store
         self._cfg = cfg
@@ -46,7 +48,9 @@ class PrefillServicer(worker_pb2_grpc.PrefillWorkerServicer):
         self._tasks: set[asyncio.Task[None]] = set()
         self.freed: dict[str, int] = {"consumed": 0, "failed": 0, "expired": 0}
 
-    async def Prefill(self, request: worker_pb2.PrefillRequest, context: grpc.aio.ServicerContext) -> worker_pb2.PrefillResponse:
+    async def Prefill(
+        self, request: worker_pb2.PrefillRequest, context: grpc.aio.ServicerContext
+    ) -> worker_pb2.PrefillResponse:
         rid = request.request_id
         ids = list(request.prompt_token_ids)
         await validate_prompt(self._engine, ids, context)
@@ -56,11 +60,15 @@ class PrefillServicer(worker_pb2_grpc.PrefillWorkerServicer):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"sampling.{e}")
         if not rid:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "request_id: required")
-        async with contextlib.aclosing(run_request(self._engine, rid, ids, sampling, RequestMode.PREFILL_ONLY)) as stream:
+        async with contextlib.aclosing(
+            run_request(self._engine, rid, ids, sampling, RequestMode.PREFILL_ONLY)
+        ) as stream:
             outs = [o async for o in stream]  # one output: the first token (or an error)
         out = outs[-1]
         if out.finish is not FinishReason.PREFILLED:
-            await context.abort(grpc.StatusCode.INTERNAL, f"prefill failed: {out.error or out.finish}")
+            await context.abort(
+                grpc.StatusCode.INTERNAL, f"prefill failed: {out.error or out.finish}"
+            )
         held = self._engine.held_blocks(rid)
         if held is None:
             await context.abort(grpc.StatusCode.INTERNAL, "prefill finished but holds no KV")
@@ -93,18 +101,31 @@ class PrefillServicer(worker_pb2_grpc.PrefillWorkerServicer):
         rid = request.request_id
         held = self._engine.held_blocks(rid)
         if held is None or not self._leases.begin_transfer(rid):
-            await context.abort(grpc.StatusCode.NOT_FOUND, f"no KV ready for request {rid!r} (expired, released or being pulled)")
+            await context.abort(
+                grpc.StatusCode.NOT_FOUND,
+                f"no KV ready for request {rid!r} (expired, released or being pulled)",
+            )
             return
-        await self._mirror(self._store.set_kv_state(rid, common_pb2.KV_STATE_TRANSFERRING, {common_pb2.KV_STATE_READY}))
+        await self._mirror(
+            self._store.set_kv_state(
+                rid, common_pb2.KV_STATE_TRANSFERRING, {common_pb2.KV_STATE_READY}
+            )
+        )
         block_ids = held[0]
         max_bytes = request.max_chunk_bytes or self._cfg.max_chunk_bytes
         for span in plan_chunks(self._engine.info.layout, len(block_ids), max_bytes):
             blocks = block_ids[span.first_block : span.first_block + span.num_blocks]
             k, v = self._engine.read_kv(blocks, span.layer)
-            yield worker_pb2.KvChunk(layer=span.layer, first_block=span.first_block, num_blocks=span.num_blocks, k=k, v=v)
+            yield worker_pb2.KvChunk(
+                layer=span.layer, first_block=span.first_block, num_blocks=span.num_blocks, k=k, v=v
+            )
 
-    async def ReleaseKv(self, request: worker_pb2.ReleaseKvRequest, context: grpc.aio.ServicerContext) -> worker_pb2.ReleaseKvResponse:
-        return worker_pb2.ReleaseKvResponse(released=self._leases.finish(request.request_id, request.consumed))
+    async def ReleaseKv(
+        self, request: worker_pb2.ReleaseKvRequest, context: grpc.aio.ServicerContext
+    ) -> worker_pb2.ReleaseKvResponse:
+        return worker_pb2.ReleaseKvResponse(
+            released=self._leases.finish(request.request_id, request.consumed)
+        )
 
     def held_count(self) -> int:
         return len(self._leases)
@@ -117,11 +138,13 @@ class PrefillServicer(worker_pb2_grpc.PrefillWorkerServicer):
         self.freed[outcome] += 1
         if outcome == "expired":
             log.warning("kv lease expired request_id=%s", request_id)
-        task = asyncio.get_running_loop().create_task(self._drop_handle(request_id, _OUTCOME_STATE[outcome]))
+        task = asyncio.get_running_loop().create_task(
+            self._drop_handle(request_id, _OUTCOME_STATE[outcome])
+        )
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _drop_handle(self, request_id: str, state: int) -> None:
+    async def _drop_handle(self, request_id: str, state: common_pb2.KvState) -> None:
         await self._mirror(self._store.set_kv_state(request_id, state, None))
         await self._mirror(self._store.delete_kv_handle(request_id))
 

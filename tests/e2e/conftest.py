@@ -34,9 +34,14 @@ def make_reference(model_dir: str) -> Callable[[list[int], int], list[int]]:
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
 
     def greedy(prompt: list[int], n: int) -> list[int]:
-        out = model.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
-                             do_sample=False, max_new_tokens=n, pad_token_id=model.config.eos_token_id)
-        return list(out[0, len(prompt):].tolist())
+        out = model.generate(
+            torch.tensor([prompt]),
+            attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+            do_sample=False,
+            max_new_tokens=n,
+            pad_token_id=model.config.eos_token_id,
+        )
+        return list(out[0, len(prompt) :].tolist())
 
     return greedy
 

@@ -32,7 +32,9 @@ BAD = [
 
 
 @pytest.mark.parametrize(("fields", "field"), BAD, ids=[f"{f}:{i}" for i, (_, f) in enumerate(BAD)])
-def test_invalid_argument_names_the_field(tiny_cluster: Cluster, fields: dict[str, Any], field: str) -> None:
+def test_invalid_argument_names_the_field(
+    tiny_cluster: Cluster, fields: dict[str, Any], field: str
+) -> None:
     with pytest.raises(grpc.RpcError) as err:
         list(tiny_cluster.stub().Generate(scheduler_pb2.GenerateRequest(**fields)))
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
@@ -44,7 +46,9 @@ def test_invalid_argument_names_the_field(tiny_cluster: Cluster, fields: dict[st
 
 @pytest.mark.parametrize("pin", ["prefill_worker", "decode_worker"])
 def test_unknown_worker_is_unavailable(tiny_cluster: Cluster, pin: str) -> None:
-    req = scheduler_pb2.GenerateRequest(prompt_token_ids=[5, 6], max_tokens=3, **{pin: "127.0.0.1:1"})
+    req = scheduler_pb2.GenerateRequest(
+        prompt_token_ids=[5, 6], max_tokens=3, **{pin: "127.0.0.1:1"}
+    )
     with pytest.raises(grpc.RpcError) as err:
         list(tiny_cluster.stub().Generate(req))
     assert err.value.code() == grpc.StatusCode.UNAVAILABLE
@@ -55,18 +59,22 @@ def test_unknown_worker_is_unavailable(tiny_cluster: Cluster, pin: str) -> None:
 
 def test_pinned_workers_are_used(tiny_cluster: Cluster) -> None:
     p, d = tiny_cluster.prefill_hosts[0], tiny_cluster.decode_hosts[0]
-    _, _, last = tiny_cluster.generate(prompt_token_ids=[5, 6], max_tokens=3, prefill_worker=p.address,
-                                       decode_worker=d.worker_id)
+    _, _, last = tiny_cluster.generate(
+        prompt_token_ids=[5, 6], max_tokens=3, prefill_worker=p.address, decode_worker=d.worker_id
+    )
     assert (last.prefill_worker, last.decode_worker) == (p.worker_id, d.worker_id)
 
 
 def test_stop_strings_and_seeded_sampling(tiny_cluster: Cluster) -> None:
-    ids, text, _ = tiny_cluster.generate(prompt="t5 t6 t7", max_tokens=30, temperature=0, ignore_eos=True)
+    _ids, text, _ = tiny_cluster.generate(
+        prompt="t5 t6 t7", max_tokens=30, temperature=0, ignore_eos=True
+    )
     words = text.split()
     stop = f" {words[3]}"
     first = text.index(stop)
-    _, stopped, last = tiny_cluster.generate(prompt="t5 t6 t7", max_tokens=30, temperature=0, ignore_eos=True,
-                                             stop=[stop])
+    _, stopped, last = tiny_cluster.generate(
+        prompt="t5 t6 t7", max_tokens=30, temperature=0, ignore_eos=True, stop=[stop]
+    )
     assert stopped == text[:first] and last.finish_reason == "stop"
     a = tiny_cluster.generate(prompt="t5 t6 t7", max_tokens=20, temperature=1.0, seed=1234)[0]
     b = tiny_cluster.generate(prompt="t5 t6 t7", max_tokens=20, temperature=1.0, seed=1234)[0]

@@ -23,17 +23,31 @@ def _prompt(n: int, seed: int) -> list[int]:
 
 # (prompt length, new tokens): 1 token, exactly one block, one block + 1,
 # several blocks, and the longest the tiny model's context allows.
-CASES = [(1, 24), (BLOCK, 24), (BLOCK + 1, 24), (3 * BLOCK, 32), (5 * BLOCK + 7, 40),
-         (100, 30), (TINY_MAX_CONTEXT - 40, 39), (TINY_MAX_CONTEXT - 1, 1)]
+CASES = [
+    (1, 24),
+    (BLOCK, 24),
+    (BLOCK + 1, 24),
+    (3 * BLOCK, 32),
+    (5 * BLOCK + 7, 40),
+    (100, 30),
+    (TINY_MAX_CONTEXT - 40, 39),
+    (TINY_MAX_CONTEXT - 1, 1),
+]
 
 
 @pytest.mark.parametrize(("n_prompt", "n_new"), CASES)
-def test_greedy_equals_generate(tiny_cluster: Cluster, tiny_reference: Callable[[list[int], int], list[int]],
-                                n_prompt: int, n_new: int) -> None:
+def test_greedy_equals_generate(
+    tiny_cluster: Cluster,
+    tiny_reference: Callable[[list[int], int], list[int]],
+    n_prompt: int,
+    n_new: int,
+) -> None:
     prompt = _prompt(n_prompt, seed=n_prompt)
     want = tiny_reference(prompt, n_new)
     if n_new >= 8:
-        assert len(set(want)) >= 4, "reference output is not diverse: the comparison would prove nothing"
+        assert len(set(want)) >= 4, (
+            "reference output is not diverse: the comparison would prove nothing"
+        )
     ids, _, last = tiny_cluster.generate(prompt_token_ids=prompt, max_tokens=n_new, temperature=0)
     assert ids == want
     assert last.usage.prompt_tokens == n_prompt
@@ -45,7 +59,9 @@ def test_greedy_equals_generate(tiny_cluster: Cluster, tiny_reference: Callable[
     tiny_cluster.wait_no_leaks()
 
 
-def test_sixteen_concurrent_streams(tiny_cluster: Cluster, tiny_reference: Callable[[list[int], int], list[int]]) -> None:
+def test_sixteen_concurrent_streams(
+    tiny_cluster: Cluster, tiny_reference: Callable[[list[int], int], list[int]]
+) -> None:
     prompts = [_prompt(5 + 9 * i, seed=100 + i) for i in range(16)]
     wants = [tiny_reference(p, 32) for p in prompts]
 
@@ -58,8 +74,12 @@ def test_sixteen_concurrent_streams(tiny_cluster: Cluster, tiny_reference: Calla
     tiny_cluster.wait_no_leaks()
 
 
-def test_text_prompt_and_ignore_eos(tiny_cluster: Cluster, tiny_reference: Callable[[list[int], int], list[int]]) -> None:
-    ids, text, last = tiny_cluster.generate(prompt="t5 t6 t7 t8", max_tokens=40, temperature=0, ignore_eos=True)
+def test_text_prompt_and_ignore_eos(
+    tiny_cluster: Cluster, tiny_reference: Callable[[list[int], int], list[int]]
+) -> None:
+    ids, text, last = tiny_cluster.generate(
+        prompt="t5 t6 t7 t8", max_tokens=40, temperature=0, ignore_eos=True
+    )
     assert len(ids) == 40 and last.finish_reason == "length"
     assert text.split() == [f"t{i}" for i in ids if i > 2]
 
@@ -72,8 +92,13 @@ def test_kv_handle_lifecycle_in_redis(tiny_cluster: Cluster) -> None:
     prompt = _prompt(40, seed=7)
     with grpc.insecure_channel(prefill.address) as ch:
         stub = worker_pb2_grpc.PrefillWorkerStub(ch)
-        resp = stub.Prefill(worker_pb2.PrefillRequest(request_id="lifecycle-1", prompt_token_ids=prompt,
-                                                      sampling=common_pb2.SamplingParams(max_tokens=8)))
+        resp = stub.Prefill(
+            worker_pb2.PrefillRequest(
+                request_id="lifecycle-1",
+                prompt_token_ids=prompt,
+                sampling=common_pb2.SamplingParams(max_tokens=8),
+            )
+        )
         handle = resp.handle
         assert handle.state == common_pb2.KV_STATE_READY and handle.num_tokens == 40
         assert len(handle.block_ids) == 3
@@ -81,9 +106,14 @@ def test_kv_handle_lifecycle_in_redis(tiny_cluster: Cluster) -> None:
         assert prefill.engine.stats().free_blocks == total - 3
         with grpc.insecure_channel(decode.address) as dch:
             tokens = []
-            for r in worker_pb2_grpc.DecodeWorkerStub(dch).Decode(worker_pb2.DecodeRequest(
-                    request_id="lifecycle-1", prompt_token_ids=prompt,
-                    sampling=common_pb2.SamplingParams(max_tokens=8), handle=handle)):
+            for r in worker_pb2_grpc.DecodeWorkerStub(dch).Decode(
+                worker_pb2.DecodeRequest(
+                    request_id="lifecycle-1",
+                    prompt_token_ids=prompt,
+                    sampling=common_pb2.SamplingParams(max_tokens=8),
+                    handle=handle,
+                )
+            ):
                 tokens.extend(r.token_ids)
         assert 1 <= len(tokens) <= 7
         # Already consumed: a second release finds nothing.
@@ -96,8 +126,15 @@ def test_kv_handle_visible_while_in_flight(tiny_cluster: Cluster) -> None:
     prefill = tiny_cluster.prefill_hosts[0]
     with grpc.insecure_channel(prefill.address) as ch:
         stub = worker_pb2_grpc.PrefillWorkerStub(ch)
-        stub.Prefill(worker_pb2.PrefillRequest(request_id="held-1", prompt_token_ids=_prompt(20, 3),
-                                               sampling=common_pb2.SamplingParams(max_tokens=4)))
+        stub.Prefill(
+            worker_pb2.PrefillRequest(
+                request_id="held-1",
+                prompt_token_ids=_prompt(20, 3),
+                sampling=common_pb2.SamplingParams(max_tokens=4),
+            )
+        )
         assert tiny_cluster.kv_keys() == 1
-        assert stub.ReleaseKv(worker_pb2.ReleaseKvRequest(request_id="held-1", consumed=False)).released
+        assert stub.ReleaseKv(
+            worker_pb2.ReleaseKvRequest(request_id="held-1", consumed=False)
+        ).released
     tiny_cluster.wait_no_leaks()

@@ -37,8 +37,9 @@ def smol_reference(smollm_path: str) -> Callable[[list[int], int], list[int]]:
 
 
 @pytest.mark.parametrize("prompt", PROMPTS)
-def test_smollm_greedy_equals_generate(smol_cluster: Cluster, smol_reference: Callable[[list[int], int], list[int]],
-                                       prompt: str) -> None:
+def test_smollm_greedy_equals_generate(
+    smol_cluster: Cluster, smol_reference: Callable[[list[int], int], list[int]], prompt: str
+) -> None:
     tok = smol_cluster.app.orchestrator._tok  # the scheduler's tokenizer
     ids = list(tok(prompt)["input_ids"])
     want = smol_reference(ids, 24)
@@ -49,10 +50,16 @@ def test_smollm_greedy_equals_generate(smol_cluster: Cluster, smol_reference: Ca
     smol_cluster.wait_no_leaks()
 
 
-def test_smollm_chat_messages(smol_cluster: Cluster, smol_reference: Callable[[list[int], int], list[int]]) -> None:
+def test_smollm_chat_messages(
+    smol_cluster: Cluster, smol_reference: Callable[[list[int], int], list[int]]
+) -> None:
     tok = smol_cluster.app.orchestrator._tok
     msgs = [{"role": "user", "content": "What is 2+2?"}]
-    ids = list(tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"])
+    ids = list(
+        tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True, return_dict=True)[
+            "input_ids"
+        ]
+    )
     want = smol_reference(ids, 40)
     got, text, last = smol_cluster.generate(messages=msgs, max_tokens=40, temperature=0)
     assert got == want
@@ -63,7 +70,9 @@ def test_smollm_chat_messages(smol_cluster: Cluster, smol_reference: Callable[[l
 
 def test_smollm_multibyte_text_streams_whole_characters(smol_cluster: Cluster) -> None:
     prompt = "Translate to French and add emoji: I love the café 🙂 and 世界."
-    got, text, _ = smol_cluster.generate(prompt=prompt, max_tokens=40, temperature=0, ignore_eos=True)
+    got, text, _ = smol_cluster.generate(
+        prompt=prompt, max_tokens=40, temperature=0, ignore_eos=True
+    )
     tok = smol_cluster.app.orchestrator._tok
     assert "\ufffd" not in text
     assert text == tok.decode(got, skip_special_tokens=True)
