@@ -13,11 +13,13 @@ import signal
 
 from disagg.engine.model_loader import resolve_model
 from disagg.metastore.store import MetaStore
+from disagg.metrics.scheduler import SchedulerMetrics
 from disagg.runtime.channels import get_channel
 from disagg.runtime.config import SchedulerConfig
 from disagg.runtime.grpc_server import GrpcServer, create_grpc_server
 from disagg.tokenization.loader import load_tokenizer
 from disagg.v1 import scheduler_pb2, scheduler_pb2_grpc
+from services.scheduler.http_api import HttpApi, make_http_api
 from services.scheduler.orchestrator import Orchestrator
 from services.scheduler.registry import WorkerRegistry
 from services.scheduler.servicer import SchedulerServicer
@@ -31,6 +33,7 @@ class SchedulerApp:
     def __init__(self, cfg: SchedulerConfig):
         self.cfg = cfg
         self.port = 0
+        self.http_port = 0  # the bound HTTP port once serving (cfg.http_port -1: stays 0)
         self._stop = asyncio.Event()
         self._server: GrpcServer | None = None
 
@@ -43,16 +46,22 @@ class SchedulerApp:
         store = MetaStore(cfg.redis_url)
         registry = WorkerRegistry(store, cfg.registry_refresh_s)
         await registry.start()
+        self.metrics = SchedulerMetrics()
         self.orchestrator = Orchestrator(registry, tok.tokenizer, tok.eos_token_ids, get_channel,
-                                         cfg.max_inflight, cfg.worker_timeout_s)
+                                         cfg.max_inflight, cfg.worker_timeout_s, self.metrics)
+        self.metrics.bind(lambda: self.orchestrator.inflight, registry.infos)
         servicer = SchedulerServicer(self.orchestrator, registry, tok.tokenizer, tok.vocab_size,
-                                     tok.max_context, cfg.default_max_tokens)
+                                     tok.max_context, cfg.default_max_tokens, cfg.api_key)
         server = await create_grpc_server(cfg.host, cfg.port, [SERVICE_NAME])
         scheduler_pb2_grpc.add_SchedulerServicer_to_server(servicer, server.server)
         await server.start()
+        http: HttpApi | None = None
+        if cfg.http_port >= 0:  # before self.port: a set port means both front ends are up
+            http = make_http_api(self.orchestrator, registry, tok, cfg, self.metrics.registry)
+            self.http_port = await http.start(cfg.host, cfg.http_port)
         self.port = server.port
         await server.set_serving(True)
-        log.info("scheduler serving grpc=%s:%d", cfg.host, server.port)
+        log.info("scheduler serving grpc=%s:%d http=%s", cfg.host, server.port, self.http_port or "off")
         self._install_signals()
         if ready is not None:
             ready.set()
@@ -60,6 +69,8 @@ class SchedulerApp:
             await self._stop.wait()
         finally:
             await server.set_serving(False)
+            if http is not None:
+                await http.stop()
             await server.stop(grace_s=10.0)
             await registry.stop()
             await store.close()

@@ -18,11 +18,12 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from dataclasses import dataclass, field
 
 import grpc
 
+from disagg.metrics.scheduler import SchedulerMetrics
 from disagg.policy.routing import NoWorker, Route, WorkerView, route
 from disagg.tokenization.detokenizer import IncrementalDetokenizer, StopStringMatcher
 from disagg.v1 import common_pb2, worker_pb2, worker_pb2_grpc
@@ -70,8 +71,10 @@ class _Relay:
 
 class Orchestrator:
     def __init__(self, registry: WorkerRegistry, tokenizer: object, eos_token_ids: tuple[int, ...],
-                 channel_for: Callable[[str], grpc.aio.Channel], max_inflight: int, worker_timeout_s: float):
+                 channel_for: Callable[[str], grpc.aio.Channel], max_inflight: int, worker_timeout_s: float,
+                 metrics: SchedulerMetrics | None = None):
         self._registry = registry
+        self._metrics = metrics or SchedulerMetrics()  # observation only: never changes a decision
         self._tok = tokenizer
         self._eos = frozenset(eos_token_ids)
         self._channel_for = channel_for
@@ -79,19 +82,21 @@ class Orchestrator:
         self._worker_timeout_s = worker_timeout_s
         self.inflight = 0
 
-    async def generate(self, req: GenerationRequest) -> AsyncIterator[GenerationEvent]:
+    async def generate(self, req: GenerationRequest) -> AsyncGenerator[GenerationEvent, None]:
         """Yields events; raises Unavailable / Overloaded / InvalidRequest before the first one."""
         arrival = time.monotonic()
-        if self.inflight >= self._max_inflight:
-            raise Overloaded(f"{self.inflight} requests in flight (limit {self._max_inflight})", retry_after_s=1.0)
-        rid = req.request_id
-        plan = self._route(req)
-        self.inflight += 1
-        try:
-            async for ev in self._run(rid, req, plan, arrival):
-                yield ev
-        finally:
-            self.inflight -= 1
+        with self._metrics.trace(arrival) as trace:
+            if self.inflight >= self._max_inflight:
+                raise Overloaded(f"{self.inflight} requests in flight (limit {self._max_inflight})", retry_after_s=1.0)
+            rid = req.request_id
+            plan = self._route(req)
+            self.inflight += 1
+            try:
+                async for ev in self._run(rid, req, plan, arrival):
+                    trace.event(ev)
+                    yield ev
+            finally:
+                self.inflight -= 1
 
     def _route(self, req: GenerationRequest) -> Route:
         workers: list[WorkerView] = self._registry.snapshot()
@@ -123,6 +128,8 @@ class Orchestrator:
                 handle = None
             else:
                 async for ev in self._decode(rid, req, plan.decode, handle, relay, timing, arrival):
+                    if handle is not None:
+                        self._metrics.kv_handed_off(handle)
                     handle = None  # the decode worker owns the handoff now
                     yield ev
         finally:

@@ -10,6 +10,7 @@ import grpc
 
 from disagg.tokenization.prompts import ChatTurn
 from disagg.v1 import common_pb2, scheduler_pb2, scheduler_pb2_grpc
+from services.scheduler.auth import grpc_metadata_ok
 from services.scheduler.orchestrator import Orchestrator
 from services.scheduler.registry import WorkerRegistry
 from services.scheduler.requests import (
@@ -58,15 +59,21 @@ def event_to_pb(rid: str, ev: GenerationEvent) -> scheduler_pb2.GenerateResponse
 
 class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
     def __init__(self, orchestrator: Orchestrator, registry: WorkerRegistry, tokenizer: Any,
-                 vocab_size: int, max_context: int, default_max_tokens: int):
+                 vocab_size: int, max_context: int, default_max_tokens: int, api_key: str = ""):
         self._orch = orchestrator
+        self._api_key = api_key
         self._registry = registry
         self._tok = tokenizer
         self._vocab = vocab_size
         self._ctx = max_context
         self._default_max = default_max_tokens
 
+    async def _authorize(self, context: grpc.aio.ServicerContext) -> None:
+        if not grpc_metadata_ok(context.invocation_metadata(), self._api_key):
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong API key (metadata 'authorization: Bearer <key>')")
+
     async def Generate(self, request: scheduler_pb2.GenerateRequest, context: grpc.aio.ServicerContext) -> AsyncIterator[scheduler_pb2.GenerateResponse]:  # type: ignore[override]
+        await self._authorize(context)
         try:
             req = build_request(raw_from_pb(request), self._tok, self._vocab, self._ctx, self._default_max)
         except InvalidRequest as e:
@@ -88,5 +95,6 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
             await context.abort(code, message)
 
     async def ListWorkers(self, request: scheduler_pb2.ListWorkersRequest, context: grpc.aio.ServicerContext) -> scheduler_pb2.ListWorkersResponse:
+        await self._authorize(context)
         await self._registry.refresh()
         return scheduler_pb2.ListWorkersResponse(workers=self._registry.infos())

@@ -1,0 +1,31 @@
+"""Metric names and buckets (``disagg:`` prefix, as vLLM's ``vllm:``)."""
+
+from __future__ import annotations
+
+PREFIX = "disagg:"
+
+TTFT = PREFIX + "time_to_first_token_seconds"
+ITL = PREFIX + "inter_token_latency_seconds"
+E2E = PREFIX + "e2e_request_latency_seconds"
+QUEUE = PREFIX + "queue_time_seconds"
+PREFILL = PREFIX + "prefill_time_seconds"
+KV_TRANSFER = PREFIX + "kv_transfer_time_seconds"
+DECODE = PREFIX + "decode_time_seconds"
+
+KV_TRANSFER_BYTES = PREFIX + "kv_transfer_bytes"  # counter; exposed with _total
+REQUESTS = PREFIX + "requests"  # counter, label finish_reason
+REJECTED = PREFIX + "requests_rejected"  # counter, label reason
+PREFIX_QUERIES = PREFIX + "prefix_cache_queries"  # counter (prompt tokens looked up)
+PREFIX_HITS = PREFIX + "prefix_cache_hits"  # counter (prompt tokens served from the cache)
+SLO_MET = PREFIX + "slo_met"  # counter
+
+RUNNING = PREFIX + "requests_running"
+WAITING = PREFIX + "requests_waiting"
+BLOCKS_USED = PREFIX + "kv_cache_blocks_used"
+BLOCKS_TOTAL = PREFIX + "kv_cache_blocks_total"
+
+# Seconds. Fine at the low end: a tiny model on CPU answers in milliseconds.
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.4,
+                   0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0)  # fmt: skip
+TOKEN_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.015, 0.02, 0.025, 0.03, 0.04, 0.05,
+                 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0)  # fmt: skip
