@@ -47,16 +47,8 @@ class Cluster:
         self.decode_hosts = [
             make_decode(dataclasses.replace(base, role="decode")) for _ in range(decode)
         ]
-        self.app = SchedulerApp(
-            SchedulerConfig(
-                port=0,
-                http_port=-1,
-                redis_url=redis_url,
-                model=model,
-                registry_refresh_s=0.1,
-                **(scheduler or {}),
-            )
-        )
+        sched = {"port": 0, "http_port": -1, "registry_refresh_s": 0.1, **(scheduler or {})}
+        self.app = SchedulerApp(SchedulerConfig(redis_url=redis_url, model=model, **sched))
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
         self._tasks: list[asyncio.Future[None]] = []

@@ -42,16 +42,32 @@ class SchedulerApp:
 
     async def run(self, ready: asyncio.Event | None = None) -> None:
         cfg = self.cfg
-        tok = await asyncio.to_thread(load_tokenizer, await asyncio.to_thread(resolve_model, cfg.model))
+        tok = await asyncio.to_thread(
+            load_tokenizer, await asyncio.to_thread(resolve_model, cfg.model)
+        )
         store = MetaStore(cfg.redis_url)
         registry = WorkerRegistry(store, cfg.registry_refresh_s)
         await registry.start()
         self.metrics = SchedulerMetrics()
-        self.orchestrator = Orchestrator(registry, tok.tokenizer, tok.eos_token_ids, get_channel,
-                                         cfg.max_inflight, cfg.worker_timeout_s, self.metrics)
+        self.orchestrator = Orchestrator(
+            registry,
+            tok.tokenizer,
+            tok.eos_token_ids,
+            get_channel,
+            cfg.max_inflight,
+            cfg.worker_timeout_s,
+            self.metrics,
+        )
         self.metrics.bind(lambda: self.orchestrator.inflight, registry.infos)
-        servicer = SchedulerServicer(self.orchestrator, registry, tok.tokenizer, tok.vocab_size,
-                                     tok.max_context, cfg.default_max_tokens, cfg.api_key)
+        servicer = SchedulerServicer(
+            self.orchestrator,
+            registry,
+            tok.tokenizer,
+            tok.vocab_size,
+            tok.max_context,
+            cfg.default_max_tokens,
+            cfg.api_key,
+        )
         server = await create_grpc_server(cfg.host, cfg.port, [SERVICE_NAME])
         scheduler_pb2_grpc.add_SchedulerServicer_to_server(servicer, server.server)
         await server.start()
@@ -61,7 +77,9 @@ class SchedulerApp:
             self.http_port = await http.start(cfg.host, cfg.http_port)
         self.port = server.port
         await server.set_serving(True)
-        log.info("scheduler serving grpc=%s:%d http=%s", cfg.host, server.port, self.http_port or "off")
+        log.info(
+            "scheduler serving grpc=%s:%d http=%s", cfg.host, server.port, self.http_port or "off"
+        )
         self._install_signals()
         if ready is not None:
             ready.set()

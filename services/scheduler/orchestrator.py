@@ -70,9 +70,16 @@ class _Relay:
 
 
 class Orchestrator:
-    def __init__(self, registry: WorkerRegistry, tokenizer: object, eos_token_ids: tuple[int, ...],
-                 channel_for: Callable[[str], grpc.aio.Channel], max_inflight: int, worker_timeout_s: float,
-                 metrics: SchedulerMetrics | None = None):
+    def __init__(
+        self,
+        registry: WorkerRegistry,
+        tokenizer: object,
+        eos_token_ids: tuple[int, ...],
+        channel_for: Callable[[str], grpc.aio.Channel],
+        max_inflight: int,
+        worker_timeout_s: float,
+        metrics: SchedulerMetrics | None = None,
+    ):
         self._registry = registry
         self._metrics = metrics or SchedulerMetrics()  # observation only: never changes a decision
         self._tok = tokenizer
@@ -87,7 +94,10 @@ class Orchestrator:
         arrival = time.monotonic()
         with self._metrics.trace(arrival) as trace:
             if self.inflight >= self._max_inflight:
-                raise Overloaded(f"{self.inflight} requests in flight (limit {self._max_inflight})", retry_after_s=1.0)
+                raise Overloaded(
+                    f"{self.inflight} requests in flight (limit {self._max_inflight})",
+                    retry_after_s=1.0,
+                )
             rid = req.request_id
             plan = self._route(req)
             self.inflight += 1
@@ -101,17 +111,34 @@ class Orchestrator:
     def _route(self, req: GenerationRequest) -> Route:
         workers: list[WorkerView] = self._registry.snapshot()
         try:
-            plan = route(workers, len(req.prompt_token_ids), req.sampling.max_tokens, req.prefill_pin, req.decode_pin)
+            plan = route(
+                workers,
+                len(req.prompt_token_ids),
+                req.sampling.max_tokens,
+                req.prefill_pin,
+                req.decode_pin,
+            )
         except NoWorker as e:
             raise Unavailable(str(e)) from e
-        log.info("route prompt_tokens=%d max_tokens=%d prefill=%s decode=%s reason=%s",
-                 len(req.prompt_token_ids), req.sampling.max_tokens,
-                 plan.prefill.worker_id if plan.prefill else "-", plan.decode.worker_id, plan.reason)
+        log.info(
+            "route prompt_tokens=%d max_tokens=%d prefill=%s decode=%s reason=%s",
+            len(req.prompt_token_ids),
+            req.sampling.max_tokens,
+            plan.prefill.worker_id if plan.prefill else "-",
+            plan.decode.worker_id,
+            plan.reason,
+        )
         return plan
 
-    async def _run(self, rid: str, req: GenerationRequest, plan: Route, arrival: float) -> AsyncIterator[GenerationEvent]:
-        relay = _Relay(IncrementalDetokenizer(self._tok, req.prompt_token_ids), StopStringMatcher(req.stop),
-                       self._eos, req.sampling.ignore_eos)
+    async def _run(
+        self, rid: str, req: GenerationRequest, plan: Route, arrival: float
+    ) -> AsyncIterator[GenerationEvent]:
+        relay = _Relay(
+            IncrementalDetokenizer(self._tok, req.prompt_token_ids),
+            StopStringMatcher(req.stop),
+            self._eos,
+            req.sampling.ignore_eos,
+        )
         timing = Timing()
         cached = 0
         handle: common_pb2.KvHandle | None = None
@@ -136,10 +163,17 @@ class Orchestrator:
             if handle is not None:  # cancelled before the decode worker took the handoff
                 await asyncio.shield(self._release(handle))
         timing.e2e_ms = _ms(arrival)
-        last = GenerationEvent(token_ids=[], text=relay.tail(), finish_reason=relay.finish or "length",
-                               prompt_tokens=len(req.prompt_token_ids), completion_tokens=relay.completion_tokens,
-                               cached_tokens=cached, timing=timing, prefill_worker=prefill_id or plan.decode.worker_id,
-                               decode_worker=plan.decode.worker_id)
+        last = GenerationEvent(
+            token_ids=[],
+            text=relay.tail(),
+            finish_reason=relay.finish or "length",
+            prompt_tokens=len(req.prompt_token_ids),
+            completion_tokens=relay.completion_tokens,
+            cached_tokens=cached,
+            timing=timing,
+            prefill_worker=prefill_id or plan.decode.worker_id,
+            decode_worker=plan.decode.worker_id,
+        )
         yield last
 
     def _done_after_first(self, relay: _Relay, req: GenerationRequest) -> bool:
@@ -151,30 +185,57 @@ class Orchestrator:
             return True
         return False
 
-    async def _prefill(self, rid: str, req: GenerationRequest, worker: WorkerView, timing: Timing) -> worker_pb2.PrefillResponse | None:
+    async def _prefill(
+        self, rid: str, req: GenerationRequest, worker: WorkerView, timing: Timing
+    ) -> worker_pb2.PrefillResponse | None:
         """The prefill response, or None when the worker is unreachable (prefill on decode instead)."""
         stub = worker_pb2_grpc.PrefillWorkerStub(self._channel_for(worker.address))
-        msg = worker_pb2.PrefillRequest(request_id=rid, prompt_token_ids=req.prompt_token_ids,
-                                        sampling=sampling_to_pb(req.sampling))
+        msg = worker_pb2.PrefillRequest(
+            request_id=rid,
+            prompt_token_ids=req.prompt_token_ids,
+            sampling=sampling_to_pb(req.sampling),
+        )
         with self._registry.track(worker.worker_id):
             try:
-                resp: worker_pb2.PrefillResponse = await stub.Prefill(msg, timeout=self._worker_timeout_s)
+                resp: worker_pb2.PrefillResponse = await stub.Prefill(
+                    msg, timeout=self._worker_timeout_s
+                )
             except grpc.aio.AioRpcError as e:
                 if e.code() == grpc.StatusCode.INVALID_ARGUMENT:
-                    raise InvalidRequest("prompt", e.details() or "rejected by the prefill worker") from e
+                    raise InvalidRequest(
+                        "prompt", e.details() or "rejected by the prefill worker"
+                    ) from e
                 if req.prefill_pin:
-                    raise Unavailable(f"prefill_worker {req.prefill_pin!r}: {e.code().name} {e.details()}") from e
-                log.warning("prefill on %s failed (%s); prefilling on the decode worker", worker.worker_id, e.code().name)
+                    raise Unavailable(
+                        f"prefill_worker {req.prefill_pin!r}: {e.code().name} {e.details()}"
+                    ) from e
+                log.warning(
+                    "prefill on %s failed (%s); prefilling on the decode worker",
+                    worker.worker_id,
+                    e.code().name,
+                )
                 return None
         timing.queue_ms += resp.queue_ms
         timing.prefill_ms = resp.prefill_ms
         return resp
 
-    async def _decode(self, rid: str, req: GenerationRequest, worker: WorkerView, handle: common_pb2.KvHandle | None,
-                      relay: _Relay, timing: Timing, arrival: float) -> AsyncIterator[GenerationEvent]:
+    async def _decode(
+        self,
+        rid: str,
+        req: GenerationRequest,
+        worker: WorkerView,
+        handle: common_pb2.KvHandle | None,
+        relay: _Relay,
+        timing: Timing,
+        arrival: float,
+    ) -> AsyncIterator[GenerationEvent]:
         stub = worker_pb2_grpc.DecodeWorkerStub(self._channel_for(worker.address))
-        msg = worker_pb2.DecodeRequest(request_id=rid, prompt_token_ids=req.prompt_token_ids,
-                                       sampling=sampling_to_pb(req.sampling), handle=handle)
+        msg = worker_pb2.DecodeRequest(
+            request_id=rid,
+            prompt_token_ids=req.prompt_token_ids,
+            sampling=sampling_to_pb(req.sampling),
+            handle=handle,
+        )
         with self._registry.track(worker.worker_id):
             call = stub.Decode(msg)
             try:
@@ -184,12 +245,23 @@ class Orchestrator:
                         return
             except grpc.aio.AioRpcError as e:
                 if e.code() == grpc.StatusCode.INVALID_ARGUMENT:
-                    raise InvalidRequest("prompt", e.details() or "rejected by the decode worker") from e
-                raise Unavailable(f"decode worker {worker.worker_id}: {e.code().name} {e.details()}") from e
+                    raise InvalidRequest(
+                        "prompt", e.details() or "rejected by the decode worker"
+                    ) from e
+                raise Unavailable(
+                    f"decode worker {worker.worker_id}: {e.code().name} {e.details()}"
+                ) from e
             finally:
                 call.cancel()
 
-    def _on_decode(self, resp: worker_pb2.DecodeResponse, relay: _Relay, timing: Timing, arrival: float, local: bool) -> GenerationEvent:
+    def _on_decode(
+        self,
+        resp: worker_pb2.DecodeResponse,
+        relay: _Relay,
+        timing: Timing,
+        arrival: float,
+        local: bool,
+    ) -> GenerationEvent:
         if resp.kv_transfer_ms:
             timing.kv_transfer_ms = resp.kv_transfer_ms
         if local and resp.prefill_ms:
@@ -206,4 +278,6 @@ class Orchestrator:
     async def _release(self, handle: common_pb2.KvHandle) -> None:
         stub = worker_pb2_grpc.PrefillWorkerStub(self._channel_for(handle.owner_address))
         with contextlib.suppress(grpc.aio.AioRpcError):
-            await stub.ReleaseKv(worker_pb2.ReleaseKvRequest(request_id=handle.request_id, consumed=False), timeout=5)
+            await stub.ReleaseKv(
+                worker_pb2.ReleaseKvRequest(request_id=handle.request_id, consumed=False), timeout=5
+            )

@@ -93,21 +93,28 @@ class RawRequest:
     decode_pin: str = ""
 
 
-def build_request(raw: RawRequest, tokenizer: Any, vocab_size: int, max_context: int,
-                  default_max_tokens: int) -> GenerationRequest:
+def build_request(
+    raw: RawRequest, tokenizer: Any, vocab_size: int, max_context: int, default_max_tokens: int
+) -> GenerationRequest:
     try:
         ids = render_prompt(tokenizer, vocab_size, raw.prompt, raw.messages, raw.prompt_token_ids)
     except PromptError as e:
         raise InvalidRequest(e.field, str(e).split(": ", 1)[1]) from e
     if len(ids) >= max_context:
-        raise InvalidRequest("prompt", f"prompt is {len(ids)} tokens; the model's context is {max_context} (it must leave room for one new token)")
+        raise InvalidRequest(
+            "prompt",
+            f"prompt is {len(ids)} tokens; the model's context is {max_context} (it must leave room for one new token)",
+        )
     room = max_context - len(ids)
     if raw.max_tokens is None:
         max_tokens = min(default_max_tokens, room)
     elif raw.max_tokens <= 0:
         raise InvalidRequest("max_tokens", f"must be > 0, got {raw.max_tokens}")
     elif raw.max_tokens > room:
-        raise InvalidRequest("max_tokens", f"prompt ({len(ids)} tokens) + max_tokens ({raw.max_tokens}) exceeds the model's context of {max_context}")
+        raise InvalidRequest(
+            "max_tokens",
+            f"prompt ({len(ids)} tokens) + max_tokens ({raw.max_tokens}) exceeds the model's context of {max_context}",
+        )
     else:
         max_tokens = raw.max_tokens
     return GenerationRequest(
@@ -134,8 +141,14 @@ def _sampling(raw: RawRequest, max_tokens: int) -> SamplingParams:
         raise InvalidRequest("top_k", f"must be >= 0 (0 disables it), got {top_k}")
     if raw.seed is not None and not -(2**63) <= raw.seed < 2**63:
         raise InvalidRequest("seed", "must fit in a signed 64-bit integer")
-    return SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p,
-                          top_k=top_k, seed=raw.seed, ignore_eos=raw.ignore_eos)
+    return SamplingParams(
+        max_tokens=max_tokens,
+        temperature=temperature,
+        top_p=top_p,
+        top_k=top_k,
+        seed=raw.seed,
+        ignore_eos=raw.ignore_eos,
+    )
 
 
 def _stops(stop: Sequence[str]) -> tuple[str, ...]:

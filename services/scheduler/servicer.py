@@ -49,17 +49,38 @@ def event_to_pb(rid: str, ev: GenerationEvent) -> scheduler_pb2.GenerateResponse
     if ev.finish_reason is not None:
         t = ev.timing
         resp.finish_reason = ev.finish_reason
-        resp.usage.CopyFrom(common_pb2.Usage(prompt_tokens=ev.prompt_tokens, completion_tokens=ev.completion_tokens,
-                                             cached_prompt_tokens=ev.cached_tokens))
-        resp.timings.CopyFrom(common_pb2.Timings(queue_ms=t.queue_ms, prefill_ms=t.prefill_ms, kv_transfer_ms=t.kv_transfer_ms,
-                                                 decode_ms=t.decode_ms, ttft_ms=t.ttft_ms, e2e_ms=t.e2e_ms))
+        resp.usage.CopyFrom(
+            common_pb2.Usage(
+                prompt_tokens=ev.prompt_tokens,
+                completion_tokens=ev.completion_tokens,
+                cached_prompt_tokens=ev.cached_tokens,
+            )
+        )
+        resp.timings.CopyFrom(
+            common_pb2.Timings(
+                queue_ms=t.queue_ms,
+                prefill_ms=t.prefill_ms,
+                kv_transfer_ms=t.kv_transfer_ms,
+                decode_ms=t.decode_ms,
+                ttft_ms=t.ttft_ms,
+                e2e_ms=t.e2e_ms,
+            )
+        )
         resp.prefill_worker, resp.decode_worker = ev.prefill_worker, ev.decode_worker
     return resp
 
 
 class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
-    def __init__(self, orchestrator: Orchestrator, registry: WorkerRegistry, tokenizer: Any,
-                 vocab_size: int, max_context: int, default_max_tokens: int, api_key: str = ""):
+    def __init__(
+        self,
+        orchestrator: Orchestrator,
+        registry: WorkerRegistry,
+        tokenizer: Any,
+        vocab_size: int,
+        max_context: int,
+        default_max_tokens: int,
+        api_key: str = "",
+    ):
         self._orch = orchestrator
         self._api_key = api_key
         self._registry = registry
@@ -70,12 +91,19 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
 
     async def _authorize(self, context: grpc.aio.ServicerContext) -> None:
         if not grpc_metadata_ok(context.invocation_metadata(), self._api_key):
-            await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong API key (metadata 'authorization: Bearer <key>')")
+            await context.abort(
+                grpc.StatusCode.UNAUTHENTICATED,
+                "missing or wrong API key (metadata 'authorization: Bearer <key>')",
+            )
 
-    async def Generate(self, request: scheduler_pb2.GenerateRequest, context: grpc.aio.ServicerContext) -> AsyncIterator[scheduler_pb2.GenerateResponse]:  # type: ignore[override]
+    async def Generate(
+        self, request: scheduler_pb2.GenerateRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[scheduler_pb2.GenerateResponse]:  # type: ignore[override]
         await self._authorize(context)
         try:
-            req = build_request(raw_from_pb(request), self._tok, self._vocab, self._ctx, self._default_max)
+            req = build_request(
+                raw_from_pb(request), self._tok, self._vocab, self._ctx, self._default_max
+            )
         except InvalidRequest as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
             return
@@ -88,13 +116,18 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
             code, message = grpc.StatusCode.INVALID_ARGUMENT, str(e)
         except Overloaded as e:
             await context.send_initial_metadata((("retry-after", f"{e.retry_after_s:g}"),))
-            code, message = grpc.StatusCode.RESOURCE_EXHAUSTED, f"{e}; retry after {e.retry_after_s:g}s"
+            code, message = (
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"{e}; retry after {e.retry_after_s:g}s",
+            )
         except Unavailable as e:
             code, message = grpc.StatusCode.UNAVAILABLE, str(e)
         if code is not None:
             await context.abort(code, message)
 
-    async def ListWorkers(self, request: scheduler_pb2.ListWorkersRequest, context: grpc.aio.ServicerContext) -> scheduler_pb2.ListWorkersResponse:
+    async def ListWorkers(
+        self, request: scheduler_pb2.ListWorkersRequest, context: grpc.aio.ServicerContext
+    ) -> scheduler_pb2.ListWorkersResponse:
         await self._authorize(context)
         await self._registry.refresh()
         return scheduler_pb2.ListWorkersResponse(workers=self._registry.infos())
