@@ -6,9 +6,11 @@ import os
 from collections.abc import Iterator
 
 import pytest
+import redis
 
 from disagg.engine.testing import make_tiny_llama
 from disagg.metastore.embedded import EmbeddedValkey, start_embedded_valkey
+from tests.cluster import Cluster
 
 
 @pytest.fixture(scope="session")
@@ -28,3 +30,12 @@ def smollm_path() -> str:
     from disagg.engine.model_loader import resolve_model
 
     return resolve_model(os.environ.get("DISAGG_TEST_MODEL", ""))
+
+
+@pytest.fixture(scope="module")
+def tiny_cluster(tiny_model: str, valkey: EmbeddedValkey) -> Iterator[Cluster]:
+    with redis.Redis.from_url(valkey.url) as r:
+        r.flushall()
+    cluster = Cluster(tiny_model, valkey.url).start()
+    yield cluster
+    cluster.stop()

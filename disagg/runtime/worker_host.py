@@ -62,6 +62,7 @@ class WorkerHost:
         self._started_ms = int(time.time() * 1000)
         self._stop = asyncio.Event()
         self.engine: Engine | None = None
+        self.servicer: Servicer | None = None
         self.address = ""
         self.metrics_port = 0  # bound /metrics port once serving (cfg.metrics_port -1: stays 0)
 
@@ -76,6 +77,7 @@ class WorkerHost:
         self.address = f"{cfg.advertise_host or cfg.host}:{server.port}"
         store = MetaStore(cfg.redis_url)
         servicer, add = self._factory(eng, store, self.worker_id, self.address)
+        self.servicer = servicer
         add(servicer, server.server)
         await server.start()  # NOT_SERVING until registered
         heartbeat = Heartbeat(store, self._info, cfg.heartbeat_s, cfg.heartbeat_ttl_s)

@@ -1,13 +1,12 @@
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import pytest
 import redis
 import torch
 
 from disagg.metastore.embedded import EmbeddedValkey
-from tests.cluster import Cluster
 
 
 @pytest.fixture()
@@ -16,15 +15,6 @@ def fresh_redis(valkey: EmbeddedValkey) -> str:
     with redis.Redis.from_url(valkey.url) as r:
         r.flushall()
     return valkey.url
-
-
-@pytest.fixture(scope="module")
-def tiny_cluster(tiny_model: str, valkey: EmbeddedValkey) -> Iterator[Cluster]:
-    with redis.Redis.from_url(valkey.url) as r:
-        r.flushall()
-    cluster = Cluster(tiny_model, valkey.url).start()
-    yield cluster
-    cluster.stop()
 
 
 def make_reference(model_dir: str) -> Callable[[list[int], int], list[int]]:

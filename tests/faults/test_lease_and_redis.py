@@ -1,0 +1,75 @@
+"""Lease expiry frees unpulled KV; a Redis/Valkey restart is survived."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import grpc
+import pytest
+
+from disagg.metastore.embedded import start_embedded_valkey
+from disagg.v1 import common_pb2, scheduler_pb2, worker_pb2, worker_pb2_grpc
+
+
+def test_unpulled_kv_is_freed_when_its_lease_expires(make_cluster) -> None:  # type: ignore[no-untyped-def]
+    cluster = make_cluster(worker={"kv_lease_s": 0.5})
+    prefill = cluster.prefill_hosts[0]
+    total = prefill.engine.stats().total_blocks
+    with grpc.insecure_channel(prefill.address) as ch:
+        stub = worker_pb2_grpc.PrefillWorkerStub(ch)
+        stub.Prefill(
+            worker_pb2.PrefillRequest(
+                request_id="orphan-1",
+                prompt_token_ids=list(range(3, 60)),
+                sampling=common_pb2.SamplingParams(max_tokens=4),
+            )
+        )
+        assert prefill.engine.stats().free_blocks == total - 4
+        assert cluster.kv_keys() == 1
+        cluster.wait_no_leaks(timeout_s=3.0)  # the lease ran out: blocks and handle gone
+        with pytest.raises(grpc.RpcError) as err:
+            list(stub.PullKv(worker_pb2.PullKvRequest(request_id="orphan-1")))
+        assert err.value.code() == grpc.StatusCode.NOT_FOUND
+    servicer_freed = cluster.run(_freed(prefill))
+    assert servicer_freed["expired"] == 1
+
+
+async def _freed(host):  # type: ignore[no-untyped-def]
+    return host.servicer.freed
+
+
+def test_valkey_restart_inflight_finish_and_new_requests_served(make_cluster) -> None:  # type: ignore[no-untyped-def]
+    server = start_embedded_valkey()
+    try:
+        cluster = make_cluster(redis_url=server.url)
+        result: dict[str, object] = {}
+
+        def long_request() -> None:
+            result["out"] = cluster.generate(
+                prompt_token_ids=[5, 6, 7], max_tokens=150, temperature=0, ignore_eos=True
+            )
+
+        t = threading.Thread(target=long_request)
+        t.start()
+        time.sleep(0.05)
+        server.stop()
+        time.sleep(2.0)  # unreachable for a while
+        server.start()
+        back = time.monotonic()
+        t.join(30)
+        ids, _, last = result["out"]  # type: ignore[misc]
+        assert len(ids) == 150 and last.finish_reason == "length"
+        # Workers re-register; new requests are served within 5 s of Redis returning.
+        while True:
+            workers = cluster.stub().ListWorkers(scheduler_pb2.ListWorkersRequest()).workers
+            if len(workers) == 2:
+                break
+            assert time.monotonic() - back < 5.0, "workers did not re-register within 5 s"
+            time.sleep(0.1)
+        ids, _, _ = cluster.generate(prompt_token_ids=[5, 6, 7], max_tokens=5, temperature=0)
+        assert len(ids) == 5
+        assert time.monotonic() - back < 5.0
+        cluster.wait_no_leaks()
+    finally:
+        server.stop()
