@@ -4,6 +4,8 @@ disagg up [--model DIR] [--prefill N] [--decode M] [--port 50051] [--http-port 8
 disagg scheduler | prefill | decode  [flags]   # one service in this process
 disagg generate "prompt" [--address HOST:PORT] # stream a completion to the terminal
 disagg workers [--address HOST:PORT]           # the workers the scheduler sees
+disagg health [--address HOST:PORT]            # exit 0 iff the service's gRPC health is SERVING
+disagg gpu [--device cuda:N]                   # NVML telemetry as JSON; exit 1 where no GPU
 disagg bench [--base-url URL] [--request-rate R] ...  # load test with goodput (disagg.bench)
 """
 
@@ -12,6 +14,7 @@ from __future__ import annotations
 import argparse
 import os
 import signal
+import socket
 import sys
 import threading
 from collections.abc import Sequence
@@ -103,7 +106,14 @@ def build_parser() -> argparse.ArgumentParser:
         _common_flags(w)
         _engine_flags(w)
         w.add_argument("--port", type=int, help="gRPC port (default: any free port)")
-        w.add_argument("--advertise-host", help="host other services use to reach this worker")
+        w.add_argument(
+            "--advertise-host",
+            help="host other services use to reach this worker "
+            "(default: --host, or this machine's hostname when --host is 0.0.0.0 / ::)",
+        )
+        w.add_argument(
+            "--metrics-port", type=int, help="Prometheus /metrics port (-1 = off, 0 = any free)"
+        )
         w.add_argument("--worker-id")
         w.add_argument("--kv-lease-s", type=float, help="prefill: free unpulled KV after this long")
 
@@ -121,6 +131,14 @@ def build_parser() -> argparse.ArgumentParser:
     wk = sub.add_parser("workers", help="list the workers a running scheduler sees")
     wk.add_argument("--address", default="127.0.0.1:50051")
     wk.add_argument("--api-key", default=os.environ.get("DISAGG_API_KEY", ""))
+
+    hc = sub.add_parser("health", help="exit 0 iff a service's gRPC health is SERVING")
+    hc.add_argument("--address", default="127.0.0.1:50051")
+    hc.add_argument("--service", default="", help="service name to check ('' = the server)")
+    hc.add_argument("--timeout", type=float, default=3.0, help="seconds")
+
+    gpu = sub.add_parser("gpu", help="GPU telemetry (NVML) as JSON; exit 1 where no GPU")
+    gpu.add_argument("--device", default="auto", help="cuda | cuda:N (CUDA_VISIBLE_DEVICES aware)")
 
     from disagg.bench.cli import add_arguments as bench_arguments
 
@@ -142,6 +160,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "decode": _cmd_worker,
         "generate": _cmd_generate,
         "workers": _cmd_workers,
+        "health": _cmd_health,
+        "gpu": _cmd_gpu,
         "bench": _cmd_bench,
     }[args.command]
     return int(handler(args) or 0)
@@ -175,14 +195,25 @@ def _cmd_worker(args: argparse.Namespace) -> int:
         redis_url=args.redis_url,
         worker_id=args.worker_id,
         kv_lease_s=args.kv_lease_s,
+        metrics_port=args.metrics_port,
     )
-    cfg = override(cfg, engine=_engine_cfg(args))
+    cfg = override(cfg, engine=_engine_cfg(args), advertise_host=_advertise_host(cfg))
     if args.command == "prefill":
         from services.prefill.main import main as run
     else:
         from services.decode.main import main as run  # type: ignore[assignment]
     run(cfg)
     return 0
+
+
+def _advertise_host(cfg: WorkerConfig) -> str:
+    """The host others dial: as configured, else this machine's hostname when bound to
+    every interface (in a container, the name Docker's DNS resolves to it), else the bind host."""
+    if cfg.advertise_host:
+        return cfg.advertise_host
+    if cfg.host in ("0.0.0.0", "::", "[::]"):
+        return socket.gethostname()
+    return cfg.host
 
 
 def _cmd_up(args: argparse.Namespace) -> int:
@@ -242,6 +273,39 @@ def _cmd_workers(args: argparse.Namespace) -> int:
             scheduler_pb2.ListWorkersRequest(), metadata=_auth(args.api_key)
         )
     print(json_format.MessageToJson(resp))
+    return 0
+
+
+def _cmd_health(args: argparse.Namespace) -> int:
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    with grpc.insecure_channel(args.address) as channel:
+        try:
+            status = (
+                health_pb2_grpc.HealthStub(channel)
+                .Check(health_pb2.HealthCheckRequest(service=args.service), timeout=args.timeout)
+                .status
+            )
+        except grpc.RpcError as e:
+            print(f"{args.address}: {e.code().name}: {e.details()}", file=sys.stderr)
+            return 1
+    name = health_pb2.HealthCheckResponse.ServingStatus.Name(status)
+    print(f"{args.address}: {name}")
+    return 0 if status == health_pb2.HealthCheckResponse.SERVING else 1
+
+
+def _cmd_gpu(args: argparse.Namespace) -> int:
+    import dataclasses
+    import json
+
+    from disagg.runtime.telemetry import nvml_device, read_gpu_sample
+
+    sample = read_gpu_sample(nvml_device(args.device))
+    print(json.dumps(dataclasses.asdict(sample), indent=2))
+    if not sample.available:
+        print(f"no GPU telemetry: {sample.reason}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -24,6 +24,15 @@ WAITING = PREFIX + "requests_waiting"
 BLOCKS_USED = PREFIX + "kv_cache_blocks_used"
 BLOCKS_TOTAL = PREFIX + "kv_cache_blocks_total"
 
+# GPU of a worker (NVML, read at scrape time), labels worker, role, gpu. Without a
+# driver only GPU_AVAILABLE is exposed (0): no utilization sample at all, not a 0.
+GPU_AVAILABLE = PREFIX + "gpu_available"
+GPU_UTILIZATION = PREFIX + "gpu_utilization_percent"
+GPU_MEMORY_USED = PREFIX + "gpu_memory_used_bytes"
+GPU_MEMORY_TOTAL = PREFIX + "gpu_memory_total_bytes"
+GPU_SM_CLOCK = PREFIX + "gpu_sm_clock_mhz"
+GPU_POWER = PREFIX + "gpu_power_watts"
+
 # Seconds. Fine at the low end: a tiny model on CPU answers in milliseconds.
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.4,
                    0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0)  # fmt: skip
