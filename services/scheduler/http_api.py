@@ -294,6 +294,8 @@ def parse_body(body: Any, chat: bool) -> Parsed:
         seed=_field(body, "seed", "integer"),
         stop=_stop(body),
         ignore_eos=bool(_field(body, "ignore_eos", "boolean")),  # extension, for benchmarks
+        ttft_slo_ms=_field(body, "ttft_slo_ms", "number"),  # extension: SLO admission
+        itl_slo_ms=_field(body, "itl_slo_ms", "number"),
     )
     return Parsed(raw, _field(body, "model", "string"), stream, include_usage, param_map)
 

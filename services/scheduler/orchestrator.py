@@ -1,11 +1,16 @@
 """One request's way through the cluster.
 
-1. Admit (in-flight cap) and route (disagg.policy) from the registry snapshot.
-2. Prefill on a prefill worker: first token + KV handle (READY in Redis).
-   The first token is streamed to the client at once (TTFT).
+1. Admit (in-flight cap), then decide (disagg.policy, a pure function of the
+   registry snapshot): route, or reject when the predicted TTFT/ITL breaks the
+   request's SLO. Every decision goes to the decision log with its inputs.
+2. Prefill on a prefill worker, in the scheduler's dispatch queue for that
+   worker (shortest expected first, with aging): first token + KV handle
+   (READY in Redis). The first token is streamed to the client at once (TTFT).
+   The observed prefill time refines the worker's cost model; the prompt's
+   blocks go to the prefix index under that worker.
 3. Hand off to a decode worker: it pulls the KV and streams the rest.
-   No prefill worker, or a prefill worker that is unreachable: the decode
-   worker prefills the prompt itself.
+   Routed local (short prompt, long prefill queues), no prefill worker, or a
+   prefill worker that is unreachable: the decode worker prefills the prompt itself.
 4. Relay: incremental detokenization, stop strings, usage and timings.
 Cancellation at any point (client gone, stop string) cancels the worker
 calls; a handle not yet handed to a decode worker is released here, so its
@@ -16,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
@@ -23,12 +29,26 @@ from dataclasses import dataclass, field
 
 import grpc
 
-from disagg.metrics.scheduler import SchedulerMetrics
-from disagg.policy.routing import NoWorker, Route, WorkerView, route
+from disagg.metrics.scheduler import SchedulerMetrics, Slo
+from disagg.policy.cost import CostModel
+from disagg.policy.prefix import prompt_hashes
+from disagg.policy.queue import QueueOrder
+from disagg.policy.routing import (
+    Decision,
+    NoWorker,
+    PolicyConfig,
+    Route,
+    RouteRequest,
+    WorkerView,
+    decide,
+)
+from disagg.runtime.config import SchedulerConfig
 from disagg.tokenization.detokenizer import IncrementalDetokenizer, StopStringMatcher
 from disagg.v1 import common_pb2, worker_pb2, worker_pb2_grpc
 from disagg.wire import sampling_to_pb
-from services.scheduler.registry import WorkerRegistry
+from services.scheduler.decisions import DecisionLog
+from services.scheduler.dispatch import PrefillDispatch
+from services.scheduler.registry import Reservation, WorkerRegistry
 from services.scheduler.requests import (
     GenerationEvent,
     GenerationRequest,
@@ -69,6 +89,40 @@ class _Relay:
         return self.stops.flush()
 
 
+@dataclass(frozen=True)
+class Admission:
+    """The scheduler's routing and admission settings (from SchedulerConfig)."""
+
+    policy: PolicyConfig = field(default_factory=PolicyConfig)
+    slo_ttft_ms: float = 0.0  # default TTFT SLO; 0 = none (no TTFT admission)
+    slo_itl_ms: float = 0.0  # default ITL SLO; 0 = none
+    queue: QueueOrder = field(default_factory=QueueOrder)
+    dispatch_depth: int = 2  # prefills in flight per prefill worker; more wait in our queue
+    decision_log: str = ""  # JSONL path of the replayable decision log; "" = log lines only
+
+
+def admission_of(cfg: SchedulerConfig) -> Admission:
+    return Admission(
+        policy=PolicyConfig(
+            policy=cfg.policy,
+            local_prefill_tokens=cfg.local_prefill_tokens,
+            local_prefill_queue_ms=cfg.local_prefill_queue_ms,
+            prefill_prior=CostModel(cfg.prefill_base_ms, cfg.prefill_ms_per_token),
+        ),
+        slo_ttft_ms=cfg.slo_ttft_ms,
+        slo_itl_ms=cfg.slo_itl_ms,
+        queue=QueueOrder(max_wait_ms=cfg.queue_max_wait_ms),
+        dispatch_depth=cfg.prefill_dispatch_depth,
+        decision_log=cfg.decision_log,
+    )
+
+
+def slo_of(cfg: SchedulerConfig) -> Slo:
+    """The SLO ``slo_met_total`` counts against: the configured one, else the metrics' default."""
+    default = Slo()
+    return Slo(cfg.slo_ttft_ms or default.ttft_ms, cfg.slo_itl_ms or default.tpot_ms)
+
+
 class Orchestrator:
     def __init__(
         self,
@@ -79,8 +133,14 @@ class Orchestrator:
         max_inflight: int,
         worker_timeout_s: float,
         metrics: SchedulerMetrics | None = None,
+        admission: Admission | None = None,
     ):
         self._registry = registry
+        self.admission = admission or Admission()
+        self.decisions = DecisionLog(self.admission.policy, self.admission.decision_log)
+        registry.on_cost = self.decisions.cost
+        self._dispatch = PrefillDispatch(self.admission.queue, self.admission.dispatch_depth)
+        self._seq = itertools.count()
         self._metrics = metrics or SchedulerMetrics()  # observation only: never changes a decision
         self._tok = tokenizer
         self._eos = frozenset(eos_token_ids)
@@ -99,39 +159,53 @@ class Orchestrator:
                     retry_after_s=1.0,
                 )
             rid = req.request_id
-            plan = self._route(req)
+            plan, hashes = self.route(req)
+            if plan.rejected:
+                raise Overloaded(plan.rejected, retry_after_s=plan.retry_after_s)
+            n = len(req.prompt_token_ids)
+            booking = self._registry.reserve(plan, n, req.sampling.max_tokens)
             self.inflight += 1
             try:
-                async for ev in self._run(rid, req, plan, arrival):
+                async for ev in self._run(rid, req, plan, arrival, booking, hashes):
                     trace.event(ev)
                     yield ev
             finally:
                 self.inflight -= 1
+                self._registry.release(booking)
 
-    def _route(self, req: GenerationRequest) -> Route:
-        workers: list[WorkerView] = self._registry.snapshot()
-        try:
-            plan = route(
-                workers,
-                len(req.prompt_token_ids),
-                req.sampling.max_tokens,
-                req.prefill_pin,
-                req.decode_pin,
-            )
-        except NoWorker as e:
-            raise Unavailable(str(e)) from e
-        log.info(
-            "route prompt_tokens=%d max_tokens=%d prefill=%s decode=%s reason=%s",
-            len(req.prompt_token_ids),
-            req.sampling.max_tokens,
-            plan.prefill.worker_id if plan.prefill else "-",
-            plan.decode.worker_id,
-            plan.reason,
+    def route(self, req: GenerationRequest) -> tuple[Decision, list[bytes]]:
+        """The policy's decision for req (logged), and the prompt's block hashes."""
+        reg = self._registry
+        views = reg.snapshot()
+        block_size = views[0].block_size if views else 16
+        hashes = prompt_hashes(req.prompt_token_ids, block_size)
+        rr = RouteRequest(
+            prompt_tokens=len(req.prompt_token_ids),
+            max_tokens=req.sampling.max_tokens,
+            prefix_hits=reg.prefix.hits(hashes, block_size),
+            ttft_slo_ms=req.ttft_slo_ms or self.admission.slo_ttft_ms,
+            itl_slo_ms=req.itl_slo_ms or self.admission.slo_itl_ms,
+            prefill_pin=req.prefill_pin,
+            decode_pin=req.decode_pin,
+            seq=next(self._seq),
         )
-        return plan
+        snap = reg.policy_snapshot()
+        try:
+            plan = decide(snap, rr, self.admission.policy)
+        except NoWorker as e:
+            self.decisions.decision(req.request_id, reg.version, snap, rr, None, str(e))
+            raise Unavailable(str(e)) from e
+        self.decisions.decision(req.request_id, reg.version, snap, rr, plan)
+        return plan, hashes
 
     async def _run(
-        self, rid: str, req: GenerationRequest, plan: Route, arrival: float
+        self,
+        rid: str,
+        req: GenerationRequest,
+        plan: Route,
+        arrival: float,
+        booking: Reservation,
+        hashes: list[bytes],
     ) -> AsyncIterator[GenerationEvent]:
         relay = _Relay(
             IncrementalDetokenizer(self._tok, req.prompt_token_ids),
@@ -144,9 +218,14 @@ class Orchestrator:
         handle: common_pb2.KvHandle | None = None
         prefill_id = ""
         if plan.prefill is not None:
-            pre = await self._prefill(rid, req, plan.prefill, timing)
+            async with self._dispatch.slot(plan.prefill.worker_id, plan.expected_prefill_ms):
+                pre = await self._prefill(rid, req, plan.prefill, timing)
+            self._registry.prefill_done(booking)
             if pre is not None:
                 handle, cached, prefill_id = pre.handle, pre.cached_tokens, plan.prefill.worker_id
+                self._learn(
+                    prefill_id, plan, hashes, pre.prefill_ms, cached, len(req.prompt_token_ids)
+                )
                 timing.ttft_ms = _ms(arrival)
                 yield relay.push([handle.first_token_id])
         try:
@@ -154,10 +233,14 @@ class Orchestrator:
                 await self._release(handle)
                 handle = None
             else:
+                local = handle is None
                 async for ev in self._decode(rid, req, plan.decode, handle, relay, timing, arrival):
                     if handle is not None:
                         self._metrics.kv_handed_off(handle)
                     handle = None  # the decode worker owns the handoff now
+                    if local and booking.prefill_open and ev.token_ids:
+                        self._registry.prefill_done(booking)
+                        self._learn(plan.decode.worker_id, plan, hashes, timing.prefill_ms, None, 0)
                     yield ev
         finally:
             if handle is not None:  # cancelled before the decode worker took the handoff
@@ -175,6 +258,29 @@ class Orchestrator:
             decode_worker=plan.decode.worker_id,
         )
         yield last
+
+    def _learn(
+        self,
+        worker_id: str,
+        plan: Decision,
+        hashes: list[bytes],
+        prefill_ms: float,
+        cached: int | None,
+        prompt_len: int,
+    ) -> None:
+        """Refines the worker's cost model; records the prompt's blocks as cached there.
+
+        ``cached`` (a prefill worker's report) below what the index predicted means
+        the worker evicted those blocks: the index forgets them there.
+        """
+        reg = self._registry
+        tokens = plan.uncached_tokens
+        if cached is not None and plan.prefill is not None:
+            tokens = max(1, prompt_len - cached)
+            if tokens > plan.uncached_tokens:
+                reg.prefix.correct(worker_id, hashes, cached // plan.prefill.block_size)
+        reg.observe_prefill(worker_id, tokens, prefill_ms)
+        reg.record_prefix(worker_id, hashes)
 
     def _done_after_first(self, relay: _Relay, req: GenerationRequest) -> bool:
         if relay.finish:

@@ -46,6 +46,8 @@ class GenerationRequest:
     stop: tuple[str, ...] = ()
     prefill_pin: str = ""
     decode_pin: str = ""
+    ttft_slo_ms: float = 0.0  # 0 = the server's default SLO
+    itl_slo_ms: float = 0.0  # 0 = the server's default SLO
 
 
 @dataclass
@@ -91,6 +93,8 @@ class RawRequest:
     ignore_eos: bool = False
     prefill_pin: str = ""
     decode_pin: str = ""
+    ttft_slo_ms: float | None = None
+    itl_slo_ms: float | None = None
 
 
 def build_request(
@@ -124,7 +128,17 @@ def build_request(
         stop=_stops(raw.stop),
         prefill_pin=raw.prefill_pin,
         decode_pin=raw.decode_pin,
+        ttft_slo_ms=_slo("ttft_slo_ms", raw.ttft_slo_ms),
+        itl_slo_ms=_slo("itl_slo_ms", raw.itl_slo_ms),
     )
+
+
+def _slo(name: str, value: float | None) -> float:
+    if value is None:
+        return 0.0
+    if not math.isfinite(value) or value <= 0:
+        raise InvalidRequest(name, f"must be > 0 milliseconds, got {value}")
+    return float(value)
 
 
 def _sampling(raw: RawRequest, max_tokens: int) -> SamplingParams:

@@ -41,6 +41,8 @@ def raw_from_pb(req: scheduler_pb2.GenerateRequest) -> RawRequest:
         ignore_eos=req.ignore_eos,
         prefill_pin=req.prefill_worker,
         decode_pin=req.decode_worker,
+        ttft_slo_ms=opt("ttft_slo_ms"),
+        itl_slo_ms=opt("itl_slo_ms"),
     )
 
 
