@@ -35,7 +35,9 @@ class Cluster:
         engine: dict[str, Any] | None = None,
         worker: dict[str, Any] | None = None,
         scheduler: dict[str, Any] | None = None,
+        credentials: grpc.ChannelCredentials | None = None,
     ):
+        self.credentials = credentials  # the test client's (TLS clusters)
         self.redis_url = redis_url
         eng = EngineConfig(model=model, **{"num_blocks": 256, **(engine or {})})
         base = WorkerConfig(
@@ -91,7 +93,11 @@ class Cluster:
 
     def stub(self) -> scheduler_pb2_grpc.SchedulerStub:
         if not hasattr(self, "_channel"):
-            self._channel = grpc.insecure_channel(self.address)
+            self._channel = (
+                grpc.insecure_channel(self.address)
+                if self.credentials is None
+                else grpc.secure_channel(self.address, self.credentials)
+            )
         return scheduler_pb2_grpc.SchedulerStub(self._channel)
 
     def generate(self, **fields: Any) -> tuple[list[int], str, scheduler_pb2.GenerateResponse]:

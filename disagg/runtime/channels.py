@@ -20,16 +20,24 @@ from disagg.runtime.grpc_server import MAX_MESSAGE_BYTES, message_size_options
 
 
 class ChannelCache:
-    """address ("host:port") -> open insecure channel."""
+    """address ("host:port") -> open channel (TLS when credentials are given)."""
 
-    def __init__(self, max_message_bytes: int = MAX_MESSAGE_BYTES) -> None:
+    def __init__(
+        self,
+        max_message_bytes: int = MAX_MESSAGE_BYTES,
+        credentials: grpc.ChannelCredentials | None = None,
+    ) -> None:
         self._options = message_size_options(max_message_bytes)
+        self._credentials = credentials
         self._channels: dict[str, grpc.aio.Channel] = {}
 
     def get_channel(self, address: str) -> grpc.aio.Channel:
         channel = self._channels.get(address)
         if channel is None:
-            channel = grpc.aio.insecure_channel(address, options=self._options)
+            if self._credentials is None:
+                channel = grpc.aio.insecure_channel(address, options=self._options)
+            else:
+                channel = grpc.aio.secure_channel(address, self._credentials, options=self._options)
             self._channels[address] = channel
         return channel
 

@@ -84,8 +84,10 @@ async def create_grpc_server(
     service_names: Sequence[str],
     *,
     max_message_bytes: int = MAX_MESSAGE_BYTES,
+    credentials: grpc.ServerCredentials | None = None,
 ) -> GrpcServer:
-    """Binds a server on host:port with health (NOT_SERVING) and reflection added.
+    """Binds a server on host:port with health (NOT_SERVING) and reflection added;
+    TLS when credentials are given (see disagg.runtime.tls).
 
     Raises OSError if the address cannot be bound.
     """
@@ -95,16 +97,21 @@ async def create_grpc_server(
     reflection.enable_server_reflection(
         (*service_names, HEALTH_SERVICE_NAME, REFLECTION_SERVICE_NAME), server
     )
-    bound = _bind(server, host, port)
+    bound = _bind(server, host, port, credentials)
     result = GrpcServer(server, bound, health, service_names)
     await result.set_serving(False)
     return result
 
 
-def _bind(server: grpc.aio.Server, host: str, port: int) -> int:
+def _bind(
+    server: grpc.aio.Server, host: str, port: int, credentials: grpc.ServerCredentials | None
+) -> int:
     address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     try:
-        bound = server.add_insecure_port(address)
+        if credentials is None:
+            bound = server.add_insecure_port(address)
+        else:
+            bound = server.add_secure_port(address, credentials)
     except RuntimeError as e:  # grpc raises this when the bind fails
         raise OSError(f"cannot bind gRPC server to {address}: {e}") from e
     if bound == 0:

@@ -24,10 +24,11 @@ from disagg.engine.api import Engine
 from disagg.metastore.store import Heartbeat, MetaStore
 from disagg.metrics.http import MetricsServer
 from disagg.metrics.worker import worker_registry
-from disagg.runtime.config import WorkerConfig
+from disagg.runtime.config import WorkerConfig, tls_of
 from disagg.runtime.grpc_server import create_grpc_server
 from disagg.runtime.ids import default_worker_id
 from disagg.runtime.telemetry import read_gpu_telemetry
+from disagg.runtime.tls import server_credentials
 from disagg.v1 import common_pb2
 from disagg.wire import layout_to_pb
 
@@ -73,7 +74,10 @@ class WorkerHost:
         cfg = self.cfg
         eng = engine if engine is not None else await asyncio.to_thread(make_engine, cfg)
         self.engine = eng
-        server = await create_grpc_server(cfg.host, cfg.port, [self._service_name])
+        tls = tls_of(cfg)
+        server = await create_grpc_server(
+            cfg.host, cfg.port, [self._service_name], credentials=server_credentials(tls)
+        )
         self.address = f"{cfg.advertise_host or cfg.host}:{server.port}"
         store = MetaStore(cfg.redis_url)
         servicer, add = self._factory(eng, store, self.worker_id, self.address)

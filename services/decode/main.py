@@ -6,8 +6,9 @@ import asyncio
 
 from disagg.engine.api import Engine
 from disagg.metastore.store import MetaStore
-from disagg.runtime.channels import get_channel
-from disagg.runtime.config import WorkerConfig
+from disagg.runtime.channels import ChannelCache
+from disagg.runtime.config import WorkerConfig, tls_of
+from disagg.runtime.tls import channel_credentials
 from disagg.runtime.worker_host import WorkerHost
 from disagg.v1 import worker_pb2, worker_pb2_grpc
 from services.decode.servicer import DecodeServicer
@@ -17,7 +18,8 @@ SERVICE_NAME = worker_pb2.DESCRIPTOR.services_by_name["DecodeWorker"].full_name
 
 def make_host(cfg: WorkerConfig) -> WorkerHost:
     def factory(engine: Engine, store: MetaStore, worker_id: str, address: str):  # type: ignore[no-untyped-def]
-        servicer = DecodeServicer(engine, cfg, get_channel)
+        channels = ChannelCache(credentials=channel_credentials(tls_of(cfg)))
+        servicer = DecodeServicer(engine, cfg, channels.get_channel)
         return servicer, worker_pb2_grpc.add_DecodeWorkerServicer_to_server
 
     return WorkerHost(cfg, SERVICE_NAME, factory)
