@@ -242,7 +242,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     for name in ("max_tokens", "top_p", "seed"):
         if getattr(args, name) is not None:
             setattr(req, name, getattr(args, name))
-    with grpc.insecure_channel(args.address) as channel:
+    with _client_channel(args.address) as channel:
         stub = scheduler_pb2_grpc.SchedulerStub(channel)
         try:
             for resp in stub.Generate(req, metadata=_auth(args.api_key)):
@@ -263,12 +263,11 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 
 
 def _cmd_workers(args: argparse.Namespace) -> int:
-    import grpc
     from google.protobuf import json_format
 
     from disagg.v1 import scheduler_pb2, scheduler_pb2_grpc
 
-    with grpc.insecure_channel(args.address) as channel:
+    with _client_channel(args.address) as channel:
         resp = scheduler_pb2_grpc.SchedulerStub(channel).ListWorkers(
             scheduler_pb2.ListWorkersRequest(), metadata=_auth(args.api_key)
         )
@@ -280,7 +279,7 @@ def _cmd_health(args: argparse.Namespace) -> int:
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-    with grpc.insecure_channel(args.address) as channel:
+    with _client_channel(args.address) as channel:
         try:
             status = (
                 health_pb2_grpc.HealthStub(channel)
@@ -307,6 +306,14 @@ def _cmd_gpu(args: argparse.Namespace) -> int:
         print(f"no GPU telemetry: {sample.reason}", file=sys.stderr)
         return 1
     return 0
+
+
+def _client_channel(address: str):  # type: ignore[no-untyped-def]
+    """Channel to a service; TLS/mTLS from DISAGG_TLS_CA / _CERT / _KEY when set."""
+    from disagg.runtime.config import tls_of
+    from disagg.runtime.tls import sync_channel
+
+    return sync_channel(address, tls_of(from_env(SchedulerConfig)))
 
 
 def _auth(api_key: str) -> tuple[tuple[str, str], ...]:

@@ -22,8 +22,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from disagg.engine.model_loader import resolve_model
 from disagg.metastore.embedded import EmbeddedValkey, start_embedded_valkey
-from disagg.runtime.config import EngineConfig
+from disagg.runtime.config import EngineConfig, SchedulerConfig, from_env, tls_of
 from disagg.runtime.procs import ServiceExited, ServiceGroup
+from disagg.runtime.tls import sync_channel
 from disagg.v1 import common_pb2, scheduler_pb2, scheduler_pb2_grpc
 
 
@@ -103,13 +104,12 @@ class Launcher:
         )
         for role, count in (("prefill", self.args.prefill), ("decode", self.args.decode)):
             for i in range(count):
-                group.spawn(
-                    f"{role}-{i}", [*py, role, *common, *_engine_argv(engine, threads)], env=env
-                )
+                argv = [*py, role, *common, "--port", "0", *_engine_argv(engine, threads)]
+                group.spawn(f"{role}-{i}", argv, env=env)  # each its own free port
 
     def _wait_ready(self, group: ServiceGroup, stop: threading.Event) -> bool:
         address = f"{self.host}:{self.args.port}"
-        with grpc.insecure_channel(address) as channel:
+        with sync_channel(address, tls_of(from_env(SchedulerConfig))) as channel:
             health = health_pb2_grpc.HealthStub(channel)
             sched = scheduler_pb2_grpc.SchedulerStub(channel)
 

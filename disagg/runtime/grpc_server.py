@@ -91,7 +91,9 @@ async def create_grpc_server(
 
     Raises OSError if the address cannot be bound.
     """
-    server = grpc.aio.server(options=message_size_options(max_message_bytes))
+    # No SO_REUSEPORT: a second server on a taken port must fail, not split its traffic.
+    options = [*message_size_options(max_message_bytes), ("grpc.so_reuseport", 0)]
+    server = grpc.aio.server(options=options)
     health = health_aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     reflection.enable_server_reflection(

@@ -21,7 +21,6 @@ import contextlib
 import json
 import logging
 import math
-import os
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from dataclasses import dataclass
@@ -30,7 +29,7 @@ from typing import Any, cast
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
-from disagg.engine.model_loader import DEFAULT_MODEL_NAME, default_cache_dir
+from disagg.engine.model_loader import default_cache_dir, served_name
 from disagg.metrics.http import bound_port, metrics_handler
 from disagg.tokenization.prompts import ChatTurn
 from services.scheduler.auth import OPEN_HTTP_PATHS, bearer_ok
@@ -48,13 +47,6 @@ from services.scheduler.requests import (
 log = logging.getLogger(__name__)
 
 MAX_BODY_BYTES = 32 << 20
-
-
-def served_model_name(model_dir: str) -> str:
-    """The name clients use: the model dir's basename, or the default model's name."""
-    if not model_dir or os.path.normpath(model_dir) == os.path.normpath(default_cache_dir()):
-        return DEFAULT_MODEL_NAME
-    return os.path.basename(os.path.normpath(model_dir))
 
 
 class ApiError(Exception):
@@ -580,7 +572,7 @@ def make_http_api(
         tok.vocab_size,
         tok.max_context,
         cfg.default_max_tokens,
-        served_model_name(cfg.model),
+        served_name(cfg.model or default_cache_dir()),
         cfg.api_key,
         metrics,
     )

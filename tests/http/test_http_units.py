@@ -9,8 +9,9 @@ import pytest
 from disagg.bench.arrivals import gaps
 from disagg.bench.backends import RequestResult
 from disagg.bench.report import parse_slo, summarize, table
+from disagg.engine.model_loader import default_cache_dir, served_name
 from services.scheduler.auth import bearer_ok, grpc_metadata_ok
-from services.scheduler.http_api import ApiError, parse_body, served_model_name
+from services.scheduler.http_api import ApiError, parse_body
 
 
 def test_parse_completion_fields() -> None:
@@ -77,8 +78,8 @@ def test_parse_rejects(body: dict[str, object], param: str) -> None:
 
 
 def test_served_model_name() -> None:
-    assert served_model_name("") == "SmolLM2-135M-Instruct"
-    assert served_model_name("/models/Qwen2-0.5B/") == "Qwen2-0.5B"
+    assert served_name(default_cache_dir()) == "SmolLM2-135M-Instruct"
+    assert served_name("/models/Qwen2-0.5B/") == "Qwen2-0.5B"
 
 
 def test_auth() -> None:
