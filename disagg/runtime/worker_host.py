@@ -47,6 +47,10 @@ ServicerFactory = Callable[
 
 
 def make_engine(cfg: WorkerConfig) -> Engine:
+    if cfg.mock:  # model-free: time per a cost model (disagg.mock)
+        from disagg.mock.engine import mock_engine_for
+
+        return mock_engine_for(cfg.engine)
     from disagg.engine.engine import LLMEngine
 
     engine = LLMEngine(cfg.engine)

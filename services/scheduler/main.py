@@ -14,13 +14,14 @@ import signal
 from disagg.engine.model_loader import resolve_model
 from disagg.metastore.store import MetaStore
 from disagg.metrics.scheduler import SchedulerMetrics
-from disagg.runtime.channels import get_channel
-from disagg.runtime.config import SchedulerConfig
+from disagg.runtime.channels import ChannelCache
+from disagg.runtime.config import SchedulerConfig, tls_of
 from disagg.runtime.grpc_server import GrpcServer, create_grpc_server
+from disagg.runtime.tls import channel_credentials, server_credentials
 from disagg.tokenization.loader import load_tokenizer
 from disagg.v1 import scheduler_pb2, scheduler_pb2_grpc
 from services.scheduler.http_api import HttpApi, make_http_api
-from services.scheduler.orchestrator import Orchestrator
+from services.scheduler.orchestrator import Orchestrator, admission_of, slo_of
 from services.scheduler.registry import WorkerRegistry
 from services.scheduler.servicer import SchedulerServicer
 
@@ -46,17 +47,19 @@ class SchedulerApp:
             load_tokenizer, await asyncio.to_thread(resolve_model, cfg.model)
         )
         store = MetaStore(cfg.redis_url)
-        registry = WorkerRegistry(store, cfg.registry_refresh_s)
+        admission = admission_of(cfg)
+        registry = WorkerRegistry(store, cfg.registry_refresh_s, admission.policy.prefill_prior)
         await registry.start()
-        self.metrics = SchedulerMetrics()
+        self.metrics = SchedulerMetrics(slo_of(cfg))
         self.orchestrator = Orchestrator(
             registry,
             tok.tokenizer,
             tok.eos_token_ids,
-            get_channel,
+            ChannelCache(credentials=channel_credentials(tls_of(cfg))).get_channel,
             cfg.max_inflight,
             cfg.worker_timeout_s,
             self.metrics,
+            admission,
         )
         self.metrics.bind(lambda: self.orchestrator.inflight, registry.infos)
         servicer = SchedulerServicer(
@@ -68,7 +71,9 @@ class SchedulerApp:
             cfg.default_max_tokens,
             cfg.api_key,
         )
-        server = await create_grpc_server(cfg.host, cfg.port, [SERVICE_NAME])
+        server = await create_grpc_server(
+            cfg.host, cfg.port, [SERVICE_NAME], credentials=server_credentials(tls_of(cfg))
+        )
         scheduler_pb2_grpc.add_SchedulerServicer_to_server(servicer, server.server)
         await server.start()
         http: HttpApi | None = None
@@ -91,6 +96,7 @@ class SchedulerApp:
                 await http.stop()
             await server.stop(grace_s=10.0)
             await registry.stop()
+            self.orchestrator.decisions.close()
             await store.close()
 
     def _install_signals(self) -> None:

@@ -1,0 +1,1 @@
+"""Model-free mock workers: the real servicers over an engine that spends time per a cost model."""
