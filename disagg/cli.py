@@ -1,12 +1,13 @@
 """The `disagg` command: `up` (whole system on one host), each service alone, and a client.
 
-disagg up [--model DIR] [--prefill N] [--decode M] [--port 50051] [--http-port 8000] [--redis-url URL]
+disagg up [--model DIR | --mock] [--prefill N] [--decode M] [--port 50051] [--http-port 8000] [--redis-url URL]
 disagg scheduler | prefill | decode  [flags]   # one service in this process
 disagg generate "prompt" [--address HOST:PORT] # stream a completion to the terminal
 disagg workers [--address HOST:PORT]           # the workers the scheduler sees
 disagg health [--address HOST:PORT]            # exit 0 iff the service's gRPC health is SERVING
 disagg gpu [--device cuda:N]                   # NVML telemetry as JSON; exit 1 where no GPU
 disagg bench [--base-url URL] [--request-rate R] ...  # load test with goodput (disagg.bench)
+disagg replay TRACE                            # re-decide a --decision-log, compare
 """
 
 from __future__ import annotations
@@ -66,6 +67,35 @@ def _common_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--log-level", default=None, help="DEBUG | INFO | WARNING")
 
 
+# Scheduler routing/admission flags: (flag, type, help); `up` forwards the ones given.
+POLICY_FLAGS: tuple[tuple[str, type, str], ...] = (
+    ("--policy", str, "routing: length_aware (default) | least_loaded | round_robin"),
+    ("--slo-ttft-ms", float, "default TTFT SLO: a request predicted to miss it gets 429 at once"),
+    ("--slo-itl-ms", float, "default inter-token latency SLO, same"),
+    (
+        "--local-prefill-tokens",
+        int,
+        "uncached prompts shorter than this prefill on decode (0 = off)",
+    ),
+    ("--local-prefill-queue-ms", float, "prefill wait from which decode may prefill locally"),
+    ("--prefill-dispatch-depth", int, "prefills in flight per prefill worker; more queue here"),
+    ("--queue-max-wait-ms", float, "aging bound: a prefill waiting this long goes first"),
+    ("--decision-log", str, "append every routing decision, replayable, to this JSONL file"),
+)
+
+
+def _policy_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("routing and admission")
+    for flag, kind, text in POLICY_FLAGS:
+        g.add_argument(flag, type=kind, help=text)
+
+
+def _policy_args(args: argparse.Namespace) -> dict[str, object]:
+    """The routing flags given, as SchedulerConfig fields."""
+    names = (f[0][2:].replace("-", "_") for f in POLICY_FLAGS)
+    return {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="disagg", description="Disaggregated LLM inference server"
@@ -87,6 +117,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--ready-timeout", type=float, default=600.0, help="seconds to wait for every service"
     )
     up.add_argument(
+        "--mock",
+        action="store_true",
+        help="model-free mock workers (time per a cost model; DISAGG_MOCK_* tunes it)",
+    )
+    _policy_flags(up)
+    up.add_argument(
         "--api-key", help="require 'Bearer KEY' on HTTP and gRPC (default: $DISAGG_API_KEY, none)"
     )
 
@@ -97,6 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
     sch.add_argument("--http-port", type=int, help="HTTP port (default 8000, -1 = off)")
     sch.add_argument("--default-max-tokens", type=int)
     sch.add_argument("--max-inflight", type=int)
+    _policy_flags(sch)
     sch.add_argument(
         "--api-key", help="require 'Bearer KEY' on HTTP and gRPC (default: $DISAGG_API_KEY, none)"
     )
@@ -116,6 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
         )
         w.add_argument("--worker-id")
         w.add_argument("--kv-lease-s", type=float, help="prefill: free unpulled KV after this long")
+        w.add_argument("--mock", action="store_true", default=None, help="model-free mock engine")
 
     gen = sub.add_parser("generate", help="stream a completion from a running scheduler")
     gen.add_argument("prompt")
@@ -140,6 +178,12 @@ def build_parser() -> argparse.ArgumentParser:
     gpu = sub.add_parser("gpu", help="GPU telemetry (NVML) as JSON; exit 1 where no GPU")
     gpu.add_argument("--device", default="auto", help="cuda | cuda:N (CUDA_VISIBLE_DEVICES aware)")
 
+    rp = sub.add_parser(
+        "replay", help="re-decide a decision log (--decision-log) and compare with what it says"
+    )
+    rp.add_argument("trace", help="JSONL decision log written by the scheduler")
+    rp.add_argument("--show", type=int, default=5, help="mismatches to print")
+
     from disagg.bench.cli import add_arguments as bench_arguments
 
     bench_arguments(
@@ -163,6 +207,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "health": _cmd_health,
         "gpu": _cmd_gpu,
         "bench": _cmd_bench,
+        "replay": _cmd_replay,
     }[args.command]
     return int(handler(args) or 0)
 
@@ -180,6 +225,7 @@ def _cmd_scheduler(args: argparse.Namespace) -> int:
         default_max_tokens=args.default_max_tokens,
         max_inflight=args.max_inflight,
         api_key=args.api_key,
+        **_policy_args(args),
     )
     run(cfg)
     return 0
@@ -196,6 +242,7 @@ def _cmd_worker(args: argparse.Namespace) -> int:
         worker_id=args.worker_id,
         kv_lease_s=args.kv_lease_s,
         metrics_port=args.metrics_port,
+        mock=args.mock,
     )
     cfg = override(cfg, engine=_engine_cfg(args), advertise_host=_advertise_host(cfg))
     if args.command == "prefill":
@@ -324,6 +371,21 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     from disagg.bench.cli import run
 
     return run(args)
+
+
+def _cmd_replay(args: argparse.Namespace) -> int:
+    """Exit 0 when every logged decision replays to the same outcome, 1 otherwise."""
+    import json
+
+    from disagg.policy.trace import replay
+
+    with open(args.trace) as f:
+        result = replay(json.loads(line) for line in f if line.strip())
+    bad = result.mismatches
+    print(f"replayed {result.decisions} decisions: {len(bad)} differ")
+    for m in bad[: args.show]:
+        print(f"  {m.rid}: logged {m.logged} replayed {m.replayed}")
+    return 1 if bad else 0
 
 
 if __name__ == "__main__":

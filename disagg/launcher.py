@@ -22,6 +22,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from disagg.engine.model_loader import resolve_model
 from disagg.metastore.embedded import EmbeddedValkey, start_embedded_valkey
+from disagg.mock.model import make_mock_model
 from disagg.runtime.config import EngineConfig, SchedulerConfig, from_env, tls_of
 from disagg.runtime.procs import ServiceExited, ServiceGroup
 from disagg.runtime.tls import sync_channel
@@ -46,7 +47,8 @@ class Launcher:
         self.api_key = getattr(args, "api_key", None) or os.environ.get("DISAGG_API_KEY", "")
 
     def run(self, stop: threading.Event) -> int:
-        engine = dataclasses.replace(self.engine, model=resolve_model(self.engine.model))
+        model = make_mock_model() if self.mock else resolve_model(self.engine.model)
+        engine = dataclasses.replace(self.engine, model=model)
         redis_url = self.args.redis_url
         if not redis_url:
             self.valkey = start_embedded_valkey()
@@ -99,13 +101,28 @@ class Launcher:
                 str(self.args.port),
                 "--http-port",
                 str(self.args.http_port),
+                *self._policy_argv(),
             ],
             env=sched_env,
         )
         for role, count in (("prefill", self.args.prefill), ("decode", self.args.decode)):
             for i in range(count):
                 argv = [*py, role, *common, "--port", "0", *_engine_argv(engine, threads)]
+                argv += ["--mock"] if self.mock else []
                 group.spawn(f"{role}-{i}", argv, env=env)  # each its own free port
+
+    @property
+    def mock(self) -> bool:
+        return bool(getattr(self.args, "mock", False))
+
+    def _policy_argv(self) -> list[str]:
+        from disagg.cli import POLICY_FLAGS
+
+        out: list[str] = []
+        for flag, _, _ in POLICY_FLAGS:
+            value = getattr(self.args, flag[2:].replace("-", "_"), None)
+            out += [] if value is None else [flag, str(value)]
+        return out
 
     def _wait_ready(self, group: ServiceGroup, stop: threading.Event) -> bool:
         address = f"{self.host}:{self.args.port}"
