@@ -27,7 +27,7 @@ from disagg.metrics.worker import worker_registry
 from disagg.runtime.config import WorkerConfig, tls_of
 from disagg.runtime.grpc_server import create_grpc_server
 from disagg.runtime.ids import default_worker_id
-from disagg.runtime.telemetry import read_gpu_telemetry
+from disagg.runtime.telemetry import nvml_device, read_gpu_sample, read_gpu_telemetry
 from disagg.runtime.tls import server_credentials
 from disagg.v1 import common_pb2
 from disagg.wire import layout_to_pb
@@ -112,7 +112,12 @@ class WorkerHost:
             return None
         engine = self.engine
         server = MetricsServer(
-            worker_registry(self.worker_id, lambda: engine.stats() if engine else None),
+            worker_registry(
+                self.worker_id,
+                lambda: engine.stats() if engine else None,
+                self.cfg.role,
+                lambda: read_gpu_sample(nvml_device(self.cfg.engine.device)),
+            ),
             self.cfg.host,
             self.cfg.metrics_port,
         )
@@ -144,6 +149,6 @@ class WorkerHost:
             waiting_requests=stats.waiting,
             max_context=info.max_context,
             started_unix_ms=self._started_ms,
-            gpu=read_gpu_telemetry(),
+            gpu=read_gpu_telemetry(nvml_device(self.cfg.engine.device)),
             pid=os.getpid(),
         )

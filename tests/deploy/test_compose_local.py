@@ -203,11 +203,13 @@ def test_compose_services_serve_as_local_processes(compose: LocalCompose, tmp_pa
         completion = json.loads(resp.read())
     assert completion["usage"]["completion_tokens"] == 4
 
-    for port in (9401, 9402):  # no GPU here: said plainly, no number made up
+    for port, role in ((9401, "prefill"), (9402, "decode")):  # no GPU: said, no number made up
         with urllib.request.urlopen(
             f"http://127.0.0.1:{compose.port(port)}/metrics", timeout=10
         ) as resp:
             samples = parse(resp.read().decode())
-        available = [v for (n, _), v in samples.items() if n == "disagg:gpu_available"]
-        assert available == [0.0]
+        available = [
+            (dict(lab)["role"], v) for (n, lab), v in samples.items() if n == "disagg:gpu_available"
+        ]
+        assert available == [(role, 0.0)]
         assert not [n for (n, _) in samples if n.startswith("disagg:gpu_utilization")]
