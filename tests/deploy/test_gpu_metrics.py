@@ -9,6 +9,7 @@ import sys
 import pytest
 from prometheus_client import generate_latest
 
+from disagg.metastore.embedded import EmbeddedValkey
 from disagg.metrics import names
 from disagg.metrics.scrape import parse
 from disagg.metrics.worker import worker_registry
@@ -89,3 +90,44 @@ def test_gpu_gauges_on_a_gpu_host() -> None:
         [sys.executable, "-m", "disagg.cli", "gpu"], capture_output=True, text=True, timeout=60
     )
     assert out.returncode == 0, out.stderr
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not os.path.exists("/dev/nvidiactl"), reason="needs an NVIDIA GPU")
+def test_worker_on_gpu_reports_telemetry(tiny_model: str, valkey: EmbeddedValkey) -> None:
+    """A real prefill and decode worker on CUDA: GPU in the heartbeat and on /metrics."""
+    import urllib.request
+
+    from disagg.v1 import scheduler_pb2
+    from tests.cluster import Cluster
+
+    cluster = Cluster(
+        tiny_model,
+        valkey.url,
+        engine={"device": "cuda", "dtype": "bfloat16"},
+        worker={"metrics_port": 0},
+    ).start()
+    try:
+        ids, _, _ = cluster.generate(prompt_token_ids=[5, 17, 42, 99], max_tokens=8, temperature=0)
+        assert len(ids) == 8
+        infos = cluster.stub().ListWorkers(scheduler_pb2.ListWorkersRequest()).workers
+        assert infos and all(w.gpu.available and w.gpu.memory_total_bytes > 0 for w in infos)
+        for host in cluster.hosts:
+            url = f"http://127.0.0.1:{host.metrics_port}/metrics"
+            with urllib.request.urlopen(url, timeout=10) as resp:
+                samples = parse(resp.read().decode())
+            util = [lab for (n, lab), _ in samples.items() if n == names.GPU_UTILIZATION]
+            assert util and dict(util[0])["role"] == host.cfg.role
+    finally:
+        cluster.stop()
+
+
+@pytest.mark.skipif(os.path.exists("/dev/nvidiactl"), reason="this machine has an NVIDIA GPU")
+def test_gpu_check_script_says_no_gpu_and_fails() -> None:
+    from tests.deploy.helpers import REPO
+
+    out = subprocess.run(
+        ["bash", str(REPO / "scripts" / "gpu_check.sh")], capture_output=True, text=True, timeout=60
+    )
+    assert out.returncode == 2
+    assert "no NVIDIA GPU on this machine" in out.stderr
