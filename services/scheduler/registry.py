@@ -110,7 +110,7 @@ class WorkerRegistry:
 
     def policy_snapshot(self) -> Snapshot:
         """The live loads and costs: decide from it before the next await."""
-        return Snapshot(self._views, self.loads, self.costs)
+        return Snapshot(self.snapshot(), self.loads, self.costs)
 
     # --- in-flight accounting ------------------------------------------------------------
 

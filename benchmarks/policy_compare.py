@@ -1,0 +1,190 @@
+"""Routing policies on one mixed-length Poisson trace: round robin vs least loaded vs length aware.
+
+Same mock workers (``--prefill`` + ``--decode``, one process, real gRPC and
+heartbeats, prefill time per the mock cost model), a fresh scheduler process
+per policy, the same trace replayed against each (its prompts salted per
+policy, so no policy inherits another's prefix cache). The trace: Poisson
+arrivals at ``--rate``; 50% short prompts (16-128 tokens), 30% a shared
+1024-token system prefix (one of 4) + a short question, 20% long documents
+(1500-4000 tokens); ``--max-tokens`` each.
+
+- round_robin / least_loaded: remote prefill always, no scheduler-side queue
+  (what the engines' FIFO does), no admission -- the baselines.
+- length_aware: earliest expected finish with prefix hits, short prompts
+  (< ``--local-prefill-tokens`` uncached) prefilled on the decode worker, and
+  the scheduler's shortest-first-with-aging dispatch queue. Admission is off
+  here (no SLO given to the scheduler) so every policy serves every request:
+  the comparison is of routing alone.
+
+TTFT is measured by the client (send to first token). SLO attainment = share
+of requests with TTFT <= ``--slo-ttft-ms``.
+
+    python benchmarks/policy_compare.py --json /tmp/policies.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import multiprocessing as mp
+import os
+import random
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from typing import Any
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from scheduler import _pct, scheduler_main, workers_main
+
+POLICIES = ("round_robin", "least_loaded", "length_aware")
+
+
+@dataclass(frozen=True)
+class Item:
+    at_s: float
+    prompt: list[int]
+
+
+def make_trace(n: int, rate: float, seed: int, salt: int) -> list[Item]:
+    rng = random.Random(seed)
+    prefixes = [[3 + (salt * 7919 + p * 131 + j) % 4000 for j in range(1024)] for p in range(4)]
+    t, out = 0.0, []
+    for i in range(n):
+        t += rng.expovariate(rate)
+        kind = rng.random()
+        uniq = [3 + (salt * 104729 + i * 613 + j) % 4000 for j in range(4000)]
+        if kind < 0.5:
+            prompt = uniq[: rng.randint(16, 128)]
+        elif kind < 0.8:
+            prompt = prefixes[rng.randrange(4)] + uniq[: rng.randint(16, 64)]
+        else:
+            prompt = uniq[: rng.randint(1500, 4000)]
+        out.append(Item(t, prompt))
+    return out
+
+
+async def replay(address: str, trace: list[Item], max_tokens: int) -> list[float]:
+    import grpc
+
+    from disagg.v1 import scheduler_pb2, scheduler_pb2_grpc
+
+    ttfts: list[float] = []
+    async with grpc.aio.insecure_channel(address) as ch:
+        stub = scheduler_pb2_grpc.SchedulerStub(ch)
+
+        async def one(item: Item, t0: float) -> None:
+            await asyncio.sleep(max(0.0, t0 + item.at_s - time.monotonic()))
+            sent = time.monotonic()
+            req = scheduler_pb2.GenerateRequest(
+                prompt_token_ids=item.prompt, max_tokens=max_tokens, ignore_eos=True
+            )
+            first = None
+            async for resp in stub.Generate(req):
+                if first is None and resp.token_ids:
+                    first = time.monotonic()
+            ttfts.append(((first or time.monotonic()) - sent) * 1000)
+
+        t0 = time.monotonic() + 0.2
+        await asyncio.gather(*(one(it, t0) for it in trace))
+    return ttfts
+
+
+def run_policy(
+    policy: str, args: argparse.Namespace, redis_url: str, model: str, salt: int
+) -> dict[str, Any]:
+    ctx = mp.get_context("spawn")
+    stop, port_q, out_q = ctx.Event(), ctx.Queue(), ctx.Queue()
+    cfg: dict[str, Any] = {"redis_url": redis_url, "model": model, "port": 0, "http_port": -1,
+                           "policy": policy, "max_inflight": 4096}  # fmt: skip
+    if policy == "length_aware":
+        cfg.update(
+            local_prefill_tokens=args.local_prefill_tokens,
+            prefill_dispatch_depth=1,
+            prefill_ms_per_token=args.prefill_ms_per_token,
+        )
+    else:
+        cfg.update(prefill_dispatch_depth=100_000)  # no scheduler-side queue: the engine's FIFO
+    sp = ctx.Process(target=scheduler_main, args=(cfg, port_q, stop, out_q, 0))
+    sp.start()
+    address = f"127.0.0.1:{port_q.get(timeout=120)}"
+    time.sleep(1.0)
+    trace = make_trace(args.requests, args.rate, args.seed, salt)
+    ttfts = asyncio.run(replay(address, trace, args.max_tokens))
+    stop.set()
+    out_q.get(timeout=60)
+    sp.join(30)
+    met = sum(t <= args.slo_ttft_ms for t in ttfts)
+    return {
+        "policy": policy,
+        "requests": len(ttfts),
+        "mean_ttft_ms": round(statistics.fmean(ttfts), 1),
+        "p50_ttft_ms": round(_pct(ttfts, 50), 1),
+        "p99_ttft_ms": round(_pct(ttfts, 99), 1),
+        "slo_attainment": round(met / len(ttfts), 4),
+    }
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--prefill", type=int, default=2)
+    p.add_argument("--decode", type=int, default=2)
+    p.add_argument("--requests", type=int, default=400)
+    p.add_argument("--rate", type=float, default=25.0, help="Poisson arrivals per second")
+    p.add_argument("--max-tokens", type=int, default=32)
+    p.add_argument("--slo-ttft-ms", type=float, default=300.0)
+    p.add_argument("--local-prefill-tokens", type=int, default=256)
+    p.add_argument("--prefill-ms-per-token", type=float, default=0.05, help="mock cost model")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", default="")
+    args = p.parse_args()
+
+    import redis
+
+    from disagg.metastore.embedded import start_embedded_valkey
+    from disagg.mock.model import make_mock_model
+
+    model = make_mock_model()
+    valkey = start_embedded_valkey()
+    ctx = mp.get_context("spawn")
+    stop_w, ready = ctx.Event(), ctx.Event()
+    env = {"DISAGG_MOCK_PREFILL_MS_PER_TOKEN": str(args.prefill_ms_per_token)}
+    rows = []
+    try:
+        with redis.Redis.from_url(valkey.url) as r:
+            r.flushall()
+        wp = ctx.Process(
+            target=workers_main, args=(valkey.url, args.prefill, args.decode, env, ready, stop_w, 1)
+        )
+        wp.start()
+        if not ready.wait(120):
+            raise RuntimeError("workers not ready")
+        for salt, policy in enumerate(POLICIES):
+            rows.append(run_policy(policy, args, valkey.url, model, salt + 1))
+        stop_w.set()
+        wp.join(60)
+    finally:
+        valkey.stop()
+    cols = ["policy", "requests", "mean_ttft_ms", "p50_ttft_ms", "p99_ttft_ms", "slo_attainment"]
+    print(" | ".join(cols))
+    for r in rows:
+        print(" | ".join(str(r[c]) for c in cols))
+    out: dict[str, Any] = {"runs": rows, "slo_ttft_ms": args.slo_ttft_ms, "rate": args.rate}
+    for r in rows:
+        for k in ("mean_ttft_ms", "p99_ttft_ms", "slo_attainment"):
+            key = "p99_ttft_ms" if k == "p99_ttft_ms" else k
+            out[f"{key}_{r['policy']}"] = r[k]
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(out, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

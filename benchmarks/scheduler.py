@@ -1,0 +1,292 @@
+"""The scheduler at scale: decision latency, admitted requests/s, streamed tokens/s.
+
+Setup, per worker count (16 and 256 by default), all real: an embedded Valkey;
+one process holding every mock worker (each its own ``WorkerHost``: gRPC server
+on its own port, Redis heartbeat, ``MockEngine`` thread -- the real prefill and
+decode servicers); the scheduler (``SchedulerApp``, default length-aware policy)
+in its own process pinned to core 0; the load client in this process.
+The workers and the client share core 1, so on this 2-core machine the client is
+what limits ``admitted_rps`` and ``streamed_tok_s`` (see the printed
+``client_cpu_s`` against the wall time).
+
+Phases:
+- ``admit``: short prompts, ``max_tokens=1``, ``--concurrency`` streams
+  until ``--admit-requests`` are done: admitted_rps = requests / wall.
+- ``stream``: ``--stream-requests`` requests of ``--stream-tokens`` tokens; the
+  mock emits ``--tokens-per-step`` tokens per message (multi-token steps, a
+  time-compressed stream): streamed_tok_s = tokens the client received / wall.
+- decision latency: the scheduler times every ``Orchestrator.route`` call
+  (prefix hashing + snapshot + policy + decision log line) over both phases.
+
+    python benchmarks/scheduler.py --json /tmp/sched.json [--workers 16 256]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import multiprocessing as mp
+import os
+import resource
+import statistics
+import sys
+import time
+from typing import Any
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def _pin(core: int) -> None:
+    if hasattr(os, "sched_setaffinity") and core < (os.cpu_count() or 1):
+        os.sched_setaffinity(0, {core})
+
+
+# --- mock workers: many in one process ----------------------------------------------------
+
+
+def workers_main(
+    redis_url: str,
+    n_prefill: int,
+    n_decode: int,
+    env: dict[str, str],
+    ready: Any,
+    stop: Any,
+    core: int,
+) -> None:
+    _pin(core)
+    os.environ.update(env)
+    import logging
+
+    logging.basicConfig(level=logging.WARNING)
+    asyncio.run(_run_workers(redis_url, n_prefill, n_decode, ready, stop))
+
+
+async def _run_workers(
+    redis_url: str, n_prefill: int, n_decode: int, ready: Any, stop: Any
+) -> None:
+    import dataclasses
+
+    from disagg.runtime.config import EngineConfig, WorkerConfig
+    from services.decode.main import make_host as make_decode
+    from services.prefill.main import make_host as make_prefill
+
+    base = WorkerConfig(
+        redis_url=redis_url, mock=True, heartbeat_s=1.0, heartbeat_ttl_s=10.0,
+        engine=EngineConfig(num_blocks=8192, max_num_seqs=256, max_num_batched_tokens=8192),
+    )  # fmt: skip
+    hosts = [
+        make_prefill(dataclasses.replace(base, role="prefill", worker_id=f"prefill-{i:03d}"))
+        for i in range(n_prefill)
+    ] + [
+        make_decode(dataclasses.replace(base, role="decode", worker_id=f"decode-{i:03d}"))
+        for i in range(n_decode)
+    ]
+    tasks = [asyncio.create_task(h.run()) for h in hosts]
+    while not all(h.address for h in hosts):
+        await asyncio.sleep(0.05)
+    ready.set()
+    await asyncio.to_thread(stop.wait)
+    for h in hosts:
+        h.request_stop()
+    await asyncio.gather(*tasks, return_exceptions=True)
+
+
+# --- the scheduler, timing its decisions --------------------------------------------------
+
+
+def scheduler_main(
+    cfg_kwargs: dict[str, Any], port_q: Any, stop: Any, out_q: Any, core: int
+) -> None:
+    _pin(core)
+    import logging
+
+    logging.basicConfig(level=logging.WARNING)
+    from disagg.runtime.config import SchedulerConfig
+    from services.scheduler import orchestrator
+    from services.scheduler.main import SchedulerApp
+
+    times: list[tuple[float, float]] = []  # (monotonic end, seconds)
+    route = orchestrator.Orchestrator.route
+
+    def timed(self: Any, req: Any) -> Any:
+        t0 = time.perf_counter()
+        try:
+            return route(self, req)
+        finally:
+            times.append((time.monotonic(), time.perf_counter() - t0))
+
+    orchestrator.Orchestrator.route = timed  # type: ignore[method-assign]
+    app = SchedulerApp(SchedulerConfig(**cfg_kwargs))
+
+    async def main() -> None:
+        ready = asyncio.Event()
+        task = asyncio.create_task(app.run(ready))
+        await ready.wait()
+        port_q.put(app.port)
+        await asyncio.to_thread(stop.wait)
+        app.request_stop()
+        await task
+
+    asyncio.run(main())
+    out_q.put(times)
+
+
+# --- the client -----------------------------------------------------------------------------
+
+
+async def _one(stub: Any, pb: Any, prompt: list[int], max_tokens: int) -> int:
+    n = 0
+    async for resp in stub.Generate(
+        pb.GenerateRequest(prompt_token_ids=prompt, max_tokens=max_tokens, ignore_eos=True)
+    ):
+        n += len(resp.token_ids)
+    return n
+
+
+async def load(
+    address: str, total: int, concurrency: int, prompt_len: int, max_tokens: int
+) -> tuple[float, int, int]:
+    """(wall seconds, tokens received, failures) for ``total`` requests at ``concurrency``."""
+    import grpc
+
+    from disagg.v1 import scheduler_pb2, scheduler_pb2_grpc
+
+    async with grpc.aio.insecure_channel(address) as ch:
+        stub = scheduler_pb2_grpc.SchedulerStub(ch)
+        todo = iter(range(total))
+        tokens, failures = 0, 0
+
+        async def worker() -> None:
+            nonlocal tokens, failures
+            for i in todo:
+                prompt = [3 + (i * 7 + j) % 4000 for j in range(prompt_len)]  # no prefix sharing
+                try:
+                    n = await _one(stub, scheduler_pb2, prompt, max_tokens)
+                    tokens += n  # after the await: += await would race
+                except grpc.aio.AioRpcError:
+                    failures += 1
+
+        await _one(stub, scheduler_pb2, [3, 4, 5], 2)  # warm the channel
+        t0 = time.monotonic()
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        return time.monotonic() - t0, tokens, failures
+
+
+def _pct(xs: list[float], p: float) -> float:
+    if not xs:
+        return float("nan")
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(p / 100 * len(xs)))]
+
+
+def run_one(n_workers: int, args: argparse.Namespace, redis_url: str, model: str) -> dict[str, Any]:
+    import redis
+
+    with redis.Redis.from_url(redis_url) as r:
+        r.flushall()
+    ctx = mp.get_context("spawn")
+    stop_w, stop_s, ready = ctx.Event(), ctx.Event(), ctx.Event()
+    env = {
+        "DISAGG_MOCK_TOKENS_PER_STEP": str(args.tokens_per_step),
+        "DISAGG_MOCK_STEP_BASE_MS": "5",
+    }
+    wp = ctx.Process(
+        target=workers_main,
+        args=(redis_url, n_workers // 2, n_workers - n_workers // 2, env, ready, stop_w, 1),
+    )
+    wp.start()
+    if not ready.wait(300):
+        raise RuntimeError("workers not ready")
+    port_q, out_q = ctx.Queue(), ctx.Queue()
+    cfg = {"redis_url": redis_url, "model": model, "port": 0, "http_port": -1, "max_inflight": 4096,
+           "local_prefill_tokens": 16}  # fmt: skip
+    sp = ctx.Process(target=scheduler_main, args=(cfg, port_q, stop_s, out_q, 0))
+    sp.start()
+    port = port_q.get(timeout=120)
+    address = f"127.0.0.1:{port}"
+    _pin(1)
+    time.sleep(1.5)  # the registry sees every worker
+    c0 = resource.getrusage(resource.RUSAGE_SELF)
+    admit_wall, _, admit_fail = asyncio.run(
+        load(address, args.admit_requests, args.concurrency, args.prompt_len, 1)
+    )
+    stream_wall, toks, stream_fail = asyncio.run(
+        load(
+            address,
+            args.stream_requests,
+            args.stream_concurrency,
+            args.prompt_len,
+            args.stream_tokens,
+        )
+    )
+    c1 = resource.getrusage(resource.RUSAGE_SELF)
+    stop_s.set()
+    times = out_q.get(timeout=60)
+    sp.join(30)
+    stop_w.set()
+    wp.join(60)
+    durations = [d * 1000 for _, d in times]
+    return {
+        "workers": n_workers,
+        "decisions": len(durations),
+        "decision_p50_ms": round(_pct(durations, 50), 4),
+        "decision_p99_ms": round(_pct(durations, 99), 4),
+        "decision_mean_ms": round(statistics.fmean(durations), 4) if durations else None,
+        "admitted_rps": round(args.admit_requests / admit_wall, 1),
+        "streamed_tok_s": round(toks / stream_wall, 1),
+        "failures": admit_fail + stream_fail,
+        "client_cpu_s": round((c1.ru_utime + c1.ru_stime) - (c0.ru_utime + c0.ru_stime), 2),
+        "wall_s": round(admit_wall + stream_wall, 2),
+    }
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--workers", type=int, nargs="+", default=[16, 256])
+    p.add_argument("--admit-requests", type=int, default=3000)
+    p.add_argument("--concurrency", type=int, default=64)
+    p.add_argument("--prompt-len", type=int, default=8)
+    p.add_argument("--stream-requests", type=int, default=128)
+    p.add_argument("--stream-concurrency", type=int, default=64)
+    p.add_argument("--stream-tokens", type=int, default=1024)
+    p.add_argument("--tokens-per-step", type=int, default=16)
+    p.add_argument("--json", default="")
+    args = p.parse_args()
+
+    from disagg.metastore.embedded import start_embedded_valkey
+    from disagg.mock.model import make_mock_model
+
+    model = make_mock_model()
+    valkey = start_embedded_valkey()
+    try:
+        rows = [run_one(n, args, valkey.url, model) for n in args.workers]
+    finally:
+        valkey.stop()
+    cols = [
+        "workers",
+        "decision_p50_ms",
+        "decision_p99_ms",
+        "admitted_rps",
+        "streamed_tok_s",
+        "failures",
+        "client_cpu_s",
+        "wall_s",
+    ]
+    print(" | ".join(cols))
+    for r in rows:
+        print(" | ".join(str(r[c]) for c in cols))
+    out: dict[str, Any] = {"runs": rows, "tokens_per_step": args.tokens_per_step}
+    for r in rows:
+        for k in ("decision_p50_ms", "decision_p99_ms", "admitted_rps", "streamed_tok_s"):
+            out[f"{k}_{r['workers']}"] = r[k]
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(out, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
