@@ -15,6 +15,7 @@ DECODE = PREFIX + "decode_time_seconds"
 KV_TRANSFER_BYTES = PREFIX + "kv_transfer_bytes"  # counter; exposed with _total
 REQUESTS = PREFIX + "requests"  # counter, label finish_reason
 REJECTED = PREFIX + "requests_rejected"  # counter, label reason
+MIGRATIONS = PREFIX + "request_migrations"  # counter: streams moved off a lost decode worker
 PREFIX_QUERIES = PREFIX + "prefix_cache_queries"  # counter (prompt tokens looked up)
 PREFIX_HITS = PREFIX + "prefix_cache_hits"  # counter (prompt tokens served from the cache)
 SLO_MET = PREFIX + "slo_met"  # counter

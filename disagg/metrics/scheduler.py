@@ -83,6 +83,9 @@ class SchedulerMetrics:
         self.slo_met = Counter(
             names.SLO_MET, "Finished requests within the TTFT and TPOT SLO", registry=r
         )
+        self.migrations = Counter(
+            names.MIGRATIONS, "Streams continued on another decode worker", registry=r
+        )
 
     def bind(self, running: Callable[[], int], infos: Callable[[], list[Any]]) -> None:
         """Registers the scrape-time gauges: running requests and the workers' heartbeats."""
@@ -90,6 +93,9 @@ class SchedulerMetrics:
 
     def trace(self, arrival: float) -> RequestTrace:
         return RequestTrace(self, arrival)
+
+    def migrated(self) -> None:
+        self.migrations.inc()
 
     def kv_handed_off(self, handle: Any) -> None:
         """Counts the bytes of a KvHandle the decode worker has pulled."""

@@ -19,7 +19,7 @@ SERVICE_NAME = worker_pb2.DESCRIPTOR.services_by_name["DecodeWorker"].full_name
 def make_host(cfg: WorkerConfig) -> WorkerHost:
     def factory(engine: Engine, store: MetaStore, worker_id: str, address: str):  # type: ignore[no-untyped-def]
         channels = ChannelCache(credentials=channel_credentials(tls_of(cfg)))
-        servicer = DecodeServicer(engine, cfg, channels.get_channel)
+        servicer = DecodeServicer(engine, cfg, channels.get_channel, store)
         return servicer, worker_pb2_grpc.add_DecodeWorkerServicer_to_server
 
     return WorkerHost(cfg, SERVICE_NAME, factory)

@@ -22,6 +22,7 @@ from collections.abc import AsyncIterator, Callable
 import grpc
 
 from disagg.engine.api import Engine, FinishReason, RequestMode, SamplingParams
+from disagg.metastore.store import MetaStore
 from disagg.runtime.config import WorkerConfig
 from disagg.runtime.engine_bridge import run_request
 from disagg.runtime.validation import validate_prompt
@@ -44,9 +45,14 @@ class _Plan:
 
 class DecodeServicer(worker_pb2_grpc.DecodeWorkerServicer):
     def __init__(
-        self, engine: Engine, cfg: WorkerConfig, channel_for: Callable[[str], grpc.aio.Channel]
+        self,
+        engine: Engine,
+        cfg: WorkerConfig,
+        channel_for: Callable[[str], grpc.aio.Channel],
+        store: MetaStore | None = None,
     ):
         self._engine = engine
+        self._store = store
         self._cfg = cfg
         self._channel_for = channel_for
         self._tasks: set[asyncio.Task[None]] = set()
@@ -173,7 +179,8 @@ class DecodeServicer(worker_pb2_grpc.DecodeWorkerServicer):
         return tracker.bytes
 
     def _release_remote(self, handle: common_pb2.KvHandle, consumed: bool) -> None:
-        """Best effort: if the prefill worker is unreachable its lease frees the blocks."""
+        """Tells the owner to free the blocks. An unreachable owner frees them by lease (or
+        is dead and holds nothing), so its Redis handle is marked FAILED and removed here."""
 
         async def release() -> None:
             stub = worker_pb2_grpc.PrefillWorkerStub(self._channel_for(handle.owner_address))
@@ -184,10 +191,20 @@ class DecodeServicer(worker_pb2_grpc.DecodeWorkerServicer):
                 )
             except grpc.aio.AioRpcError as e:
                 log.warning("ReleaseKv to %s failed: %s", handle.owner_address, e.code().name)
+                await self._drop_handle(handle.request_id)
 
         task = asyncio.get_running_loop().create_task(release())
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+
+    async def _drop_handle(self, request_id: str) -> None:
+        if self._store is None:
+            return
+        try:
+            await self._store.set_kv_state(request_id, common_pb2.KV_STATE_FAILED)
+            await self._store.delete_kv_handle(request_id)
+        except Exception as e:
+            log.warning("could not drop KV handle %s: %s", request_id, e)
 
     def close(self) -> None:
         """Nothing held between requests: each Decode call frees its own blocks."""

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import itertools
 import logging
 import time
@@ -61,6 +62,13 @@ from services.scheduler.requests import (
 log = logging.getLogger(__name__)
 
 
+_MAX_MIGRATIONS = 2  # decode workers a request may lose before it fails
+
+
+class _DecodeLost(RuntimeError):
+    """The decode worker's stream broke (worker died, drained, unreachable)."""
+
+
 def _ms(since: float) -> float:
     return (time.monotonic() - since) * 1000
 
@@ -73,12 +81,15 @@ class _Relay:
     stops: StopStringMatcher
     eos: frozenset[int]
     ignore_eos: bool
-    completion_tokens: int = 0
+    generated: list[int] = field(default_factory=list)  # every token sent to the client
     finish: str | None = None
-    events: list[GenerationEvent] = field(default_factory=list)
+
+    @property
+    def completion_tokens(self) -> int:
+        return len(self.generated)
 
     def push(self, token_ids: list[int]) -> GenerationEvent:
-        self.completion_tokens += len(token_ids)
+        self.generated.extend(token_ids)
         visible = [t for t in token_ids if self.ignore_eos or t not in self.eos]
         text = self.stops.feed(self.detok.add(visible)) if visible else ""
         if self.stops.stopped or len(visible) < len(token_ids):
@@ -228,20 +239,35 @@ class Orchestrator:
                 )
                 timing.ttft_ms = _ms(arrival)
                 yield relay.push([handle.first_token_id])
+        decode = plan.decode
         try:
             if handle is not None and self._done_after_first(relay, req):
                 await self._release(handle)
                 handle = None
             else:
                 local = handle is None
-                async for ev in self._decode(rid, req, plan.decode, handle, relay, timing, arrival):
-                    if handle is not None:
-                        self._metrics.kv_handed_off(handle)
-                    handle = None  # the decode worker owns the handoff now
-                    if local and booking.prefill_open and ev.token_ids:
-                        self._registry.prefill_done(booking)
-                        self._learn(plan.decode.worker_id, plan, hashes, timing.prefill_ms, None, 0)
-                    yield ev
+                lost: list[str] = []
+                while True:
+                    try:
+                        async for ev in self._decode(
+                            rid, req, decode, handle, relay, timing, arrival
+                        ):
+                            if handle is not None:
+                                self._metrics.kv_handed_off(handle)
+                            handle = None  # the decode worker owns the handoff now
+                            if local and booking.prefill_open and ev.token_ids:
+                                self._registry.prefill_done(booking)
+                                self._learn(
+                                    decode.worker_id, plan, hashes, timing.prefill_ms, None, 0
+                                )
+                            yield ev
+                        break
+                    except _DecodeLost as e:
+                        lost.append(decode.worker_id)
+                        if handle is not None:  # handed to a worker that is gone: free it now
+                            await asyncio.shield(self._release(handle))
+                            handle = None
+                        decode = self._migration_target(rid, lost, e)
         finally:
             if handle is not None:  # cancelled before the decode worker took the handoff
                 await asyncio.shield(self._release(handle))
@@ -255,7 +281,7 @@ class Orchestrator:
             cached_tokens=cached,
             timing=timing,
             prefill_worker=prefill_id or plan.decode.worker_id,
-            decode_worker=plan.decode.worker_id,
+            decode_worker=decode.worker_id,
         )
         yield last
 
@@ -336,10 +362,17 @@ class Orchestrator:
         arrival: float,
     ) -> AsyncIterator[GenerationEvent]:
         stub = worker_pb2_grpc.DecodeWorkerStub(self._channel_for(worker.address))
+        # After a migration the tokens already streamed become prompt: the new
+        # worker recomputes their KV and continues exactly where the stream stopped.
+        sampling = req.sampling
+        if relay.generated and handle is None:
+            sampling = dataclasses.replace(
+                sampling, max_tokens=sampling.max_tokens - len(relay.generated)
+            )
         msg = worker_pb2.DecodeRequest(
             request_id=rid,
-            prompt_token_ids=req.prompt_token_ids,
-            sampling=sampling_to_pb(req.sampling),
+            prompt_token_ids=[*req.prompt_token_ids, *(relay.generated if handle is None else ())],
+            sampling=sampling_to_pb(sampling),
             handle=handle,
         )
         with self._registry.track(worker.worker_id):
@@ -354,9 +387,7 @@ class Orchestrator:
                     raise InvalidRequest(
                         "prompt", e.details() or "rejected by the decode worker"
                     ) from e
-                raise Unavailable(
-                    f"decode worker {worker.worker_id}: {e.code().name} {e.details()}"
-                ) from e
+                raise _DecodeLost(f"{worker.worker_id}: {e.code().name} {e.details()}") from e
             finally:
                 call.cancel()
 
@@ -380,6 +411,20 @@ class Orchestrator:
             if not relay.finish:
                 relay.finish = "error" if resp.finish_reason == "error" else resp.finish_reason
         return ev
+
+    def _migration_target(self, rid: str, lost: list[str], why: _DecodeLost) -> WorkerView:
+        """Another decode worker for a request whose decode worker failed mid-stream."""
+        live = [
+            w for w in self._registry.snapshot() if w.role == "decode" and w.worker_id not in lost
+        ]
+        if len(lost) > _MAX_MIGRATIONS or not live:
+            raise Unavailable(f"decode worker lost ({why}) and no other decode worker can continue")
+        target = max(live, key=lambda w: (w.free_blocks, -w.running, w.worker_id))
+        log.warning(
+            "migrating request_id=%s from=%s to=%s reason=%s", rid, lost[-1], target.worker_id, why
+        )
+        self._metrics.migrated()
+        return target
 
     async def _release(self, handle: common_pb2.KvHandle) -> None:
         stub = worker_pb2_grpc.PrefillWorkerStub(self._channel_for(handle.owner_address))
