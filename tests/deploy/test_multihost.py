@@ -19,90 +19,19 @@ Needs root for `ip netns`; skipped with the reason otherwise.
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from tests.deploy.helpers import REPO, base_env, greedy_reference, stop_process_group
+from tests.netns import HOSTS, Netns, netns_fixture  # noqa: F401  (the netns fixture)
 
-SUBNET = "10.77.0"
-HOSTS = {"a": f"{SUBNET}.1", "b": f"{SUBNET}.2", "c": f"{SUBNET}.3"}
 READY_S = 180.0
 
 pytestmark = pytest.mark.slow
-
-
-def _ip(*args: str) -> None:
-    subprocess.run(["ip", *args], check=True, capture_output=True, timeout=30)
-
-
-class Netns:
-    """A bridge namespace plus one namespace per host, named after this process."""
-
-    def __init__(self) -> None:
-        tag = f"dg{os.getpid() % 100000}"
-        self.tag = tag
-        self.ns = {h: f"{tag}-{h}" for h in HOSTS}
-        self.bridge_ns = f"{tag}-br"
-
-    def up(self) -> None:
-        _ip("netns", "add", self.bridge_ns)
-        self.exec_ip(self.bridge_ns, "link", "add", "br0", "type", "bridge")
-        self.exec_ip(self.bridge_ns, "link", "set", "br0", "up")
-        for host, addr in HOSTS.items():
-            ns, inner, outer = self.ns[host], f"{self.tag}{host}0", f"{self.tag}{host}1"
-            _ip("netns", "add", ns)
-            _ip("link", "add", inner, "netns", ns, "type", "veth", "peer", "name", outer, "netns", self.bridge_ns)  # fmt: skip
-            self.exec_ip(self.bridge_ns, "link", "set", outer, "master", "br0", "up")
-            self.exec_ip(ns, "addr", "add", f"{addr}/24", "dev", inner)
-            self.exec_ip(ns, "link", "set", inner, "up")
-            self.exec_ip(ns, "link", "set", "lo", "up")
-
-    def exec_ip(self, ns: str, *args: str) -> None:
-        _ip("-n", ns, *args)
-
-    def down(self) -> None:
-        for ns in [*self.ns.values(), self.bridge_ns]:
-            subprocess.run(["ip", "netns", "del", ns], capture_output=True, timeout=30, check=False)
-
-    def listed(self) -> list[str]:
-        out = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, check=False)
-        return [ln.split()[0] for ln in out.stdout.splitlines() if ln.startswith(self.tag + "-")]
-
-    def argv(self, host: str, *argv: str) -> list[str]:
-        return ["ip", "netns", "exec", self.ns[host], *argv]
-
-
-def _netns_permitted() -> str | None:
-    """None if `ip netns` works here, else why not."""
-    if shutil.which("ip") is None:
-        return "no `ip` command (iproute2)"
-    probe = f"dgprobe{os.getpid() % 100000}"
-    r = subprocess.run(["ip", "netns", "add", probe], capture_output=True, text=True, check=False)
-    if r.returncode != 0:
-        return f"`ip netns add` not permitted: {r.stderr.strip()}"
-    subprocess.run(["ip", "netns", "del", probe], capture_output=True, check=False)
-    return None
-
-
-@pytest.fixture()
-def netns() -> Iterator[Netns]:
-    reason = _netns_permitted()
-    if reason is not None:
-        pytest.skip(reason)
-    net = Netns()
-    try:
-        net.up()
-        yield net
-    finally:
-        net.down()
-    assert net.listed() == [], "network namespaces left behind"
 
 
 _CLIENT = """
