@@ -8,6 +8,7 @@ disagg health [--address HOST:PORT]            # exit 0 iff the service's gRPC h
 disagg gpu [--device cuda:N]                   # NVML telemetry as JSON; exit 1 where no GPU
 disagg bench [--base-url URL] [--request-rate R] ...  # load test with goodput (disagg.bench)
 disagg replay TRACE                            # re-decide a --decision-log, compare
+disagg plan --profile P.json [--gpus 8 64 512]  # P:D ratio + local-prefill threshold by simulation
 """
 
 from __future__ import annotations
@@ -117,6 +118,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--ready-timeout", type=float, default=600.0, help="seconds to wait for every service"
     )
     up.add_argument(
+        "--cpu-affinity",
+        action="append",
+        metavar="ROLE=CPUS",
+        help="pin every worker of a role to these CPUs (taskset list, e.g. prefill=0 decode=1)",
+    )
+    up.add_argument(
         "--mock",
         action="store_true",
         help="model-free mock workers (time per a cost model; DISAGG_MOCK_* tunes it)",
@@ -189,6 +196,13 @@ def build_parser() -> argparse.ArgumentParser:
     bench_arguments(
         sub.add_parser("bench", help="load-test a running system; latency table and goodput")
     )
+    from disagg.plan.cli import add_arguments as plan_arguments
+
+    plan_arguments(
+        sub.add_parser(
+            "plan", help="P:D ratio and local-prefill threshold by simulation, from worker profiles"
+        )
+    )
     return parser
 
 
@@ -208,6 +222,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "gpu": _cmd_gpu,
         "bench": _cmd_bench,
         "replay": _cmd_replay,
+        "plan": _cmd_plan,
     }[args.command]
     return int(handler(args) or 0)
 
@@ -268,6 +283,13 @@ def _cmd_up(args: argparse.Namespace) -> int:
 
     if args.prefill < 0 or args.decode < 1:
         print("disagg up: need --decode >= 1 and --prefill >= 0", file=sys.stderr)
+        return 2
+    from disagg.launcher import parse_cpu_affinity
+
+    try:
+        parse_cpu_affinity(args.cpu_affinity or [])
+    except ValueError as e:
+        print(f"disagg up: {e}", file=sys.stderr)
         return 2
     launcher = Launcher(args, _engine_cfg(args))
     stop = threading.Event()
@@ -369,6 +391,12 @@ def _auth(api_key: str) -> tuple[tuple[str, str], ...]:
 
 def _cmd_bench(args: argparse.Namespace) -> int:
     from disagg.bench.cli import run
+
+    return run(args)
+
+
+def _cmd_plan(args: argparse.Namespace) -> int:
+    from disagg.plan.cli import run
 
     return run(args)
 

@@ -38,6 +38,22 @@ def _engine_argv(e: EngineConfig, threads: int) -> list[str]:
     ]  # fmt: skip
 
 
+def parse_cpu_affinity(specs: list[str]) -> dict[str, str]:
+    """['prefill=0', 'decode=1,2'] -> {'prefill': '0', 'decode': '1,2'}; ValueError when malformed."""
+    out: dict[str, str] = {}
+    for spec in specs:
+        role, sep, cpus = spec.partition("=")
+        if not sep or role not in ("prefill", "decode") or not cpus:
+            raise ValueError(f"bad --cpu-affinity {spec!r}: expected prefill=CPUS or decode=CPUS")
+        out[role] = cpus
+    return out
+
+
+def _pinned(argv: list[str], cpus: str | None) -> list[str]:
+    """argv run on those CPUs only (taskset execs the command: the pid stays the worker's)."""
+    return argv if not cpus else ["taskset", "-c", cpus, *argv]
+
+
 class Launcher:
     def __init__(self, args: argparse.Namespace, engine: EngineConfig):
         self.args = args
@@ -109,7 +125,13 @@ class Launcher:
             for i in range(count):
                 argv = [*py, role, *common, "--port", "0", *_engine_argv(engine, threads)]
                 argv += ["--mock"] if self.mock else []
+                argv = _pinned(argv, self.cpu_affinity.get(role))
                 group.spawn(f"{role}-{i}", argv, env=env)  # each its own free port
+
+    @property
+    def cpu_affinity(self) -> dict[str, str]:
+        """role -> CPU list, from `--cpu-affinity ROLE=CPUS` (repeatable)."""
+        return parse_cpu_affinity(getattr(self.args, "cpu_affinity", None) or [])
 
     @property
     def mock(self) -> bool:

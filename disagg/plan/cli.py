@@ -1,0 +1,148 @@
+"""Flags and the top level of `disagg plan` (the only I/O of the planner: files and stdout).
+
+disagg plan --profile P.json [--gpus 8 64 512] [--mix SPEC | --trace T.jsonl]
+            [--slo-ttft-ms X --slo-tpot-ms Y]            # recommend a layout per size
+disagg plan --profile P.json --simulate --prefill 1 --decode 1 --rate 2   # one layout, one rate
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--profile", required=True, help="worker profile JSON (benchmarks/engine.py --profile-out)"
+    )
+    p.add_argument("--prefill-profile", help="profile of a prefill worker (default: --profile)")
+    p.add_argument("--decode-profile", help="profile of a decode worker (default: --profile)")
+    p.add_argument("--colloc-profile", help="profile of a collocated worker (default: --profile)")
+    p.add_argument("--gpus", type=int, nargs="+", default=[8, 64, 512], help="cluster sizes")
+    p.add_argument("--mix", help="weight:prompt_lo-hi:output_lo-hi,... (default: the profile's)")
+    p.add_argument(
+        "--trace", help="JSONL trace instead of --mix (input_len, output_len, timestamp)"
+    )
+    p.add_argument("--slo-ttft-ms", type=float, help="TTFT limit (default: the profile's)")
+    p.add_argument(
+        "--slo-tpot-ms", type=float, help="time-per-output-token limit (default: the profile's)"
+    )
+    p.add_argument("--target", type=float, default=0.9, help="share of requests within the SLO")
+    p.add_argument(
+        "--thresholds", default="0,128,256,512,1024", help="local-prefill thresholds to try"
+    )
+    p.add_argument("--max-sim-gpus", type=int, default=16, help="largest cell simulated whole")
+    p.add_argument("--requests", type=int, default=0, help="simulated requests per probe (0: auto)")
+    p.add_argument("--seed", type=int, default=0)
+    s = p.add_argument_group("one layout (--simulate)")
+    s.add_argument("--simulate", action="store_true", help="simulate one layout at one rate")
+    s.add_argument("--prefill", type=int, default=1)
+    s.add_argument("--decode", type=int, default=1)
+    s.add_argument("--local-prefill-tokens", type=int, default=0)
+    s.add_argument("--rate", type=float, default=1.0, help="requests/s")
+    p.add_argument("--json", dest="json_path", help="write the result here")
+
+
+def _load(path: str) -> dict[str, Any]:
+    with open(path) as f:
+        return dict(json.load(f))
+
+
+def _profiles(args: argparse.Namespace, base: dict[str, Any]) -> Any:
+    from disagg.plan.profile import Profiles, from_json
+
+    def one(path: str | None) -> Any:
+        return from_json(_load(path) if path else base, path or args.profile)
+
+    return Profiles(one(args.prefill_profile), one(args.decode_profile), one(args.colloc_profile))
+
+
+def _requests(args: argparse.Namespace, defaults: dict[str, Any], n: int) -> Any:
+    """(arrivals at a rate, description)."""
+    from disagg.plan import search, workload
+
+    if args.trace:
+        with open(args.trace) as f:
+            recs = [json.loads(line) for line in f if line.strip()]
+        return search.trace_arrivals(workload.from_trace(recs)), f"trace {args.trace}"
+    mix = args.mix or defaults.get("mix") or "0.5:1350-1650:8-24,0.5:32-96:96-160"
+    return search.mix_arrivals(workload.parse_mix(mix), n, args.seed), f"mix {mix}"
+
+
+def run(args: argparse.Namespace) -> int:
+    from disagg.plan import search
+    from disagg.plan.sim import Cluster, simulate
+
+    try:
+        base = _load(args.profile)
+        defaults = dict(base.get("planner_defaults") or {})
+        profiles = _profiles(args, base)
+        slo = search.Slo(
+            args.slo_ttft_ms or float(defaults.get("slo_ttft_ms", 0)),
+            args.slo_tpot_ms or float(defaults.get("slo_tpot_ms", 0)),
+            args.target,
+        )
+        thresholds = [int(t) for t in args.thresholds.split(",") if t.strip()]
+    except (OSError, ValueError, KeyError) as e:
+        print(f"disagg plan: {e}", file=sys.stderr)
+        return 2
+    if args.simulate:
+        cluster = Cluster(args.prefill, args.decode, args.local_prefill_tokens)
+        arrivals, what = _requests(args, defaults, args.requests or 500)
+        res = simulate(profiles, cluster, arrivals(args.rate))
+        out = {
+            "layout": cluster.label(),
+            "rate": args.rate,
+            "workload": what,
+            "attainment": res.attainment(slo.ttft_ms, slo.tpot_ms),
+            **res.stats(),
+            "busy": res.busy,
+        }
+        print(json.dumps(out, indent=2))
+        _write(args.json_path, out)
+        return 0
+    results = []
+    memo: dict[Cluster, float] = {}
+    print(
+        f"SLO: TTFT <= {slo.ttft_ms:g} ms, TPOT <= {slo.tpot_ms:g} ms for {100 * slo.target:g}% of requests"
+    )
+    for gpus in args.gpus:
+        cell = min(gpus, args.max_sim_gpus)
+        arrivals, what = _requests(args, defaults, args.requests or max(400, 100 * cell))
+        rec = search.recommend(
+            profiles, gpus, arrivals, slo, thresholds, args.max_sim_gpus, memo=memo
+        )
+        b, c = rec.best, rec.collocated
+        print(
+            f"{gpus} GPUs ({what}; simulated as cells of {rec.cell_gpus}): "
+            f"recommend {b.cluster.prefill} prefill : {b.cluster.decode} decode, local-prefill "
+            f"threshold {b.cluster.local_prefill_tokens} tokens -> goodput {b.goodput_rps:.1f} req/s "
+            f"({b.per_gpu:.2f} per GPU); collocated {c.goodput_rps:.1f} req/s "
+            f"({c.per_gpu:.2f} per GPU), x{b.goodput_rps / c.goodput_rps if c.goodput_rps else float('inf'):.2f}"
+        )
+        results.append(
+            {
+                "gpus": gpus,
+                "cell_gpus": rec.cell_gpus,
+                "prefill": b.cluster.prefill,
+                "decode": b.cluster.decode,
+                "local_prefill_tokens": b.cluster.local_prefill_tokens,
+                "goodput_rps": b.goodput_rps,
+                "goodput_per_gpu": b.per_gpu,
+                "collocated_goodput_rps": c.goodput_rps,
+                "candidates": [
+                    {"layout": x.cluster.label(), "goodput_rps": x.goodput_rps}
+                    for x in rec.candidates
+                ],
+            }
+        )
+    _write(args.json_path, {"slo": slo.__dict__, "recommendations": results})
+    return 0
+
+
+def _write(path: str | None, data: dict[str, Any]) -> None:
+    if path:
+        with open(path, "w") as f:
+            json.dump(data, f, indent=2)
