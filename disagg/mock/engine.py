@@ -24,7 +24,6 @@ from __future__ import annotations
 import dataclasses
 import threading
 import time
-import zlib
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -71,15 +70,31 @@ class MockConfig:
         return self.step_base_ms + self.step_ms_per_seq * batch
 
 
-def mock_token(prompt_key: int, position: int, vocab: int) -> int:
-    """Token ``position`` (0 = the first generated) of a prompt: never BOS/EOS/UNK."""
-    return 3 + (prompt_key * 2654435761 + position * 40503) % (vocab - 3)
+def mock_token(prev: int, position: int, vocab: int) -> int:
+    """The token after ``prev`` at context position ``position``: never BOS/EOS/UNK.
+
+    A function of the context's end, as a real model's greedy choice is of its
+    context: recomputing from prompt + tokens so far (preemption, migration, a
+    failed KV pull) continues the very same stream."""
+    return 3 + (prev * 2654435761 + position * 40503) % (vocab - 3)
+
+
+def mock_stream(prompt: list[int], n: int, vocab: int) -> list[int]:
+    """The n tokens a mock worker generates for prompt."""
+    out: list[int] = []
+    prev, pos = prompt[-1], len(prompt)
+    for _ in range(n):
+        prev = mock_token(prev, pos, vocab)
+        pos += 1
+        out.append(prev)
+    return out
 
 
 @dataclass(eq=False)
 class _Seq:
     req: EngineRequest
-    key: int  # crc32 of the prompt: the token stream's seed
+    last: int  # the context's last token: the next one derives from it
+    pos: int  # the context's length
     uncached: int = 0
     cached: int = 0
     blocks: list[int] = field(default_factory=list)
@@ -125,7 +140,8 @@ class MockEngine:
 
     def submit(self, req: EngineRequest) -> None:
         req.arrival_s = time.monotonic()
-        seq = _Seq(req, zlib.crc32(repr(req.prompt_token_ids).encode()), submitted=req.arrival_s)
+        prompt = req.prompt_token_ids
+        seq = _Seq(req, prompt[-1] if prompt else 0, len(prompt), submitted=req.arrival_s)
         with self._cv:
             if req.mode is RequestMode.DECODE:
                 imported = self._imports.pop(req.request_id, None)
@@ -135,6 +151,7 @@ class MockEngine:
                     )
                     return
                 seq.blocks, seq.generated = imported[0], 1
+                seq.last, seq.pos = req.first_token_id, seq.pos + 1
             self._waiting.append(seq)
             self._cv.notify_all()
 
@@ -169,6 +186,15 @@ class MockEngine:
                 queued_prefill_tokens=queued,
                 held=len(self._held),
             )
+
+    @staticmethod
+    def _continue(s: _Seq, k: int, vocab: int) -> list[int]:
+        out = []
+        for _ in range(k):
+            s.last = mock_token(s.last, s.pos, vocab)
+            s.pos += 1
+            out.append(s.last)
+        return out
 
     # --- KV transfer ----------------------------------------------------------------------
 
@@ -279,7 +305,8 @@ class MockEngine:
                 self._free(s)
                 outs.append((r, TokenOutput(r.request_id, (), FinishReason.CANCELLED)))
                 continue
-            first = mock_token(s.key, 0, vocab)
+            first = s.last = mock_token(s.last, s.pos, vocab)
+            s.pos += 1
             s.generated = 1
             queue_ms = (s.started - s.submitted) * 1000
             if r.mode is RequestMode.PREFILL_ONLY:
@@ -299,7 +326,7 @@ class MockEngine:
                 continue
             r = s.req
             k = min(self.cfg.tokens_per_step, r.sampling.max_tokens - s.generated)
-            toks = tuple(mock_token(s.key, s.generated + i, vocab) for i in range(k))
+            toks = tuple(self._continue(s, k, vocab))
             first_out = s.generated == 1 and r.mode is RequestMode.DECODE
             s.generated += k
             fin = FinishReason.LENGTH if s.generated >= r.sampling.max_tokens else None

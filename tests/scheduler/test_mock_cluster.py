@@ -12,7 +12,7 @@ import pytest
 import redis
 
 from disagg.metastore.embedded import EmbeddedValkey
-from disagg.mock.engine import MOCK_VOCAB, mock_token
+from disagg.mock.engine import MOCK_VOCAB, mock_stream
 from disagg.mock.model import make_mock_model
 from disagg.policy.trace import replay
 from tests.cluster import Cluster
@@ -41,10 +41,7 @@ def mock_cluster(mock_model: str, valkey: EmbeddedValkey, decision_log: Path) ->
 
 
 def _expected(prompt: list[int], n: int) -> list[int]:
-    import zlib
-
-    key = zlib.crc32(repr(prompt).encode())
-    return [mock_token(key, i, MOCK_VOCAB) for i in range(n)]
+    return mock_stream(prompt, n, MOCK_VOCAB)
 
 
 def test_mock_streams_are_deterministic_local_or_remote(mock_cluster: Cluster) -> None:
