@@ -6,7 +6,7 @@ A request's way through it:
    ``{"error": {"message", "type", "param", "code"}}``.
 2. Parse the JSON into a ``RawRequest`` (types checked per field; what this
    server does not do -- n > 1, logprobs, tools, ... -- is a 400 naming it).
-3. ``build_request`` (the same as gRPC, so greedy text is the same) and
+3. ``RequestFactory.build`` (the same as gRPC, so greedy text is the same) and
    ``Orchestrator.generate``. The first event is awaited before any byte is
    sent, so 429 / 503 / 400 from admission are real HTTP statuses.
 4. Non-streaming: collect the events into one body. Streaming: one SSE chunk
@@ -40,8 +40,8 @@ from services.scheduler.requests import (
     InvalidRequest,
     Overloaded,
     RawRequest,
+    RequestFactory,
     Unavailable,
-    build_request,
 )
 
 log = logging.getLogger(__name__)
@@ -369,20 +369,14 @@ class HttpApi:
         self,
         orchestrator: Orchestrator,
         registry: WorkerRegistry,
-        tokenizer: Any,
-        vocab_size: int,
-        max_context: int,
-        default_max_tokens: int,
+        requests: RequestFactory,
         model_name: str,
         api_key: str = "",
         metrics: CollectorRegistry | None = None,
     ):
         self._orch = orchestrator
         self._registry = registry
-        self._tok = tokenizer
-        self._vocab = vocab_size
-        self._ctx = max_context
-        self._default_max = default_max_tokens
+        self._requests = requests
         self.model_name = model_name
         self._api_key = api_key
         self._metrics = metrics
@@ -450,8 +444,8 @@ class HttpApi:
             "created": self._created,
             "owned_by": "disagg",
             "root": self.model_name,
-            "max_model_len": self._ctx,
-            "vocab_size": self._vocab,
+            "max_model_len": self._requests.max_context,
+            "vocab_size": self._requests.vocab_size,
         }
 
     async def _models(self, _: web.Request) -> web.Response:
@@ -484,7 +478,7 @@ class HttpApi:
         parsed = parse_body(body, chat)
         self._check_model(parsed.model)
         try:
-            req = build_request(parsed.raw, self._tok, self._vocab, self._ctx, self._default_max)
+            req = self._requests.build(parsed.raw)
         except InvalidRequest as e:
             raise error_for(e, parsed.param_map) from e
         shape = _Shape(
@@ -560,18 +554,15 @@ class HttpApi:
 def make_http_api(
     orchestrator: Orchestrator,
     registry: WorkerRegistry,
-    tok: Any,
+    requests: RequestFactory,
     cfg: Any,
     metrics: CollectorRegistry | None,
 ) -> HttpApi:
-    """The HTTP front end for a scheduler: tok is a TokenizerInfo, cfg its SchedulerConfig."""
+    """The HTTP front end for a scheduler; cfg is its SchedulerConfig."""
     return HttpApi(
         orchestrator,
         registry,
-        tok.tokenizer,
-        tok.vocab_size,
-        tok.max_context,
-        cfg.default_max_tokens,
+        requests,
         served_name(cfg.model or default_cache_dir()),
         cfg.api_key,
         metrics,

@@ -23,6 +23,7 @@ from disagg.v1 import scheduler_pb2, scheduler_pb2_grpc
 from services.scheduler.http_api import HttpApi, make_http_api
 from services.scheduler.orchestrator import Orchestrator, admission_of, slo_of
 from services.scheduler.registry import WorkerRegistry
+from services.scheduler.requests import RequestFactory
 from services.scheduler.servicer import SchedulerServicer
 
 log = logging.getLogger(__name__)
@@ -62,15 +63,10 @@ class SchedulerApp:
             admission,
         )
         self.metrics.bind(lambda: self.orchestrator.inflight, registry.infos)
-        servicer = SchedulerServicer(
-            self.orchestrator,
-            registry,
-            tok.tokenizer,
-            tok.vocab_size,
-            tok.max_context,
-            cfg.default_max_tokens,
-            cfg.api_key,
+        requests = RequestFactory(
+            tok.tokenizer, tok.vocab_size, tok.max_context, cfg.default_max_tokens
         )
+        servicer = SchedulerServicer(self.orchestrator, registry, requests, cfg.api_key)
         server = await create_grpc_server(
             cfg.host, cfg.port, [SERVICE_NAME], credentials=server_credentials(tls_of(cfg))
         )
@@ -78,7 +74,7 @@ class SchedulerApp:
         await server.start()
         http: HttpApi | None = None
         if cfg.http_port >= 0:  # before self.port: a set port means both front ends are up
-            http = make_http_api(self.orchestrator, registry, tok, cfg, self.metrics.registry)
+            http = make_http_api(self.orchestrator, registry, requests, cfg, self.metrics.registry)
             self.http_port = await http.start(cfg.host, cfg.http_port)
         self.port = server.port
         await server.set_serving(True)

@@ -97,6 +97,22 @@ class RawRequest:
     itl_slo_ms: float | None = None
 
 
+@dataclass(frozen=True)
+class RequestFactory:
+    """One model's limits and tokenizer: what every front end needs to build requests."""
+
+    tokenizer: Any
+    vocab_size: int
+    max_context: int
+    default_max_tokens: int  # max_tokens when a request sets none
+
+    def build(self, raw: RawRequest) -> GenerationRequest:
+        """Raises InvalidRequest naming the field at fault."""
+        return build_request(
+            raw, self.tokenizer, self.vocab_size, self.max_context, self.default_max_tokens
+        )
+
+
 def build_request(
     raw: RawRequest, tokenizer: Any, vocab_size: int, max_context: int, default_max_tokens: int
 ) -> GenerationRequest:

@@ -18,8 +18,8 @@ from services.scheduler.requests import (
     InvalidRequest,
     Overloaded,
     RawRequest,
+    RequestFactory,
     Unavailable,
-    build_request,
 )
 
 
@@ -77,19 +77,13 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
         self,
         orchestrator: Orchestrator,
         registry: WorkerRegistry,
-        tokenizer: Any,
-        vocab_size: int,
-        max_context: int,
-        default_max_tokens: int,
+        requests: RequestFactory,
         api_key: str = "",
     ):
         self._orch = orchestrator
         self._api_key = api_key
         self._registry = registry
-        self._tok = tokenizer
-        self._vocab = vocab_size
-        self._ctx = max_context
-        self._default_max = default_max_tokens
+        self._requests = requests
 
     async def _authorize(self, context: grpc.aio.ServicerContext) -> None:
         if not grpc_metadata_ok(context.invocation_metadata(), self._api_key):
@@ -103,9 +97,7 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
     ) -> AsyncIterator[scheduler_pb2.GenerateResponse]:  # type: ignore[override]
         await self._authorize(context)
         try:
-            req = build_request(
-                raw_from_pb(request), self._tok, self._vocab, self._ctx, self._default_max
-            )
+            req = self._requests.build(raw_from_pb(request))
         except InvalidRequest as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
             return
