@@ -187,11 +187,14 @@ def test_decode_worker_killed_mid_stream_migrates(procs: Procs) -> None:
             last = r
     assert got == want  # no gap, no duplicate, same greedy tokens as an uninterrupted run
     assert last.finish_reason == "length" and last.decode_worker == "decode-b"
-    gone_after = (
-        procs.wait_workers({"prefill-a", "decode-b"}, timeout_s=5)
-        + (time.monotonic() - killed_at) * 0
+    assert killed_at is not None
+    procs.wait_workers({"prefill-a", "decode-b"}, timeout_s=5)
+    gone_s = time.monotonic() - killed_at
+    print(
+        f"decode worker SIGKILLed after 20 tokens: {len(got)} tokens equal to an uninterrupted run; "
+        f"out of the registry after {gone_s:.2f} s"
     )
-    assert time.monotonic() - killed_at < 3.5, "the dead worker stayed in the registry"
+    assert gone_s < 3.0, "the dead worker stayed in the registry"
     _no_leaks(procs, ["prefill-a", "decode-b"])
 
     # No decode worker left: a clean UNAVAILABLE.
@@ -199,7 +202,6 @@ def test_decode_worker_killed_mid_stream_migrates(procs: Procs) -> None:
     with pytest.raises(grpc.RpcError) as err:
         _stream(procs.address, prompt_token_ids=[5, 6], max_tokens=5)
     assert err.value.code() == grpc.StatusCode.UNAVAILABLE
-    del gone_after
 
 
 def test_prefill_worker_killed_requests_reroute(procs: Procs) -> None:
