@@ -60,3 +60,31 @@ def test_seeded_engine_output_reproducible_across_batches(make_engine) -> None:
         toks = sink.tokens(r.request_id)
         assert all(0 <= t < eng.info.vocab_size for t in toks)
         assert len(toks) == 30 or toks[-1] in eng.info.eos_token_ids
+
+
+def test_seeded_output_reproducible_across_engines_and_batches(make_engine) -> None:
+    """Same seed -> same tokens in a fresh engine (another run) and whatever shares the batch."""
+    params = {"temperature": 1.0, "top_p": 0.9, "seed": 77, "max_tokens": 20, "ignore_eos": True}
+    prompt = prompt_of(12, 3)
+    runs = []
+    for crowd_size in (0, 3, 6):  # a fresh engine each time, a different batch each time
+        eng = make_engine(max_num_seqs=8)
+        sink = OutputCollector()
+        crowd = [
+            request(prompt_of(4 + 3 * i, 50 + i), sink, temperature=0.7, seed=i, max_tokens=25)
+            for i in range(crowd_size)
+        ]
+        mine = request(prompt, sink, **params)
+        for r in [*crowd[: crowd_size // 2], mine, *crowd[crowd_size // 2 :]]:
+            eng.submit(r)
+        sink.wait([mine.request_id] + [r.request_id for r in crowd])
+        runs.append(sink.tokens(mine.request_id))
+        eng.stop()
+    assert runs[0] == runs[1] == runs[2]
+    assert len(runs[0]) == 20 and len(set(runs[0])) > 1
+    other = make_engine()
+    sink = OutputCollector()
+    diff = request(prompt, sink, **{**params, "seed": 78})
+    other.submit(diff)
+    sink.wait([diff.request_id])
+    assert sink.tokens(diff.request_id) != runs[0]  # the seed matters

@@ -1,0 +1,445 @@
+"""Engine throughput against transformers' own paths, measured in one run.
+
+Paths, on the same requests (``--requests`` prompts of ``--prompt-len`` random
+tokens, ``--new-tokens`` generated each, EOS ignored, greedy):
+
+- ``engine``: ``LLMEngine`` with every request submitted at once. Decode tok/s =
+  tokens emitted after the last request's first token / time from then to the
+  end; total tok/s = all generated tokens / submit-to-last-token.
+- ``hf_generate_batch``: ``model.generate_batch`` (transformers' continuous
+  batching over its paged cache), end to end.
+- ``hf_generate``: static batched ``model.generate`` (one padded batch), end to end.
+- ``bare_forward``: the model alone at the same batch and context: a
+  ``DynamicCache`` prefilled once (untimed), then ``new_tokens`` single-token
+  forwards of the whole batch (greedy argmax fed back). No scheduling, no paging.
+- ``prefill_2048``: the engine prefilling one ``--prefill-len`` prompt (one
+  chunk, budget >= prompt) and ``prefill_2048_chunked`` (budget
+  ``--chunk``); ``bare_prefill_2048``: one bare forward of the prompt, no cache,
+  logits of the last token only (as the engine).
+
+Each path is warmed up once on a tiny workload; rounds are interleaved and the
+medians are reported (and each path's best round: other jobs only slow a
+path down). Every round uses fresh prompts (the engine's prefix cache
+must not hit). ``--profile-out`` also writes the cost profile the cluster
+planner calibrates from. See benchmarks/README.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import resource
+import statistics
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+if __package__ in (None, ""):  # run as a script: make the repo root importable
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from disagg.engine.api import EngineRequest, SamplingParams, TokenOutput
+from disagg.engine.engine import LLMEngine
+from disagg.engine.model_loader import resolve_model
+from disagg.runtime.config import EngineConfig
+
+
+@dataclass(frozen=True)
+class Workload:
+    requests: int = 32
+    prompt_len: int = 128
+    new_tokens: int = 128
+    prefill_len: int = 2048
+    chunk: int = 512  # max_num_batched_tokens of the chunked prefill run
+    rounds: int = 2
+    threads: int = 2
+    block_size: int = 16
+
+
+QUICK = Workload(requests=4, prompt_len=16, new_tokens=8, prefill_len=64, chunk=32, rounds=1)
+
+
+def prompts(w: Workload, vocab: int, seed: int, n: int | None = None, length: int | None = None):
+    """Reproducible random prompts (token ids above the special range)."""
+    g = torch.Generator().manual_seed(seed)
+    lo = min(100, vocab // 4)
+    shape = (n or w.requests, length or w.prompt_len)
+    return torch.randint(lo, vocab, shape, generator=g).tolist()
+
+
+# ---------------------------------------------------------------- the engine
+
+
+@dataclass
+class _Sink:
+    """Per-request token timestamps; ``done`` set when every request finished."""
+
+    expected: int
+    times: dict[str, list[float]] = field(default_factory=dict)
+    finished: int = 0
+    done: threading.Event = field(default_factory=threading.Event)
+
+    def __call__(self, out: TokenOutput) -> None:
+        now = time.perf_counter()
+        self.times.setdefault(out.request_id, []).extend([now] * len(out.token_ids))
+        if out.finish is not None:
+            if out.error:
+                raise RuntimeError(out.error)
+            self.finished += 1
+            if self.finished == self.expected:
+                self.done.set()
+
+
+def engine_config(model: str, w: Workload, **kw: Any) -> EngineConfig:
+    per_seq = -(-(w.prompt_len + w.new_tokens) // w.block_size)
+    need = max(w.requests * per_seq, -(-(w.prefill_len + 1) // w.block_size), 1) + 8
+    base: dict[str, Any] = {
+        "model": model,
+        "dtype": "float32",
+        "device": "cpu",
+        "block_size": w.block_size,
+        "num_blocks": need,
+        "threads": w.threads,
+        "max_num_seqs": max(w.requests, 1),
+    }
+    base.update(kw)
+    return EngineConfig(**base)
+
+
+def engine_generate(eng: LLMEngine, batch: list[list[int]], new_tokens: int) -> dict[str, float]:
+    """Submits every prompt at once; returns decode/total tok/s and seconds."""
+    sink = _Sink(len(batch))
+    params = SamplingParams(max_tokens=new_tokens, temperature=0.0, ignore_eos=True)
+    reqs = [EngineRequest(f"b{i}", list(p), params, sink) for i, p in enumerate(batch)]
+    t0 = time.perf_counter()
+    for r in reqs:
+        eng.submit(r)
+    if not sink.done.wait(timeout=3600):
+        raise TimeoutError("engine run did not finish")
+    end = max(ts[-1] for ts in sink.times.values())
+    decode_start = max(ts[0] for ts in sink.times.values())
+    decode_tokens = sum(1 for ts in sink.times.values() for t in ts if t > decode_start)
+    total_tokens = sum(len(ts) for ts in sink.times.values())
+    assert total_tokens == len(batch) * new_tokens, total_tokens
+    decode_s = max(end - decode_start, 1e-9)
+    return {
+        "decode_tok_s": decode_tokens / decode_s if decode_tokens else 0.0,
+        "total_tok_s": total_tokens / (end - t0),
+        "decode_s": decode_s,
+        "total_s": end - t0,
+        "decode_tokens": decode_tokens,
+    }
+
+
+def engine_prefill(eng: LLMEngine, prompt: list[int]) -> float:
+    """Seconds from submit to the first (only) token of one prompt."""
+    sink = _Sink(1)
+    params = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True)
+    t0 = time.perf_counter()
+    eng.submit(EngineRequest("p", list(prompt), params, sink))
+    if not sink.done.wait(timeout=3600):
+        raise TimeoutError("engine prefill did not finish")
+    return sink.times["p"][0] - t0
+
+
+# ------------------------------------------------------ transformers' paths
+
+
+def load_hf(path: str) -> Any:
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+
+
+@torch.inference_mode()
+def hf_generate(model: Any, batch: list[list[int]], new_tokens: int) -> float:
+    """Static batched generate (all prompts the same length, so no padding); total tok/s."""
+    ids = torch.tensor(batch)
+    t0 = time.perf_counter()
+    out = model.generate(
+        ids,
+        attention_mask=torch.ones_like(ids),
+        do_sample=False,
+        max_new_tokens=new_tokens,
+        min_new_tokens=new_tokens,
+        pad_token_id=0,
+    )
+    dt = time.perf_counter() - t0
+    assert out.shape[1] - ids.shape[1] == new_tokens
+    return len(batch) * new_tokens / dt
+
+
+def hf_generate_batch(
+    model: Any, batch: list[list[int]], new_tokens: int, max_batch_tokens: int = 2048
+) -> float:
+    """transformers' continuous batching (``generate_batch``) on the same requests; total tok/s.
+
+    Its paged cache is sized for the workload (its default sizes the cache
+    from free host memory: gigabytes, and slow to allocate on CPU); the token
+    budget per step is the engine's default.
+    """
+    from transformers import ContinuousBatchingConfig, GenerationConfig
+
+    page = 256
+    blocks = len(batch) * -(-(max(map(len, batch)) + new_tokens) // page) + 1
+    cb = ContinuousBatchingConfig(
+        page_size=page,
+        num_blocks=blocks,
+        max_batch_tokens=max_batch_tokens,
+        max_requests_per_batch=len(batch),
+    )
+
+    cfg = GenerationConfig(
+        max_new_tokens=new_tokens,
+        min_new_tokens=new_tokens,
+        do_sample=False,
+        eos_token_id=-1,  # ignore EOS (generate_batch's own "disabled")
+        pad_token_id=0,
+    )
+    t0 = time.perf_counter()
+    out = model.generate_batch(
+        inputs=batch, generation_config=cfg, continuous_batching_config=cb, progress_bar=False
+    )
+    dt = time.perf_counter() - t0
+    got = sum(len(r.generated_tokens) for r in out.values())
+    if got != len(batch) * new_tokens:
+        raise RuntimeError(
+            f"generate_batch produced {got} tokens, expected {len(batch) * new_tokens}"
+        )
+    return got / dt
+
+
+@torch.inference_mode()
+def bare_decode(model: Any, batch: list[list[int]], new_tokens: int) -> float:
+    """new_tokens single-token forwards of the whole batch over a prefilled DynamicCache; tok/s."""
+    from transformers import DynamicCache
+
+    ids = torch.tensor(batch)
+    cache = DynamicCache(config=model.config)
+    out = model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+    nxt = out.logits[:, -1].argmax(-1, keepdim=True)
+    pos = ids.shape[1]
+    t0 = time.perf_counter()
+    for _ in range(new_tokens):
+        position = torch.full((ids.shape[0], 1), pos, dtype=torch.long)
+        out = model(input_ids=nxt, position_ids=position, past_key_values=cache, use_cache=True)
+        nxt = out.logits[:, -1].argmax(-1, keepdim=True)
+        pos += 1
+    return ids.shape[0] * new_tokens / (time.perf_counter() - t0)
+
+
+@torch.inference_mode()
+def bare_prefill(model: Any, prompt: list[int]) -> float:
+    """One forward of the whole prompt, no cache, last-token logits; tok/s."""
+    ids = torch.tensor([prompt])
+    t0 = time.perf_counter()
+    model(input_ids=ids, use_cache=False, logits_to_keep=1)
+    return len(prompt) / (time.perf_counter() - t0)
+
+
+# ---------------------------------------------------------------- the run
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def run(path: str, w: Workload, log: Callable[[str], None] = print) -> dict[str, Any]:
+    torch.set_num_threads(w.threads)
+    hf = load_hf(path)
+    vocab = hf.config.vocab_size
+    eng = LLMEngine(engine_config(path, w))
+    eng_one = LLMEngine(engine_config(path, w, max_num_batched_tokens=max(w.prefill_len, 2048)))
+    eng_chunk = LLMEngine(engine_config(path, w, max_num_batched_tokens=w.chunk))
+    for e in (eng, eng_one, eng_chunk):
+        e.start()
+    samples: dict[str, list[float]] = {}
+
+    def add(key: str, value: float) -> None:
+        samples.setdefault(key, []).append(value)
+
+    try:
+        warm = prompts(w, vocab, seed=10_000, n=2, length=8)
+        engine_generate(eng, warm, 4)
+        hf_generate(hf, warm, 4)
+        hf_generate_batch(hf, warm, 4)
+        bare_decode(hf, warm, 4)
+        for e in (eng_one, eng_chunk):
+            engine_prefill(e, prompts(w, vocab, seed=10_001, n=1, length=64)[0])
+        bare_prefill(hf, prompts(w, vocab, seed=10_002, n=1, length=64)[0])
+        for r in range(w.rounds):
+            batch = prompts(w, vocab, seed=r)
+            long = prompts(w, vocab, seed=1000 + r, n=1, length=w.prefill_len)[0]
+            e = engine_generate(eng, batch, w.new_tokens)
+            add("engine_tok_s", e["decode_tok_s"])
+            add("engine_total_tok_s", e["total_tok_s"])
+            add("hf_generate_batch_tok_s", hf_generate_batch(hf, batch, w.new_tokens))
+            add("hf_generate_tok_s", hf_generate(hf, batch, w.new_tokens))
+            add("bare_forward_tok_s", bare_decode(hf, batch, w.new_tokens))
+            add("prefill_2048_tok_s", w.prefill_len / engine_prefill(eng_one, long))
+            add("prefill_2048_chunked_tok_s", w.prefill_len / engine_prefill(eng_chunk, long))
+            add("bare_prefill_2048_tok_s", bare_prefill(hf, long))
+            log(
+                f"round {r + 1}/{w.rounds}: "
+                + ", ".join(f"{k}={v[-1]:.1f}" for k, v in samples.items())
+            )
+            gc.collect()
+    finally:
+        for e in (eng, eng_one, eng_chunk):
+            e.stop()
+    res: dict[str, Any] = {k: statistics.median(v) for k, v in samples.items()}
+    res.update(ratios(res))
+    # Other jobs only ever slow a path down, so each path's best round is its
+    # least-disturbed estimate; ratios of bests are reported beside the medians.
+    best = {k: max(v) for k, v in samples.items()}
+    res["best"] = {**best, **ratios(best)}
+    res["peak_rss_mb"] = peak_rss_mb()
+    res["samples"] = samples
+    res["workload"] = w.__dict__
+    res["model"] = path
+    res["torch"] = torch.__version__
+    return res
+
+
+def ratios(r: dict[str, float]) -> dict[str, float]:
+    gb, bare_p = r["hf_generate_batch_tok_s"], r["bare_prefill_2048_tok_s"]
+    return {
+        "engine_vs_generate_batch": r["engine_total_tok_s"] / gb,
+        "engine_decode_vs_generate_batch": r["engine_tok_s"] / gb,
+        "engine_vs_generate": r["engine_total_tok_s"] / r["hf_generate_tok_s"],
+        "engine_vs_bare": r["engine_tok_s"] / r["bare_forward_tok_s"],
+        "prefill_vs_bare": r["prefill_2048_tok_s"] / bare_p,
+        "prefill_chunked_vs_bare": r["prefill_2048_chunked_tok_s"] / bare_p,
+    }
+
+
+# ------------------------------------------------------------- the profile
+
+
+def profile(
+    path: str, w: Workload, quick: bool, log: Callable[[str], None] = print
+) -> dict[str, Any]:
+    """Prefill ms vs tokens, decode step ms vs batch x context, KV bytes per token.
+
+    For the cluster planner's cost model. Prefill: engine, one chunk. Decode
+    step: decode-phase time / decode steps of ``batch`` requests with prompts of
+    ``context`` tokens (the context grows by ``steps`` over the measurement).
+    """
+    torch.set_num_threads(w.threads)
+    lens = [16, 32, 64] if quick else [128, 512, 1024, 2048]
+    batches = [1, 2] if quick else [1, 8, 32]
+    contexts = [16, 32] if quick else [128, 512]
+    steps = 4 if quick else 16
+    blocks = max(max(batches) * (max(contexts) + steps + 1), max(lens) + 1) // w.block_size + 16
+    cfg = engine_config(
+        path,
+        w,
+        num_blocks=blocks,
+        max_num_batched_tokens=max(max(lens), 2048),
+        max_num_seqs=max(batches),
+    )
+    eng = LLMEngine(cfg)
+    eng.start()
+    vocab = eng.info.vocab_size
+    seed = iter(range(20_000, 30_000))
+    out: dict[str, Any] = {"prefill": [], "decode": []}
+    try:
+        engine_prefill(eng, prompts(w, vocab, next(seed), 1, 32)[0])  # warm-up
+        for n in lens:
+            ms = [
+                engine_prefill(eng, prompts(w, vocab, next(seed), 1, n)[0]) * 1e3
+                for _ in range(w.rounds)
+            ]
+            out["prefill"].append({"tokens": n, "ms": statistics.median(ms)})
+            log(f"profile prefill {n} tokens: {out['prefill'][-1]['ms']:.1f} ms")
+        for ctx in contexts:
+            for b in batches:
+                ms = []
+                for _ in range(w.rounds):
+                    r = engine_generate(eng, prompts(w, vocab, next(seed), b, ctx), steps + 1)
+                    ms.append(r["decode_s"] / max(r["decode_tokens"] / b, 1) * 1e3)
+                out["decode"].append({"batch": b, "context": ctx, "step_ms": statistics.median(ms)})
+                log(
+                    f"profile decode batch {b} context {ctx}: {out['decode'][-1]['step_ms']:.1f} ms/step"
+                )
+    finally:
+        eng.stop()
+    lay = eng.info.layout
+    out["kv_bytes_per_token"] = 2 * lay.num_layers * lay.bytes_per_block_per_layer // lay.block_size
+    out["layout"] = lay.__dict__
+    out["model"] = path
+    out["threads"] = w.threads
+    return out
+
+
+def table(res: dict[str, Any]) -> str:
+    rows = [
+        ("engine decode", "engine_tok_s", "tok/s"),
+        ("engine total", "engine_total_tok_s", "tok/s"),
+        ("hf generate_batch", "hf_generate_batch_tok_s", "tok/s"),
+        ("hf generate (static)", "hf_generate_tok_s", "tok/s"),
+        ("bare forward decode", "bare_forward_tok_s", "tok/s"),
+        ("engine prefill (1 chunk)", "prefill_2048_tok_s", "tok/s"),
+        ("engine prefill (chunked)", "prefill_2048_chunked_tok_s", "tok/s"),
+        ("bare prefill", "bare_prefill_2048_tok_s", "tok/s"),
+        ("engine total / generate_batch", "engine_vs_generate_batch", "x"),
+        ("engine decode / generate_batch", "engine_decode_vs_generate_batch", "x"),
+        ("engine total / generate", "engine_vs_generate", "x"),
+        ("engine decode / bare", "engine_vs_bare", "x"),
+        ("prefill / bare", "prefill_vs_bare", "x"),
+        ("prefill chunked / bare", "prefill_chunked_vs_bare", "x"),
+        ("peak RSS", "peak_rss_mb", "MiB"),
+    ]
+    w = res["workload"]
+    head = (
+        f"{w['requests']} requests x {w['prompt_len']} prompt + {w['new_tokens']} new tokens, "
+        f"prefill {w['prefill_len']} (chunk {w['chunk']}), {w['threads']} threads, "
+        f"median of {w['rounds']} rounds"
+    )
+    best = res["best"]
+    lines = [head, f"{'metric':34} {'median':>10} {'best':>10}  unit"]
+    for name, key, unit in rows:
+        b = f"{best[key]:10.2f}" if key in best else " " * 10
+        lines.append(f"{name:34} {res[key]:10.2f} {b}  {unit}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--model", default="", help="local HF model dir; default SmolLM2-135M-Instruct")
+    p.add_argument("--json", dest="json_path", default="", help="write the results here")
+    p.add_argument("--profile-out", default="", help="also write the planner cost profile here")
+    p.add_argument("--quick", action="store_true", help="tiny sizes (smoke test)")
+    p.add_argument("--skip-bench", action="store_true", help="only the profile")
+    p.add_argument(
+        "--rounds", type=int, default=0, help="interleaved rounds (0 = workload default)"
+    )
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0 = workload default)")
+    a = p.parse_args(argv)
+    w = QUICK if a.quick else Workload()
+    if a.rounds or a.threads:
+        w = Workload(
+            **{**w.__dict__, "rounds": a.rounds or w.rounds, "threads": a.threads or w.threads}
+        )
+    path = resolve_model(a.model)
+    if not a.skip_bench:
+        res = run(path, w, log=lambda s: print(s, file=sys.stderr, flush=True))
+        print(table(res))
+        if a.json_path:
+            with open(a.json_path, "w") as f:
+                json.dump(res, f, indent=2)
+    if a.profile_out:
+        prof = profile(path, w, a.quick, log=lambda s: print(s, file=sys.stderr, flush=True))
+        with open(a.profile_out, "w") as f:
+            json.dump(prof, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

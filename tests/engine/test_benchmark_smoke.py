@@ -1,0 +1,41 @@
+"""benchmarks/engine.py runs end to end in --quick mode and writes every key (no speed assertions)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+KEYS = (
+    "engine_tok_s",
+    "engine_total_tok_s",
+    "hf_generate_batch_tok_s",
+    "hf_generate_tok_s",
+    "bare_forward_tok_s",
+    "prefill_2048_tok_s",
+    "prefill_2048_chunked_tok_s",
+    "bare_prefill_2048_tok_s",
+    "engine_vs_generate_batch",
+    "engine_vs_bare",
+    "prefill_vs_bare",
+    "peak_rss_mb",
+)
+
+
+def test_benchmark_quick_writes_every_key(tiny_model_dir: str, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    out, prof = tmp_path / "bench.json", tmp_path / "profile.json"
+    cmd = [sys.executable, os.path.join(ROOT, "benchmarks", "engine.py"), "--quick"]
+    cmd += ["--model", tiny_model_dir, "--json", str(out), "--profile-out", str(prof)]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads(out.read_text())
+    for key in KEYS:
+        assert isinstance(res[key], float) and res[key] > 0, key
+    assert "engine decode" in proc.stdout  # the table
+    p = json.loads(prof.read_text())
+    assert p["kv_bytes_per_token"] > 0
+    assert p["prefill"] and all(r["tokens"] > 0 and r["ms"] > 0 for r in p["prefill"])
+    assert p["decode"] and all(r["step_ms"] > 0 for r in p["decode"])
