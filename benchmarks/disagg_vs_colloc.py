@@ -15,14 +15,14 @@ with long outputs), each started with ``disagg up`` and driven by
 Order of a run:
 
 1. Worker profiles for the planner: ``benchmarks/engine.py --profile-out``
-   with 1 thread on core 1 and 2 threads on both cores (skipped with
-   ``--quick`` or ``--no-engine-profile``: then a profile is built from the
-   single-request probes).
+   with 1 thread on core 1 and 2 threads on both cores (``--profiles`` reuses
+   two such files; with ``--quick`` or ``--no-engine-profile`` a profile is
+   built from the single-request probes instead).
 2. Per layout: start it, warm it up, probe single requests (one long prompt,
    one chat, alone) and sweep the rates. The collocated probes set the SLO:
    TTFT <= ``--ttft-scale`` x its long-prompt TTFT, TPOT <= ``--itl-scale`` x
    its chat TPOT. Rates are fractions (``--loads``) of the collocated
-   long-prompt capacity 1 / TTFT(long).
+   layout's prefill capacity: 1 / (mean TTFT alone over the mix).
 3. The planner's simulator replays every measured point (same lengths, same
    arrival times) from the profiles; predicted vs measured p99 TTFT and ITL.
 4. Table, attainment curves (``--plot``), JSON (``--json``).
@@ -74,7 +74,7 @@ class Mix:
     long_output: tuple[int, int] = (8, 24)
     chat_prompt: tuple[int, int] = (32, 96)
     chat_output: tuple[int, int] = (96, 160)
-    long_share: float = 0.5
+    long_share: float = 0.2
 
 
 QUICK_MIX = Mix((100, 140), (4, 8), (8, 16), (8, 16), 0.5)
@@ -363,7 +363,26 @@ def with_transfer(prof: dict[str, Any], probes: dict[str, Any], kv_bytes: int) -
     return {
         **prof,
         "kv_bytes_per_token": kv_bytes,
-        "transfer": {"base_ms": 0.0, "ms_per_mb": per_mb},
+        "transfer": {"base_ms": 0.0, "ms_per_mb": per_mb, "blocks_decode": True},
+    }
+
+
+def calibrated(prof: dict[str, Any], probes: dict[str, Any]) -> dict[str, Any]:
+    """The profile's shape, scaled so it reproduces this run's single-request probes.
+
+    The engine profile is measured in a separate process at another time; on
+    shared cores the served system runs slower or faster than it by a factor
+    (other jobs, the scheduler and client on the same cores). One factor for
+    prefill (long-prompt probe), one for decode (chat probe's TPOT).
+    """
+    p = plan_profile.from_json(prof)
+    kp = probes["long_prefill_ms"] / p.prefill_ms(int(probes["long_prompt_tokens"]))
+    kd = probes["chat_tpot_ms"] / p.decode_ms(1, probes["chat_prompt_tokens"] + 64)
+    return {
+        **prof,
+        "prefill": [{**x, "ms": x["ms"] * kp} for x in prof["prefill"]],
+        "decode": [{**x, "step_ms": x["step_ms"] * kd} for x in prof["decode"]],
+        "calibration": {"prefill_scale": kp, "decode_scale": kd},
     }
 
 
@@ -374,6 +393,101 @@ def kv_bytes_per_token(model: str) -> int:
     head_dim = c.get("head_dim") or c["hidden_size"] // heads
     kv = c.get("num_key_value_heads", heads)
     return 2 * c["num_hidden_layers"] * kv * head_dim * 4  # K and V, fp32 on CPU
+
+
+# ------------------------------------------------------------------ interference
+
+
+class _Sink:
+    def __init__(self) -> None:
+        import threading
+
+        self.times: list[float] = []
+        self.done = threading.Event()
+
+    def __call__(self, out: Any) -> None:
+        self.times += [time.perf_counter()] * len(out.token_ids)
+        if out.finish is not None:
+            self.done.set()
+
+
+def _phase_unit(eng: Any, phase: str, vocab: int, rng: random.Random) -> float:
+    """ms of one unit of work: a 1,024-token prefill, or one step of a 4 x 128-token decode."""
+    from disagg.engine.api import EngineRequest, SamplingParams
+
+    n, batch, new = (1024, 1, 1) if phase == "prefill" else (128, 4, 17)
+    sinks = [_Sink() for _ in range(batch)]
+    params = SamplingParams(max_tokens=new, temperature=0.0, ignore_eos=True)
+    t0 = time.perf_counter()
+    for i, sink in enumerate(sinks):
+        ids = [rng.randrange(100, vocab) for _ in range(n)]
+        eng.submit(EngineRequest(f"{phase}{t0}-{i}", ids, params, sink))
+    for sink in sinks:
+        sink.done.wait(600)
+    if phase == "prefill":
+        return (sinks[0].times[0] - t0) * 1e3
+    start = max(sk.times[0] for sk in sinks)
+    return (max(sk.times[-1] for sk in sinks) - start) / (new - 1) * 1e3
+
+
+def phase_main(model: str, phase: str, seconds: float) -> None:
+    """Child: one 1-thread engine doing ``phase`` units for ``seconds`` after 'go' on stdin."""
+    from disagg.engine.engine import LLMEngine
+    from disagg.runtime.config import EngineConfig
+
+    cfg = EngineConfig(model=model, dtype="float32", device="cpu", num_blocks=512, threads=1)
+    eng = LLMEngine(cfg)
+    eng.start()
+    rng = random.Random(phase)
+    vocab = eng.info.vocab_size
+    _phase_unit(eng, phase, vocab, rng)
+    print("warm", flush=True)
+    sys.stdin.readline()
+    samples, end = [], time.monotonic() + seconds
+    while time.monotonic() < end:
+        samples.append(_phase_unit(eng, phase, vocab, rng))
+    eng.stop()
+    print(json.dumps({"phase": phase, "median_ms": statistics.median(samples), "n": len(samples)}))
+
+
+def _run_phases(model: str, phases: list[tuple[str, str]], seconds: float) -> dict[str, Any]:
+    """Each (phase, cpu) in its own pinned process, measuring at the same time."""
+    procs = []
+    for phase, cpu in phases:
+        argv = ["taskset", "-c", cpu, sys.executable, os.path.abspath(__file__), "--model",
+                model, "--_phase", phase, "--_seconds", str(seconds)]  # fmt: skip
+        procs.append(
+            subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        )
+    for pr in procs:
+        assert pr.stdout is not None
+        while "warm" not in pr.stdout.readline():
+            pass
+    for pr in procs:
+        assert pr.stdin is not None
+        pr.stdin.write("go\n")
+        pr.stdin.flush()
+    out = {}
+    for pr in procs:
+        text, _ = pr.communicate(timeout=seconds + 600)
+        res = json.loads(text.strip().splitlines()[-1])
+        out[res["phase"]] = res
+    return out
+
+
+def interference(model: str, seconds: float) -> dict[str, Any]:
+    """Does a prefill on core 0 slow a decode on core 1 (and back)? Shared memory bandwidth."""
+    alone_d = _run_phases(model, [("decode", "1")], seconds)["decode"]
+    alone_p = _run_phases(model, [("prefill", "0")], seconds)["prefill"]
+    both = _run_phases(model, [("decode", "1"), ("prefill", "0")], seconds)
+    return {
+        "decode_step_ms_alone": alone_d["median_ms"],
+        "decode_step_ms_with_prefill_on_other_core": both["decode"]["median_ms"],
+        "prefill_1024_ms_alone": alone_p["median_ms"],
+        "prefill_1024_ms_with_decode_on_other_core": both["prefill"]["median_ms"],
+        "decode_slowdown": both["decode"]["median_ms"] / alone_d["median_ms"],
+        "prefill_slowdown": both["prefill"]["median_ms"] / alone_p["median_ms"],
+    }
 
 
 # ------------------------------------------------------------------ analysis
@@ -394,18 +508,25 @@ def goodput(rows: list[dict[str, Any]], target: float) -> tuple[float, float]:
     return best, interp
 
 
-def validate(pt: Point, profiles: plan_profile.Profiles, cluster: Cluster) -> dict[str, float]:
+def profile_set(t1: dict[str, Any], t2: dict[str, Any]) -> plan_profile.Profiles:
+    """1-thread profile for the disaggregated roles, 2-thread one for the collocated worker."""
+    one = plan_profile.from_json(t1, "1 thread")
+    return plan_profile.Profiles(one, one, plan_profile.from_json(t2, "2 threads"))
+
+
+def validate(pt: Point, profiles: plan_profile.Profiles, cluster: Cluster) -> dict[str, Any]:
     t, reqs = 0.0, []
     for req, gap in zip(pt.requests, pt.gaps, strict=True):
         t += gap
         reqs.append(SimRequest(t, req.prompt_len, req.max_tokens))
-    sim = simulate(profiles, cluster, reqs).stats()
+    res = simulate(profiles, cluster, reqs)
+    sim = res.stats()
     ok = [r for r in pt.results if r.success]
     meas = {
         "ttft_p99_ms": percentile([r.ttft * 1e3 for r in ok], 99),
         "itl_p99_ms": percentile([g * 1e3 for r in ok for g in r.itl], 99),
     }
-    out: dict[str, float] = {"layout": pt.layout, "rate": pt.rate}  # type: ignore[dict-item]
+    out: dict[str, Any] = {"layout": pt.layout, "rate": pt.rate, "predicted_busy": res.busy}
     for k in ("ttft_p99_ms", "itl_p99_ms"):
         out[f"measured_{k}"] = meas[k]
         out[f"predicted_{k}"] = sim[k]
@@ -480,21 +601,33 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument(
         "--loads",
-        default="0.2,0.4,0.6,0.8",
-        help="rates as fractions of the collocated long-prompt capacity 1/TTFT(long)",
+        default="0.2,0.4,0.6",
+        help="rates as fractions of the collocated prefill capacity (see the module doc)",
     )
     p.add_argument("--rates", default="", help="absolute rates (req/s), overriding --loads")
-    p.add_argument("--duration", type=float, default=40.0, help="seconds of arrivals per point")
-    p.add_argument("--min-requests", type=int, default=12)
+    p.add_argument("--duration", type=float, default=60.0, help="seconds of arrivals per point")
+    p.add_argument("--min-requests", type=int, default=6)
     p.add_argument("--ttft-scale", type=float, default=3.0, help="X = this x TTFT(long, alone)")
-    p.add_argument("--itl-scale", type=float, default=2.0, help="Y = this x TPOT(chat, alone)")
+    p.add_argument("--itl-scale", type=float, default=3.0, help="Y = this x TPOT(chat, alone)")
+    p.add_argument(
+        "--profiles",
+        default="",
+        help="T1.json,T2.json: engine.py --profile-out at 1 thread and 2 threads (skip profiling)",
+    )
     p.add_argument("--target", type=float, default=0.9, help="attainment that counts as goodput")
     p.add_argument("--local-prefill-tokens", type=int, default=256, help="cond layout threshold")
     p.add_argument("--no-engine-profile", action="store_true", help="profile from probes only")
     p.add_argument("--json", dest="json_path", default="")
     p.add_argument("--plot", default="", help="attainment / p99 curves PNG")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--interference-s", type=float, default=15.0, help="0 = skip that measurement")
+    p.add_argument("--only-interference", action="store_true", help="measure only that, print it")
+    p.add_argument("--_phase", help=argparse.SUPPRESS)
+    p.add_argument("--_seconds", type=float, default=10.0, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
+    if a._phase:
+        phase_main(a.model, a._phase, a._seconds)
+        return 0
 
     from disagg.engine.model_loader import resolve_model
 
@@ -509,11 +642,24 @@ def main(argv: list[str] | None = None) -> int:
     t_start = time.monotonic()
 
     prof: dict[str, dict[str, Any]] = {}
-    if not (a.quick or a.no_engine_profile):
+    if a.profiles:
+        for key, path in zip(("t1", "t2"), a.profiles.split(","), strict=True):
+            with open(path) as f:
+                prof[key] = json.load(f)
+    elif not (a.quick or a.no_engine_profile):
         with tempfile.TemporaryDirectory() as d:
             log("profiling the engine: 1 thread on core 1, 2 threads on cores 0-1 ...")
             prof["t1"] = engine_profile(model, 1, "1", os.path.join(d, "t1.json"), False)
             prof["t2"] = engine_profile(model, 2, "0,1", os.path.join(d, "t2.json"), False)
+
+    inter: dict[str, Any] = {}
+    if a.only_interference or (a.interference_s > 0 and not a.quick):
+        log("interference: decode on core 1 / prefill on core 0, alone and together ...")
+        inter = interference(model, a.interference_s)
+        log(f"   {json.dumps({k: round(v, 2) for k, v in inter.items()})}")
+        if a.only_interference:
+            print(json.dumps(inter, indent=2))
+            return 0
 
     rows: list[dict[str, Any]] = []
     points: list[Point] = []
@@ -532,7 +678,8 @@ def main(argv: list[str] | None = None) -> int:
                     "ttft_ms": a.ttft_scale * c["long_ttft_ms"],
                     "tpot_ms": a.itl_scale * c["chat_tpot_ms"],
                 }
-                cap = 1000.0 / c["long_ttft_ms"]
+                share = mix.long_share
+                cap = 1000.0 / (share * c["long_ttft_ms"] + (1 - share) * c["chat_ttft_ms"])
                 rates = (
                     [float(x) for x in a.rates.split(",")]
                     if a.rates
@@ -540,7 +687,7 @@ def main(argv: list[str] | None = None) -> int:
                 )
                 log(
                     f"   SLO: TTFT <= {slo['ttft_ms']:.0f} ms, TPOT <= {slo['tpot_ms']:.1f} ms; "
-                    f"rates {rates} req/s (capacity 1/TTFT(long) = {cap:.2f})"
+                    f"rates {rates} req/s (prefill capacity {cap:.2f} req/s)"
                 )
             for j, rate in enumerate(rates):
                 n = min(max_n, max(min_n, round(rate * duration)))
@@ -558,13 +705,14 @@ def main(argv: list[str] | None = None) -> int:
     t1 = prof.get("t1") or probe_profile(probes["disagg"])
     t2 = prof.get("t2") or probe_profile(probes["colloc"])
     t1 = with_transfer(t1, probes["disagg"], kvb)
-    profiles = plan_profile.Profiles(
-        plan_profile.from_json(t1, "1 thread"),
-        plan_profile.from_json(t1, "1 thread"),
-        plan_profile.from_json(t2, "2 threads"),
-    )
+    c1, c2 = calibrated(t1, probes["disagg"]), calibrated(t2, probes["colloc"])
     by_name = {lay.name: lay.cluster for lay in layouts(a.local_prefill_tokens)}
-    validation = [validate(pt, profiles, by_name[pt.layout]) for pt in points]
+    validation = []
+    for pt in points:
+        v = validate(pt, profile_set(t1, t2), by_name[pt.layout])
+        vc = validate(pt, profile_set(c1, c2), by_name[pt.layout])
+        v["calibrated"] = {k: x for k, x in vc.items() if k.startswith(("predicted", "error"))}
+        validation.append(v)
 
     good = {}
     for name in by_name:
@@ -596,7 +744,25 @@ def main(argv: list[str] | None = None) -> int:
         "itl_p99_ratio_by_rate": ratio_by_rate,
         "goodput_ratio": best_dis / col if col > 0 else (math.inf if best_dis > 0 else math.nan),
         "validation": validation,
-        "profiles": {"prefill_decode_1_thread": t1, "colloc_2_threads": t2},
+        "interference": inter,
+        "profiles": {
+            "prefill_decode_1_thread": t1,
+            "colloc_2_threads": t2,
+            "calibrated_1_thread": c1,
+            "calibrated_2_threads": c2,
+        },
+        "points": [
+            {
+                "layout": pt.layout,
+                "rate": pt.rate,
+                "prompt": [r.prompt_len for r in pt.requests],
+                "max_tokens": [r.max_tokens for r in pt.requests],
+                "gaps_s": pt.gaps,
+                "ttft_s": [r.ttft for r in pt.results],
+                "success": [r.success for r in pt.results],
+            }
+            for pt in points
+        ],
         "wall_s": time.monotonic() - t_start,
     }
 
@@ -619,13 +785,18 @@ def main(argv: list[str] | None = None) -> int:
         f"itl_p99_ratio (disagg / colloc at {at:.2f} rps) = {out['itl_p99_ratio']:.2f}; "
         f"goodput_ratio = {out['goodput_ratio']:.2f}"
     )
-    print("simulator vs measured (p99):")
+    print(
+        "simulator vs measured (p99); engine profile as measured | calibrated to this run's probes:"
+    )
     for v in validation:
+        c = v["calibrated"]
         print(
             f"  {v['layout']:6} {v['rate']:.2f} rps: TTFT {v['predicted_ttft_p99_ms']:.0f} vs "
             f"{v['measured_ttft_p99_ms']:.0f} ms ({100 * v['error_ttft_p99']:+.0f}%), ITL "
             f"{v['predicted_itl_p99_ms']:.1f} vs {v['measured_itl_p99_ms']:.1f} ms "
-            f"({100 * v['error_itl_p99']:+.0f}%)"
+            f"({100 * v['error_itl_p99']:+.0f}%) | TTFT {c['predicted_ttft_p99_ms']:.0f} "
+            f"({100 * c['error_ttft_p99']:+.0f}%), ITL {c['predicted_itl_p99_ms']:.1f} "
+            f"({100 * c['error_itl_p99']:+.0f}%)"
         )
     if a.json_path:
         with open(a.json_path, "w") as f:

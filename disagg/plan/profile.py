@@ -3,8 +3,8 @@
 The format is the engine benchmark's ``--profile-out`` JSON
 (``benchmarks/engine.py``): ``prefill`` = ``[{tokens, ms}]``, ``decode`` =
 ``[{batch, context, step_ms}]``, ``kv_bytes_per_token``. The planner adds
-optional keys: ``transfer`` = ``{base_ms, ms_per_mb}`` (KV handoff time as a
-function of bytes), ``max_num_seqs``, ``max_num_batched_tokens``,
+optional keys: ``transfer`` = ``{base_ms, ms_per_mb, blocks_decode}`` (KV
+handoff time as a function of bytes; whether it occupies the decode worker), ``max_num_seqs``, ``max_num_batched_tokens``,
 ``gpus_per_worker`` and free-form ``sources`` (where each number came from).
 """
 
@@ -37,6 +37,9 @@ class Profile:
     max_num_seqs: int = 64  # decode batch cap
     max_num_batched_tokens: int = 2048  # tokens per engine step (prefill chunk budget)
     gpus_per_worker: int = 1
+    # The decode worker's own compute moves the KV (a CPU pull over gRPC): the handoff
+    # delays its next step by the transfer time. False where DMA/RDMA moves it (GPUs).
+    transfer_blocks_decode: bool = False
     name: str = ""
 
     def __post_init__(self) -> None:
@@ -92,6 +95,7 @@ def from_json(data: Mapping[str, Any], name: str = "") -> Profile:
         max_num_seqs=int(data.get("max_num_seqs", 64)),
         max_num_batched_tokens=int(data.get("max_num_batched_tokens", 2048)),
         gpus_per_worker=int(data.get("gpus_per_worker", 1)),
+        transfer_blocks_decode=bool(transfer.get("blocks_decode", False)),
         name=name or str(data.get("name", "")),
     )
 

@@ -13,7 +13,9 @@ A request's lifecycle:
 3. The step that completes a prompt emits the first token (TTFT).
 4. After a remote prefill the KV handoff takes ``transfer_ms(prompt)``, then the
    request joins the decode worker with the fewest sequences (chosen at the
-   first token, counting handoffs in flight).
+   first token, counting handoffs in flight). Where the decode worker's own
+   compute moves the KV (``transfer_blocks_decode``: a CPU pull), its next step
+   is longer by the transfer time.
 5. Decode: one token per step for each running request (at most
    ``max_num_seqs``; the rest wait for a slot) until ``output`` tokens.
 
@@ -118,6 +120,7 @@ class _Worker:
         "queued",
         "role",
         "running",
+        "stall_ms",
         "stepping",
     )
 
@@ -132,6 +135,7 @@ class _Worker:
         self.stepping = False
         self.busy_ms = 0.0
         self.costs: dict[tuple[int, int], float] = {}  # (batch, context // 8) -> decode step ms
+        self.stall_ms = 0.0  # KV pulls this worker's compute owes before its next step
 
     def decode_ms(self, batch: int) -> float:
         key = (batch, self.ctx_sum // (8 * batch))
@@ -203,7 +207,8 @@ class _Sim:
             budget -= n
         if not decodes and not chunks:
             return
-        ms = w.p.prefill_ms(sum(n for _, n in chunks))
+        ms = w.p.prefill_ms(sum(n for _, n in chunks)) + w.stall_ms
+        w.stall_ms = 0.0
         if decodes:
             ms += w.decode_ms(len(decodes))
         w.stepping = True
@@ -251,6 +256,8 @@ class _Sim:
 
     def join(self, t: float, d: _Worker, live: _Live) -> None:
         d.pending -= 1
+        if d.p.transfer_blocks_decode:
+            d.stall_ms += d.p.transfer_ms(live.prompt)
         d.joining.append(live)
         self.start(d, t)
 
