@@ -24,6 +24,7 @@ from disagg.engine.api import Engine
 from disagg.metastore.store import Heartbeat, MetaStore
 from disagg.metrics.http import MetricsServer
 from disagg.metrics.worker import worker_registry
+from disagg.runtime.calibration import PrefillCost, calibrate_prefill
 from disagg.runtime.config import WorkerConfig, tls_of
 from disagg.runtime.grpc_server import create_grpc_server
 from disagg.runtime.ids import default_worker_id
@@ -67,6 +68,7 @@ class WorkerHost:
         self._started_ms = int(time.time() * 1000)
         self._stop = asyncio.Event()
         self.engine: Engine | None = None
+        self.cost = PrefillCost(0.0, 0.0)  # measured at startup, published in heartbeats
         self.servicer: Servicer | None = None
         self.address = ""
         self.metrics_port = 0  # bound /metrics port once serving (cfg.metrics_port -1: stays 0)
@@ -78,6 +80,7 @@ class WorkerHost:
         cfg = self.cfg
         eng = engine if engine is not None else await asyncio.to_thread(make_engine, cfg)
         self.engine = eng
+        self.cost = await asyncio.to_thread(self._calibrate, eng)
         tls = tls_of(cfg)
         server = await create_grpc_server(
             cfg.host, cfg.port, [self._service_name], credentials=server_credentials(tls)
@@ -133,6 +136,15 @@ class WorkerHost:
             except (NotImplementedError, RuntimeError):  # not the main thread (in-process tests)
                 pass
 
+    def _calibrate(self, engine: Engine) -> PrefillCost:
+        try:
+            cost = calibrate_prefill(engine)
+        except Exception as e:  # the scheduler falls back to its prior
+            log.warning("prefill calibration failed: %s", e)
+            return PrefillCost(0.0, 0.0)
+        log.info("prefill cost base_ms=%.2f per_token_ms=%.4f", cost.base_ms, cost.per_token_ms)
+        return cost
+
     def _info(self) -> common_pb2.WorkerInfo:
         assert self.engine is not None
         stats, info = self.engine.stats(), self.engine.info
@@ -151,4 +163,6 @@ class WorkerHost:
             started_unix_ms=self._started_ms,
             gpu=read_gpu_telemetry(nvml_device(self.cfg.engine.device)),
             pid=os.getpid(),
+            prefill_base_ms=self.cost.base_ms,
+            prefill_ms_per_token=self.cost.per_token_ms,
         )

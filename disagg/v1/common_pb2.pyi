@@ -132,7 +132,7 @@ class GpuTelemetry(_message.Message):
     def __init__(self, available: _Optional[bool] = ..., name: _Optional[str] = ..., utilization_pct: _Optional[float] = ..., memory_used_bytes: _Optional[int] = ..., memory_total_bytes: _Optional[int] = ..., sm_clock_mhz: _Optional[int] = ..., power_w: _Optional[float] = ..., unavailable_reason: _Optional[str] = ...) -> None: ...
 
 class WorkerInfo(_message.Message):
-    __slots__ = ("worker_id", "role", "address", "model", "layout", "free_blocks", "total_blocks", "queued_prefill_tokens", "running_requests", "waiting_requests", "max_context", "started_unix_ms", "heartbeat_unix_ms", "gpu", "pid")
+    __slots__ = ("worker_id", "role", "address", "model", "layout", "free_blocks", "total_blocks", "queued_prefill_tokens", "running_requests", "waiting_requests", "max_context", "started_unix_ms", "heartbeat_unix_ms", "gpu", "pid", "prefill_base_ms", "prefill_ms_per_token")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     ROLE_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
@@ -148,6 +148,8 @@ class WorkerInfo(_message.Message):
     HEARTBEAT_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
     GPU_FIELD_NUMBER: _ClassVar[int]
     PID_FIELD_NUMBER: _ClassVar[int]
+    PREFILL_BASE_MS_FIELD_NUMBER: _ClassVar[int]
+    PREFILL_MS_PER_TOKEN_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     role: WorkerRole
     address: str
@@ -163,4 +165,6 @@ class WorkerInfo(_message.Message):
     heartbeat_unix_ms: int
     gpu: GpuTelemetry
     pid: int
-    def __init__(self, worker_id: _Optional[str] = ..., role: _Optional[_Union[WorkerRole, str]] = ..., address: _Optional[str] = ..., model: _Optional[str] = ..., layout: _Optional[_Union[KvLayout, _Mapping]] = ..., free_blocks: _Optional[int] = ..., total_blocks: _Optional[int] = ..., queued_prefill_tokens: _Optional[int] = ..., running_requests: _Optional[int] = ..., waiting_requests: _Optional[int] = ..., max_context: _Optional[int] = ..., started_unix_ms: _Optional[int] = ..., heartbeat_unix_ms: _Optional[int] = ..., gpu: _Optional[_Union[GpuTelemetry, _Mapping]] = ..., pid: _Optional[int] = ...) -> None: ...
+    prefill_base_ms: float
+    prefill_ms_per_token: float
+    def __init__(self, worker_id: _Optional[str] = ..., role: _Optional[_Union[WorkerRole, str]] = ..., address: _Optional[str] = ..., model: _Optional[str] = ..., layout: _Optional[_Union[KvLayout, _Mapping]] = ..., free_blocks: _Optional[int] = ..., total_blocks: _Optional[int] = ..., queued_prefill_tokens: _Optional[int] = ..., running_requests: _Optional[int] = ..., waiting_requests: _Optional[int] = ..., max_context: _Optional[int] = ..., started_unix_ms: _Optional[int] = ..., heartbeat_unix_ms: _Optional[int] = ..., gpu: _Optional[_Union[GpuTelemetry, _Mapping]] = ..., pid: _Optional[int] = ..., prefill_base_ms: _Optional[float] = ..., prefill_ms_per_token: _Optional[float] = ...) -> None: ...

@@ -150,6 +150,8 @@ class Orchestrator:
         self.admission = admission or Admission()
         self.decisions = DecisionLog(self.admission.policy, self.admission.decision_log)
         registry.on_cost = self.decisions.cost
+        for worker_id, model in registry.costs.items():  # seeded before the hook existed
+            self.decisions.cost(worker_id, model)
         self._dispatch = PrefillDispatch(self.admission.queue, self.admission.dispatch_depth)
         self._seq = itertools.count()
         self._metrics = metrics or SchedulerMetrics()  # observation only: never changes a decision

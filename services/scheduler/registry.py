@@ -99,8 +99,19 @@ class WorkerRegistry:
                 self.prefix.drop_worker(w)
             for v in views:
                 self.prefix.set_capacity(v.worker_id, v.total_blocks)
+            for i in infos:
+                self._seed_cost(i)
             self._views = views
             self.version += 1
+
+    def _seed_cost(self, info: common_pb2.WorkerInfo) -> None:
+        """A worker's own startup measurement replaces the prior until we observe it."""
+        if info.worker_id in self.costs or info.prefill_base_ms + info.prefill_ms_per_token <= 0:
+            return
+        model = CostModel(base_ms=info.prefill_base_ms, per_token_ms=info.prefill_ms_per_token)
+        self.costs[info.worker_id] = model
+        if self.on_cost is not None:
+            self.on_cost(info.worker_id, model)
 
     def infos(self) -> list[common_pb2.WorkerInfo]:
         return list(self._infos)

@@ -1,0 +1,33 @@
+"""Workers measure their prefill cost at startup; the scheduler starts from it."""
+
+from __future__ import annotations
+
+import redis
+
+from disagg.metastore.embedded import EmbeddedValkey
+from disagg.policy.cost import CostModel
+from disagg.v1 import scheduler_pb2
+from tests.cluster import Cluster
+
+
+def test_startup_calibration_is_published_and_used(tiny_model: str, valkey: EmbeddedValkey) -> None:
+    with redis.Redis.from_url(valkey.url) as r:
+        r.flushall()
+    cluster = Cluster(tiny_model, valkey.url, prefill=2, decode=1).start()
+    try:
+        workers = cluster.stub().ListWorkers(scheduler_pb2.ListWorkersRequest()).workers
+        assert len(workers) == 3
+        for w in workers:
+            assert w.prefill_ms_per_token >= 0 and w.prefill_base_ms >= 0, w
+            assert w.prefill_base_ms + w.prefill_ms_per_token > 0, w  # measured
+        costs = cluster.app.orchestrator._registry.costs
+        for w in workers:  # before any request: the worker's own measurement, not the prior
+            assert costs[w.worker_id] == CostModel(w.prefill_base_ms, w.prefill_ms_per_token)
+        # The prediction it gives is the worker's measured line.
+        w = workers[0]
+        assert (
+            costs[w.worker_id].prefill_ms(100) == w.prefill_base_ms + 100 * w.prefill_ms_per_token
+        )
+        cluster.wait_no_leaks()  # the calibration prefills left nothing behind
+    finally:
+        cluster.stop()
