@@ -53,6 +53,11 @@ class LeaseTable:
         entry.state, entry.timer = HandleState.TRANSFERRING, self._arm(request_id)
         return True
 
+    def transferring(self, request_id: str) -> bool:
+        """True while a pull of request_id may still read its blocks."""
+        entry = self._entries.get(request_id)
+        return entry is not None and entry.state is HandleState.TRANSFERRING
+
     def finish(self, request_id: str, consumed: bool) -> bool:
         """Frees the blocks; False when nothing was held (already freed)."""
         entry = self._entries.pop(request_id, None)

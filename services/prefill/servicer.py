@@ -114,6 +114,12 @@ class PrefillServicer(worker_pb2_grpc.PrefillWorkerServicer):
         block_ids = held[0]
         max_bytes = request.max_chunk_bytes or self._cfg.max_chunk_bytes
         for span in plan_chunks(self._engine.info.layout, len(block_ids), max_bytes):
+            # Released or expired mid-pull: the blocks may already belong to another request.
+            if not self._leases.transferring(rid):
+                await context.abort(
+                    grpc.StatusCode.ABORTED, f"KV of {rid!r} was freed during the pull"
+                )
+                return
             blocks = block_ids[span.first_block : span.first_block + span.num_blocks]
             k, v = self._engine.read_kv(blocks, span.layer)
             yield worker_pb2.KvChunk(

@@ -60,6 +60,10 @@ class Procs:
             start_new_session=True,
         )
 
+    def scheduler(self, *extra: str) -> None:
+        argv = ["--model", self.model, "--port", str(self.port), "--http-port", "-1", *extra]
+        self.spawn("scheduler", "scheduler", *argv)
+
     def worker(self, role: str, worker_id: str) -> None:
         self.spawn(
             worker_id,
@@ -150,16 +154,7 @@ def _no_leaks(procs: Procs, names: list[str], timeout_s: float = 5.0) -> None:
 
 
 def test_decode_worker_killed_mid_stream_migrates(procs: Procs) -> None:
-    procs.spawn(
-        "scheduler",
-        "scheduler",
-        "--model",
-        procs.model,
-        "--port",
-        str(procs.port),
-        "--http-port",
-        "-1",
-    )
+    procs.scheduler()
     procs.worker("prefill", "prefill-a")
     procs.worker("decode", "decode-a")
     procs.worker("decode", "decode-b")
@@ -205,18 +200,7 @@ def test_decode_worker_killed_mid_stream_migrates(procs: Procs) -> None:
 
 
 def test_prefill_worker_killed_requests_reroute(procs: Procs) -> None:
-    procs.spawn(
-        "scheduler",
-        "scheduler",
-        "--model",
-        procs.model,
-        "--port",
-        str(procs.port),
-        "--http-port",
-        "-1",
-        "--local-prefill-tokens",
-        "0",
-    )
+    procs.scheduler("--local-prefill-tokens", "0")
     procs.worker("prefill", "prefill-a")
     procs.worker("decode", "decode-a")
     procs.wait_workers({"prefill-a", "decode-a"})
