@@ -115,7 +115,15 @@ def _split_candidates(workers: int) -> list[int]:
     if workers <= 8:
         return list(range(1, workers))
     fractions = [i / 8 for i in range(1, 8)]
-    return sorted({min(workers - 1, max(1, round(f * workers))) for f in fractions})
+    grid = {min(workers - 1, max(1, round(f * workers))) for f in fractions}
+    return sorted(grid | {1, workers - 1})
+
+
+def _refine(best: int, tried: set[int], workers: int) -> list[int]:
+    """Splits next to the best one not tried yet (the grid's gaps around it)."""
+    below = max([p for p in tried if p < best], default=best)
+    above = min([p for p in tried if p > best], default=best)
+    return [p for p in range(below + 1, above) if p != best and 0 < p < workers]
 
 
 def recommend(
@@ -131,7 +139,9 @@ def recommend(
     """The P:D split and local-prefill threshold with the highest goodput on ``gpus`` GPUs.
 
     Tries collocated workers, then the P:D splits of a cell with no local
-    prefill, then each threshold on the best split. ``memo`` (cell layout ->
+    prefill (every split up to 8 workers; else a grid of eighths, both ends,
+    then every split between the best one's grid neighbours), then each
+    threshold on the best split. ``memo`` (cell layout ->
     goodput) lets calls for several cluster sizes with the same cell share work.
     """
     gpw = profiles.decode.gpus_per_worker
@@ -146,7 +156,10 @@ def recommend(
         return Candidate(whole, g * cells, gpus)
 
     colloc = score(Cluster(0, per))
-    tried = [score(Cluster(p, per - p)) for p in _split_candidates(per)]
+    splits = _split_candidates(per)
+    tried = [score(Cluster(p, per - p)) for p in splits]
+    first = max(tried, key=lambda c: c.goodput_rps).cluster.prefill // cells
+    tried += [score(Cluster(p, per - p)) for p in _refine(first, set(splits), per)]
     top = sorted(tried, key=lambda c: -c.goodput_rps)[:1]
     for cand in top:
         p, d = cand.cluster.prefill // cells, cand.cluster.decode // cells
