@@ -1,4 +1,4 @@
-"""A network partition between a decode and a prefill worker (tracker issue 6, scenario 7).
+"""A network partition between a decode and a prefill worker.
 
     ns A (10.77.0.1): Valkey + scheduler + client   ns B (10.77.0.2): prefill   ns C (10.77.0.3): decode
 
