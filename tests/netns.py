@@ -17,6 +17,7 @@ import os
 import shutil
 import subprocess
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -74,6 +75,21 @@ class Netns:
 
     def argv(self, host: str, *argv: str) -> list[str]:
         return ["ip", "netns", "exec", self.ns[host], *argv]
+
+    def popen(
+        self, host: str, argv: list[str], log: Path, env: dict[str, str], cwd: Path
+    ) -> subprocess.Popen[bytes]:
+        """argv inside host's namespace, in its own session, stdout+stderr to log."""
+        with open(log, "wb") as out:
+            return subprocess.Popen(
+                self.argv(host, *argv),
+                cwd=cwd,
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
 
 
 def _netns_permitted() -> str | None:

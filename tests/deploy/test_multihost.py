@@ -55,16 +55,8 @@ def test_three_namespaces_serve_greedy_equal_output(
     procs: dict[str, subprocess.Popen[bytes]] = {}
 
     def spawn(name: str, host: str, argv: list[str], env: dict[str, str] | None = None) -> None:
-        with open(tmp_path / f"{name}.log", "wb") as log:
-            procs[name] = subprocess.Popen(
-                netns.argv(host, *argv),
-                cwd=REPO,
-                env={**base_env(), **(env or {})},
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
+        log = tmp_path / f"{name}.log"
+        procs[name] = netns.popen(host, argv, log, {**base_env(), **(env or {})}, REPO)
 
     def logs() -> str:
         return "\n".join(

@@ -154,16 +154,8 @@ def test_partition_between_decode_and_prefill(
     procs: dict[str, subprocess.Popen[Any]] = {}
 
     def spawn(name: str, host: str, argv: list[str], env: dict[str, str] | None = None) -> None:
-        with open(tmp_path / f"{name}.log", "wb") as log:
-            procs[name] = subprocess.Popen(
-                netns.argv(host, *argv),
-                cwd=REPO,
-                env={**base_env(), **(env or {})},
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
+        log = tmp_path / f"{name}.log"
+        procs[name] = netns.popen(host, argv, log, {**base_env(), **(env or {})}, REPO)
 
     def log_of(name: str) -> str:
         return (tmp_path / f"{name}.log").read_text(errors="replace")
