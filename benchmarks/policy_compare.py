@@ -178,8 +178,7 @@ def main() -> int:
     out: dict[str, Any] = {"runs": rows, "slo_ttft_ms": args.slo_ttft_ms, "rate": args.rate}
     for r in rows:
         for k in ("mean_ttft_ms", "p99_ttft_ms", "slo_attainment"):
-            key = "p99_ttft_ms" if k == "p99_ttft_ms" else k
-            out[f"{key}_{r['policy']}"] = r[k]
+            out[f"{k}_{r['policy']}"] = r[k]
     if args.json:
         with open(args.json, "w") as f:
             json.dump(out, f, indent=2)
