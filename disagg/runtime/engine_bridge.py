@@ -13,7 +13,6 @@ from collections.abc import AsyncGenerator
 from disagg.engine.api import (
     Engine,
     EngineRequest,
-    FinishReason,
     RequestMode,
     SamplingParams,
     TokenOutput,
@@ -53,7 +52,3 @@ async def run_request(
     finally:
         if not finished:
             engine.abort(request_id)
-
-
-def is_terminal(out: TokenOutput) -> bool:
-    return out.finish is not None and out.finish is not FinishReason.PREFILLED
