@@ -296,6 +296,7 @@ def run_point(
 def point_row(pt: Point, slo: dict[str, float]) -> dict[str, Any]:
     s = report.summarize(pt.results, pt.duration_s, pt.rate, None, slo)
     ok = [r for r in pt.results if r.success]
+    gaps = [g * 1e3 for r in ok for g in r.itl]
     return {
         "layout": pt.layout,
         "rate": pt.rate,
@@ -305,6 +306,9 @@ def point_row(pt: Point, slo: dict[str, float]) -> dict[str, Any]:
         "ttft_p99_ms": s.ttft_ms.p99,
         "itl_p50_ms": s.itl_ms.median,
         "itl_p99_ms": s.itl_ms.p99,
+        "itl_p999_ms": percentile(gaps, 99.9),
+        # Gaps longer than the TPOT SLO: a prefill stall shows in the ITL p99 only above 1 %.
+        "slow_gap_share": sum(g > slo["tpot_ms"] for g in gaps) / max(len(gaps), 1),
         "tpot_p50_ms": s.tpot_ms.median,
         "attainment": s.good / max(len(pt.results), 1),
         "throughput_rps": s.request_throughput,
@@ -534,6 +538,68 @@ def validate(pt: Point, profiles: plan_profile.Profiles, cluster: Cluster) -> di
     return out
 
 
+def planner_validation(
+    points: list[Point],
+    raw: tuple[dict[str, Any], dict[str, Any]],
+    cal: tuple[dict[str, Any], dict[str, Any]],
+    local_tokens: int,
+) -> list[dict[str, Any]]:
+    """Every measured point replayed by the simulator, from raw and calibrated profiles."""
+    by_name = {lay.name: lay.cluster for lay in layouts(local_tokens)}
+    out = []
+    for pt in points:
+        v = validate(pt, profile_set(*raw), by_name[pt.layout])
+        vc = validate(pt, profile_set(*cal), by_name[pt.layout])
+        v["calibrated"] = {k: x for k, x in vc.items() if k.startswith(("predicted", "error"))}
+        out.append(v)
+    return out
+
+
+def print_validation(validation: list[dict[str, Any]]) -> None:
+    print(
+        "simulator vs measured (p99); engine profile as measured | calibrated to this run's probes:"
+    )
+    for v in validation:
+        c = v["calibrated"]
+        print(
+            f"  {v['layout']:6} {v['rate']:.2f} rps: TTFT {v['predicted_ttft_p99_ms']:.0f} vs "
+            f"{v['measured_ttft_p99_ms']:.0f} ms ({100 * v['error_ttft_p99']:+.0f}%), ITL "
+            f"{v['predicted_itl_p99_ms']:.1f} vs {v['measured_itl_p99_ms']:.1f} ms "
+            f"({100 * v['error_itl_p99']:+.0f}%) | TTFT {c['predicted_ttft_p99_ms']:.0f} "
+            f"({100 * c['error_ttft_p99']:+.0f}%), ITL {c['predicted_itl_p99_ms']:.1f} "
+            f"({100 * c['error_itl_p99']:+.0f}%)"
+        )
+    for key in ("error_ttft_p99", "error_itl_p99"):
+        raw = sum(abs(v[key]) <= 0.2 for v in validation)
+        cal = sum(abs(v["calibrated"][key]) <= 0.2 for v in validation)
+        print(f"  {key[6:]} within 20 %: {raw} of {len(validation)} raw, {cal} calibrated")
+
+
+def revalidate(path: str, local_tokens: int) -> int:
+    """The planner's validation again, from a run's --json (its points and profiles)."""
+    with open(path) as f:
+        run = json.load(f)
+    points = []
+    for p in run["points"]:
+        reqs = [
+            BenchRequest(max_tokens=m, prompt_len=n)
+            for n, m in zip(p["prompt"], p["max_tokens"], strict=True)
+        ]
+        pt = Point(p["layout"], p["rate"], reqs, p["gaps_s"])
+        pt.results = [
+            RequestResult(success=ok, ttft=t, itl=itl, prompt_len=n)
+            for ok, t, itl, n in zip(
+                p["success"], p["ttft_s"], p["itl_s"], p["prompt"], strict=True
+            )
+        ]
+        points.append(pt)
+    pr = run["profiles"]
+    raw = (pr["prefill_decode_1_thread"], pr["colloc_2_threads"])
+    cal = (pr["calibrated_1_thread"], pr["calibrated_2_threads"])
+    print_validation(planner_validation(points, raw, cal, local_tokens))
+    return 0
+
+
 def table(rows: list[dict[str, Any]]) -> str:
     cols = [
         ("layout", "{:8}"),
@@ -544,6 +610,8 @@ def table(rows: list[dict[str, Any]]) -> str:
         ("ttft_p99_ms", "{:9.0f}"),
         ("itl_p50_ms", "{:8.1f}"),
         ("itl_p99_ms", "{:8.1f}"),
+        ("itl_p999_ms", "{:8.1f}"),
+        ("slow_gap_share", "{:6.2%}"),
         ("tpot_p50_ms", "{:8.1f}"),
         ("attainment", "{:6.2f}"),
         ("output_tok_s", "{:7.1f}"),
@@ -557,6 +625,8 @@ def table(rows: list[dict[str, Any]]) -> str:
         "TTFT p99",
         "ITL p50",
         "ITL p99",
+        "ITL p99.9",
+        "gaps > Y",
         "TPOT p50",
         "SLO %",
         "tok/s",
@@ -622,12 +692,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--interference-s", type=float, default=15.0, help="0 = skip that measurement")
     p.add_argument("--only-interference", action="store_true", help="measure only that, print it")
+    p.add_argument(
+        "--revalidate", metavar="JSON", help="replay a run's --json through the simulator only"
+    )
     p.add_argument("--_phase", help=argparse.SUPPRESS)
     p.add_argument("--_seconds", type=float, default=10.0, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     if a._phase:
         phase_main(a.model, a._phase, a._seconds)
         return 0
+    if a.revalidate:
+        return revalidate(a.revalidate, a.local_prefill_tokens)
 
     from disagg.engine.model_loader import resolve_model
 
@@ -689,9 +764,10 @@ def main(argv: list[str] | None = None) -> int:
                     f"   SLO: TTFT <= {slo['ttft_ms']:.0f} ms, TPOT <= {slo['tpot_ms']:.1f} ms; "
                     f"rates {rates} req/s (prefill capacity {cap:.2f} req/s)"
                 )
-            for j, rate in enumerate(rates):
+            for rate in rates:
                 n = min(max_n, max(min_n, round(rate * duration)))
-                pt = run_point(address, lay.name, rate, n, mix, vocab, a.seed + 100 * j)
+                # Common random numbers: every rate replays the same requests, time-scaled.
+                pt = run_point(address, lay.name, rate, n, mix, vocab, a.seed)
                 points.append(pt)
                 rows.append(point_row(pt, slo))
                 r = rows[-1]
@@ -701,18 +777,12 @@ def main(argv: list[str] | None = None) -> int:
                 )
 
     # The planner's view of the same runs.
-    kvb = kv_bytes_per_token(model)
     t1 = prof.get("t1") or probe_profile(probes["disagg"])
     t2 = prof.get("t2") or probe_profile(probes["colloc"])
-    t1 = with_transfer(t1, probes["disagg"], kvb)
+    t1 = with_transfer(t1, probes["disagg"], kv_bytes_per_token(model))
     c1, c2 = calibrated(t1, probes["disagg"]), calibrated(t2, probes["colloc"])
+    validation = planner_validation(points, (t1, t2), (c1, c2), a.local_prefill_tokens)
     by_name = {lay.name: lay.cluster for lay in layouts(a.local_prefill_tokens)}
-    validation = []
-    for pt in points:
-        v = validate(pt, profile_set(t1, t2), by_name[pt.layout])
-        vc = validate(pt, profile_set(c1, c2), by_name[pt.layout])
-        v["calibrated"] = {k: x for k, x in vc.items() if k.startswith(("predicted", "error"))}
-        validation.append(v)
 
     good = {}
     for name in by_name:
@@ -759,6 +829,7 @@ def main(argv: list[str] | None = None) -> int:
                 "max_tokens": [r.max_tokens for r in pt.requests],
                 "gaps_s": pt.gaps,
                 "ttft_s": [r.ttft for r in pt.results],
+                "itl_s": [r.itl for r in pt.results],
                 "success": [r.success for r in pt.results],
             }
             for pt in points
@@ -785,19 +856,7 @@ def main(argv: list[str] | None = None) -> int:
         f"itl_p99_ratio (disagg / colloc at {at:.2f} rps) = {out['itl_p99_ratio']:.2f}; "
         f"goodput_ratio = {out['goodput_ratio']:.2f}"
     )
-    print(
-        "simulator vs measured (p99); engine profile as measured | calibrated to this run's probes:"
-    )
-    for v in validation:
-        c = v["calibrated"]
-        print(
-            f"  {v['layout']:6} {v['rate']:.2f} rps: TTFT {v['predicted_ttft_p99_ms']:.0f} vs "
-            f"{v['measured_ttft_p99_ms']:.0f} ms ({100 * v['error_ttft_p99']:+.0f}%), ITL "
-            f"{v['predicted_itl_p99_ms']:.1f} vs {v['measured_itl_p99_ms']:.1f} ms "
-            f"({100 * v['error_itl_p99']:+.0f}%) | TTFT {c['predicted_ttft_p99_ms']:.0f} "
-            f"({100 * c['error_ttft_p99']:+.0f}%), ITL {c['predicted_itl_p99_ms']:.1f} "
-            f"({100 * c['error_itl_p99']:+.0f}%)"
-        )
+    print_validation(validation)
     if a.json_path:
         with open(a.json_path, "w") as f:
             json.dump(out, f, indent=2, default=str)

@@ -9,9 +9,10 @@ name is not in ``AttentionMaskInterface``, so ``create_causal_mask`` returns Non
 Per layer the function (1) writes this step's post-RoPE K/V into the pool at
 the tokens' slots, then (2) attends:
 
-- decode tokens (the first ``num_decode`` tokens, one per request): one batched
-  SDPA over each request's blocks gathered into ``[B, kv_heads, L, d]`` with a
-  length mask;
+- decode tokens (the first ``num_decode`` tokens, one per request): per group of
+  requests of similar context length, one batched SDPA over their blocks
+  gathered into ``[b, kv_heads, L, d]`` with a length mask (grouping keeps one
+  long context from padding every short one to its length);
 - prefill chunks: one SDPA per request; a chunk without cached prefix attends
   to its own K/V causally, a chunk after a cached prefix gathers the prefix
   from the pool and uses a causal mask offset by the prefix length.
@@ -45,15 +46,47 @@ class PrefillSpan:
 
 
 @dataclass
+class DecodeGroup:
+    """Decode requests attended together: their rows among the first ``num_decode`` tokens."""
+
+    rows: slice | torch.Tensor  # a slice when the group is every decode row, in order
+    block_tables: torch.Tensor  # long [b, max_blocks] (padded to the group's longest)
+    mask: torch.Tensor  # bool [b, 1, 1, max_blocks * block_size]: key < context length
+
+
+@dataclass
 class PagedMetadata:
     """What attention needs for one step; built once per step by the runner."""
 
     kv: KVCache
     slot_mapping: torch.Tensor  # long [T]: pool slot of each flattened token
     num_decode: int = 0
-    decode_block_tables: torch.Tensor | None = None  # long [B, max_blocks] (padded)
-    decode_mask: torch.Tensor | None = None  # bool [B, 1, 1, max_blocks * block_size]
+    decode_groups: list[DecodeGroup] = field(default_factory=list)
     prefills: list[PrefillSpan] = field(default_factory=list)
+
+
+def group_by_length(num_blocks: list[int], min_split_blocks: int = 8) -> list[list[int]]:
+    """Indices of ``num_blocks`` in groups whose padded cost stays near the true one.
+
+    Sorted by length, a new group starts where a request is more than twice as
+    long as the group's shortest and longer by at least ``min_split_blocks``
+    (below that, another SDPA call costs more than the padding it saves). So
+    every group pads at most ~2x, and there are at most ~log2(longest/shortest)
+    groups. One group (every index, in order) when nothing is worth splitting.
+    """
+    order = sorted(range(len(num_blocks)), key=num_blocks.__getitem__)
+    groups: list[list[int]] = []
+    for i in order:
+        if groups:
+            first = num_blocks[groups[-1][0]]
+            n = num_blocks[i]
+            if not (n > 2 * first and n - first >= min_split_blocks):
+                groups[-1].append(i)
+                continue
+        groups.append([i])
+    if len(groups) == 1:
+        return [list(range(len(num_blocks)))]
+    return groups
 
 
 def prefix_causal_mask(chunk: int, context_len: int, device: torch.device) -> torch.Tensor:
@@ -96,16 +129,14 @@ def paged_attention_forward(
     v_cache.view(-1, kv_heads, head_dim).index_copy_(0, paged.slot_mapping, v_tok)
 
     out = query.new_empty(num_tokens, num_heads, head_dim)
-    nd = paged.num_decode
-    if nd:
-        assert paged.decode_block_tables is not None
-        q = query[0, :, :nd].transpose(0, 1).unsqueeze(2)  # [B, H, 1, d]
-        k = _gather(k_cache, paged.decode_block_tables)  # [B, Hkv, L, d]
-        v = _gather(v_cache, paged.decode_block_tables)
+    for group in paged.decode_groups:
+        q = query[0, :, group.rows].transpose(0, 1).unsqueeze(2)  # [b, H, 1, d]
+        k = _gather(k_cache, group.block_tables)  # [b, Hkv, L, d]
+        v = _gather(v_cache, group.block_tables)
         o = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=paged.decode_mask, scale=scaling, enable_gqa=True
+            q, k, v, attn_mask=group.mask, scale=scaling, enable_gqa=True
         )
-        out[:nd] = o.squeeze(2)
+        out[group.rows] = o.squeeze(2)
     for span in paged.prefills:
         q = query[:, :, span.start : span.end]
         if span.mask is None:

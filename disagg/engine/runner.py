@@ -11,7 +11,14 @@ from typing import Any
 
 import torch
 
-from disagg.engine.attention import PagedMetadata, PrefillSpan, prefix_causal_mask, register
+from disagg.engine.attention import (
+    DecodeGroup,
+    PagedMetadata,
+    PrefillSpan,
+    group_by_length,
+    prefix_causal_mask,
+    register,
+)
 from disagg.engine.kv_cache import KVCache
 from disagg.engine.scheduler import ScheduledBatch
 
@@ -71,14 +78,16 @@ class ModelRunner:
     def _decode_tables(self, batch: ScheduledBatch, meta: PagedMetadata) -> None:
         bs = self.block_size
         ctx = [s.num_computed + 1 for s in batch.decodes]
-        width = max(-(-c // bs) for c in ctx)
-        rows = [
-            s.block_ids[:width] + [0] * (width - len(s.block_ids[:width])) for s in batch.decodes
-        ]
-        meta.decode_block_tables = self._long(rows)
-        ctx_t = self._long(ctx)
-        keys = torch.arange(width * bs, device=self.device)
-        meta.decode_mask = (keys[None, :] < ctx_t[:, None])[:, None, None, :]
+        blocks = [-(-c // bs) for c in ctx]
+        groups = group_by_length(blocks)
+        for idx in groups:
+            width = max(blocks[i] for i in idx)
+            table = [batch.decodes[i].block_ids[:width] for i in idx]
+            table = [row + [0] * (width - len(row)) for row in table]
+            keys = torch.arange(width * bs, device=self.device)
+            mask = (keys[None, :] < self._long([ctx[i] for i in idx])[:, None])[:, None, None, :]
+            rows = slice(0, len(ctx)) if len(groups) == 1 else self._long(idx)
+            meta.decode_groups.append(DecodeGroup(rows, self._long(table), mask))
 
     @torch.inference_mode()
     def run(self, batch: ScheduledBatch) -> torch.Tensor:

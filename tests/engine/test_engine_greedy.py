@@ -161,3 +161,30 @@ def test_chunked_prefill_after_prefix_hit(make_engine, reference) -> None:
     sink.wait([b.request_id])
     assert sink.outputs[b.request_id][0].cached_tokens == 32
     assert sink.tokens(b.request_id) == reference(b.prompt_token_ids, 15)
+
+
+def test_long_and_short_decodes_attend_in_length_groups(
+    make_engine, reference, monkeypatch
+) -> None:
+    # A 200-token context decoding beside 3-token ones: the runner splits them into length
+    # groups (else every short row pads to 13 blocks); the tokens must not change.
+    from disagg.engine import attention, runner
+
+    splits: list[int] = []
+
+    def spy(num_blocks: list[int], min_split_blocks: int = 8) -> list[list[int]]:
+        groups = attention.group_by_length(num_blocks, min_split_blocks)
+        splits.append(len(groups))
+        return groups
+
+    monkeypatch.setattr(runner, "group_by_length", spy)
+    eng = make_engine(num_blocks=64)
+    sink = OutputCollector()
+    specs = [(200, 30), (3, 30), (2, 25), (150, 20), (4, 30), (40, 30)]
+    reqs = [request(prompt_of(n, 300 + i), sink, max_tokens=m) for i, (n, m) in enumerate(specs)]
+    for r in reqs:
+        eng.submit(r)
+    sink.wait([r.request_id for r in reqs])
+    assert max(splits) >= 2, splits
+    for r, (_, m) in zip(reqs, specs, strict=True):
+        assert sink.tokens(r.request_id) == reference(r.prompt_token_ids, m), r.request_id

@@ -36,7 +36,7 @@ ROW_KEYS = {
 }
 
 
-def test_quick_run_writes_every_key(tiny_model: str, tmp_path) -> None:  # type: ignore[no-untyped-def]
+def test_quick_run_writes_every_key_and_replays(tiny_model: str, tmp_path) -> None:  # type: ignore[no-untyped-def]
     out, png = tmp_path / "r.json", tmp_path / "r.png"
     r = subprocess.run(
         [
@@ -64,3 +64,22 @@ def test_quick_run_writes_every_key(tiny_model: str, tmp_path) -> None:  # type:
     assert set(data["goodput"]) == {"colloc", "disagg", "cond"}
     assert png.stat().st_size > 0
     assert "itl_p99_ratio" in r.stdout and "goodput" in r.stdout
+
+    # The stored points replay through the simulator offline, to the same predictions.
+    again = subprocess.run(
+        [
+            sys.executable,
+            os.path.join(ROOT, "benchmarks", "disagg_vs_colloc.py"),
+            "--revalidate",
+            str(out),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert again.returncode == 0, again.stderr[-3000:]
+    for v in data["validation"]:
+        line = f"TTFT {v['predicted_ttft_p99_ms']:.0f} vs {v['measured_ttft_p99_ms']:.0f} ms"
+        assert line in again.stdout, (line, again.stdout)
+    assert "within 20 %" in again.stdout
