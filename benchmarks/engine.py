@@ -371,6 +371,7 @@ def profile(
     finally:
         eng.stop()
     lay = eng.info.layout
+    out["decode_context"] = "mean"  # decode attention runs in length groups (no padding to max)
     out["kv_bytes_per_token"] = 2 * lay.num_layers * lay.bytes_per_block_per_layer // lay.block_size
     out["layout"] = lay.__dict__
     out["model"] = path

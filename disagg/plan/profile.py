@@ -4,7 +4,9 @@ The format is the engine benchmark's ``--profile-out`` JSON
 (``benchmarks/engine.py``): ``prefill`` = ``[{tokens, ms}]``, ``decode`` =
 ``[{batch, context, step_ms}]``, ``kv_bytes_per_token``. The planner adds
 optional keys: ``transfer`` = ``{base_ms, ms_per_mb, blocks_decode}`` (KV
-handoff time as a function of bytes; whether it occupies the decode worker), ``max_num_seqs``, ``max_num_batched_tokens``,
+handoff time as a function of bytes; whether it occupies the decode worker),
+``decode_context`` (``mean`` or ``max``: the context a mixed decode batch costs
+as), ``max_num_seqs``, ``max_num_batched_tokens``,
 ``gpus_per_worker`` and free-form ``sources`` (where each number came from).
 """
 
@@ -40,6 +42,9 @@ class Profile:
     # The decode worker's own compute moves the KV (a CPU pull over gRPC): the handoff
     # delays its next step by the transfer time. False where DMA/RDMA moves it (GPUs).
     transfer_blocks_decode: bool = False
+    # Which context a decode step costs as: "mean" (paged kernels, length groups) or
+    # "max" (one attention batch padded to its longest context).
+    decode_context: str = "mean"
     name: str = ""
 
     def __post_init__(self) -> None:
@@ -49,6 +54,8 @@ class Profile:
             raise ValueError("prefill points must have tokens > 0 and ms > 0")
         if self.max_num_seqs <= 0 or self.max_num_batched_tokens <= 0 or self.gpus_per_worker <= 0:
             raise ValueError("max_num_seqs, max_num_batched_tokens, gpus_per_worker must be > 0")
+        if self.decode_context not in ("mean", "max"):
+            raise ValueError("decode_context must be 'mean' or 'max'")
         # Interpolation grids, built once: the simulator calls these per engine step.
         contexts = sorted({c for _, c, _ in self.decode})
         rows = []
@@ -96,6 +103,7 @@ def from_json(data: Mapping[str, Any], name: str = "") -> Profile:
         max_num_batched_tokens=int(data.get("max_num_batched_tokens", 2048)),
         gpus_per_worker=int(data.get("gpus_per_worker", 1)),
         transfer_blocks_decode=bool(transfer.get("blocks_decode", False)),
+        decode_context=str(data.get("decode_context", "mean")),
         name=name or str(data.get("name", "")),
     )
 

@@ -9,7 +9,8 @@ A request's lifecycle:
 2. Prefill: each engine step takes waiting prompts FIFO, in chunks, up to
    ``max_num_batched_tokens``; on a decode worker the running decodes share
    that step (decodes first, as the engine's step scheduler does), and the step
-   costs ``decode_ms(batch, context) + prefill_ms(chunk tokens)``.
+   costs ``decode_ms(batch, context) + prefill_ms(chunk tokens)`` (context: the
+   batch's mean, or its longest where the profile says attention pads to it).
 3. The step that completes a prompt emits the first token (TTFT).
 4. After a remote prefill the KV handoff takes ``transfer_ms(prompt)``, then the
    request joins the decode worker with the fewest sequences (chosen at the
@@ -138,7 +139,10 @@ class _Worker:
         self.stall_ms = 0.0  # KV pulls this worker's compute owes before its next step
 
     def decode_ms(self, batch: int) -> float:
-        key = (batch, self.ctx_sum // (8 * batch))
+        if self.p.decode_context == "max":  # attention padded to the longest context
+            key = (batch, max(live.ctx for live in self.running) // 8)
+        else:
+            key = (batch, self.ctx_sum // (8 * batch))
         ms = self.costs.get(key)
         if ms is None:
             ms = self.costs[key] = self.p.decode_ms(batch, key[1] * 8 + 4)

@@ -49,6 +49,22 @@ def test_collocated_long_prompts_stall_decoding_and_disaggregation_does_not() ->
     assert max(disagg.itl_ms) < 50
 
 
+def test_padded_decode_costs_the_longest_context() -> None:
+    """One long context among short ones: a padded batch pays its length for every row."""
+    import dataclasses
+
+    p = dataclasses.replace(
+        profile(),
+        decode=tuple((b, c, 1.0 + 0.01 * b * c / 128) for c in (128, 4096) for b in (1, 64)),
+    )
+    reqs = [SimRequest(0.0, 4000, 400)] + [SimRequest(0.001 * i, 100, 20) for i in range(1, 16)]
+    mean = simulate(same(p), Cluster(1, 1), reqs)
+    padded = simulate(same(dataclasses.replace(p, decode_context="max")), Cluster(1, 1), reqs)
+    assert max(padded.itl_ms) > 2 * max(mean.itl_ms)
+    with pytest.raises(ValueError):
+        dataclasses.replace(p, decode_context="median")
+
+
 def test_simulation_is_deterministic_and_finishes_every_request() -> None:
     p = profile()
     reqs = poisson(parse_mix("0.3:500-900:10-20,0.7:20-60:30-80"), 30.0, 300, seed=4)
