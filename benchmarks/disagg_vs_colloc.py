@@ -117,15 +117,24 @@ def log(msg: str) -> None:
 # ------------------------------------------------------------------ workload
 
 
-def make_requests(mix: Mix, n: int, vocab: int, seed: int) -> list[BenchRequest]:
+def make_requests(
+    mix: Mix, n: int, vocab: int, seed: int, token_seed: int | None = None
+) -> list[BenchRequest]:
+    """Lengths from ``seed``; token ids from ``token_seed`` (default: ``seed``).
+
+    Points that share ``seed`` get the same lengths; a different ``token_seed``
+    gives them different prompts, so one point's KV never serves the next from
+    the prefix cache.
+    """
     rng = random.Random(seed)
+    tok = random.Random(seed if token_seed is None else token_seed)
     lo = min(1000, vocab // 4)
     out = []
     for _ in range(n):
         long = rng.random() < mix.long_share
         plen = rng.randint(*(mix.long_prompt if long else mix.chat_prompt))
         olen = rng.randint(*(mix.long_output if long else mix.chat_output))
-        ids = [rng.randrange(lo, vocab) for _ in range(plen)]
+        ids = [tok.randrange(lo, vocab) for _ in range(plen)]
         out.append(BenchRequest(prompt_token_ids=ids, max_tokens=olen, prompt_len=plen))
     return out
 
@@ -284,9 +293,16 @@ async def _drive(address: str, requests: list[BenchRequest], gaps: list[float]) 
 
 
 def run_point(
-    address: str, layout: str, rate: float, n: int, mix: Mix, vocab: int, seed: int
+    address: str,
+    layout: str,
+    rate: float,
+    n: int,
+    mix: Mix,
+    vocab: int,
+    seed: int,
+    token_seed: int | None = None,
 ) -> Point:
-    reqs = make_requests(mix, n, vocab, seed)
+    reqs = make_requests(mix, n, vocab, seed, token_seed)
     gaps = poisson_gaps(n, rate, 1.0, seed)
     pt = Point(layout, rate, reqs, gaps)
     pt.results, pt.duration_s = asyncio.run(_drive(address, reqs, gaps))
@@ -764,10 +780,11 @@ def main(argv: list[str] | None = None) -> int:
                     f"   SLO: TTFT <= {slo['ttft_ms']:.0f} ms, TPOT <= {slo['tpot_ms']:.1f} ms; "
                     f"rates {rates} req/s (prefill capacity {cap:.2f} req/s)"
                 )
-            for rate in rates:
+            for j, rate in enumerate(rates):
                 n = min(max_n, max(min_n, round(rate * duration)))
-                # Common random numbers: every rate replays the same requests, time-scaled.
-                pt = run_point(address, lay.name, rate, n, mix, vocab, a.seed)
+                # Common random numbers: every rate replays the same lengths and arrival
+                # gaps (time-scaled), with fresh prompt tokens (no prefix-cache hits).
+                pt = run_point(address, lay.name, rate, n, mix, vocab, a.seed, 7919 * (j + 1))
                 points.append(pt)
                 rows.append(point_row(pt, slo))
                 r = rows[-1]
