@@ -21,6 +21,7 @@ KEYS = {
     "itl_p99_ratio",
     "itl_p99_ratio_rate",
     "itl_p99_ratio_by_rate",
+    "itl_p99_ratio_cond_by_rate",
     "goodput_ratio",
     "validation",
     "profiles",
