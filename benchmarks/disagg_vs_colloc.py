@@ -700,6 +700,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rates", default="", help="absolute rates (req/s), overriding --loads")
     p.add_argument("--duration", type=float, default=60.0, help="seconds of arrivals per point")
     p.add_argument("--min-requests", type=int, default=6)
+    p.add_argument(
+        "--long-share", type=float, default=0.2, help="share of ~1,500-token prompts in the mix"
+    )
     p.add_argument("--ttft-scale", type=float, default=3.0, help="X = this x TTFT(long, alone)")
     p.add_argument("--itl-scale", type=float, default=3.0, help="Y = this x TPOT(chat, alone)")
     p.add_argument(
@@ -732,7 +735,9 @@ def main(argv: list[str] | None = None) -> int:
     model = resolve_model(a.model)
     with open(os.path.join(model, "config.json")) as f:
         vocab = int(json.load(f)["vocab_size"])
-    mix = QUICK_MIX if a.quick else Mix()
+    if not 0.0 < a.long_share <= 1.0:
+        p.error("--long-share must be in (0, 1]")
+    mix = QUICK_MIX if a.quick else Mix(long_share=a.long_share)
     duration = 1.0 if a.quick else a.duration
     min_n = 4 if a.quick else a.min_requests
     max_n = 6 if a.quick else 10**6
