@@ -598,10 +598,16 @@ def print_validation(validation: list[dict[str, Any]]) -> None:
         print(f"  {key[6:]} within 20 %: {raw} of {len(validation)} raw, {cal} calibrated")
 
 
-def revalidate(path: str, local_tokens: int) -> int:
-    """The planner's validation again, from a run's --json (its points and profiles)."""
+def revalidate(path: str, local_tokens: int, decode_context: str = "") -> int:
+    """The planner's validation again, from a run's --json (its points and profiles).
+
+    ``decode_context`` ("mean" or "max") overrides the profiles' decode cost model.
+    """
     with open(path) as f:
         run = json.load(f)
+    if decode_context:
+        for prof in run["profiles"].values():
+            prof["decode_context"] = decode_context
     points = []
     for p in run["points"]:
         reqs = [
@@ -721,6 +727,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--revalidate", metavar="JSON", help="replay a run's --json through the simulator only"
     )
+    p.add_argument(
+        "--decode-context",
+        choices=("mean", "max"),
+        default="",
+        help="with --revalidate: cost mixed decode batches at their mean or longest context",
+    )
     p.add_argument("--_phase", help=argparse.SUPPRESS)
     p.add_argument("--_seconds", type=float, default=10.0, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
@@ -728,7 +740,7 @@ def main(argv: list[str] | None = None) -> int:
         phase_main(a.model, a._phase, a._seconds)
         return 0
     if a.revalidate:
-        return revalidate(a.revalidate, a.local_prefill_tokens)
+        return revalidate(a.revalidate, a.local_prefill_tokens, a.decode_context)
 
     from disagg.engine.model_loader import resolve_model
 
