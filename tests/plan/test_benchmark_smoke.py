@@ -37,26 +37,18 @@ ROW_KEYS = {
 }
 
 
-def test_quick_run_writes_every_key_and_replays(tiny_model: str, tmp_path) -> None:  # type: ignore[no-untyped-def]
-    out, png = tmp_path / "r.json", tmp_path / "r.png"
+def bench(*args: str, timeout: float) -> subprocess.CompletedProcess[str]:
+    script = os.path.join(ROOT, "benchmarks", "disagg_vs_colloc.py")
     r = subprocess.run(
-        [
-            sys.executable,
-            os.path.join(ROOT, "benchmarks", "disagg_vs_colloc.py"),
-            "--quick",
-            "--model",
-            tiny_model,
-            "--json",
-            str(out),
-            "--plot",
-            str(png),
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
+        [sys.executable, script, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout
     )
     assert r.returncode == 0, r.stderr[-3000:]
+    return r
+
+
+def test_quick_run_writes_every_key_and_replays(tiny_model: str, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    out, png = tmp_path / "r.json", tmp_path / "r.png"
+    r = bench("--quick", "--model", tiny_model, "--json", str(out), "--plot", str(png), timeout=300)
     data = json.loads(out.read_text())
     assert KEYS <= set(data)
     assert {row["layout"] for row in data["rows"]} == {"colloc", "disagg", "cond"}
@@ -67,19 +59,7 @@ def test_quick_run_writes_every_key_and_replays(tiny_model: str, tmp_path) -> No
     assert "itl_p99_ratio" in r.stdout and "goodput" in r.stdout
 
     # The stored points replay through the simulator offline, to the same predictions.
-    again = subprocess.run(
-        [
-            sys.executable,
-            os.path.join(ROOT, "benchmarks", "disagg_vs_colloc.py"),
-            "--revalidate",
-            str(out),
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert again.returncode == 0, again.stderr[-3000:]
+    again = bench("--revalidate", str(out), timeout=120)
     for v in data["validation"]:
         line = f"TTFT {v['predicted_ttft_p99_ms']:.0f} vs {v['measured_ttft_p99_ms']:.0f} ms"
         assert line in again.stdout, (line, again.stdout)
