@@ -75,13 +75,14 @@ def test_decode_worker_drain_finishes_inflight_and_leaves_registry(make_cluster)
         ids = []
         for r in cluster.stub().Generate(req):
             ids.extend(r.token_ids)
-            started.set()
+            if len(ids) >= 2:  # the first token comes from prefill, the rest from decode
+                started.set()
             out["finish"] = r.finish_reason
         out["ids"] = ids
 
     t = threading.Thread(target=long_stream)
     t.start()
-    assert started.wait(10)
+    assert started.wait(10)  # the Decode RPC is in flight: the drain must let it finish
     cluster._loop.call_soon_threadsafe(decode.request_stop)
     t.join(30)
     assert out["finish"] == "length" and len(out["ids"]) == 150  # type: ignore[arg-type]
