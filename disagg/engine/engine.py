@@ -7,8 +7,8 @@ pass. ``on_output`` callbacks run on the engine thread, outside the lock.
 
 Block ownership: every block id a request holds is freed exactly once -- on
 finish, abort, failure or preemption -- except a PREFILL_ONLY request's blocks,
-which move to ``_held`` until ``release``; ``reserve_import`` blocks live in
-``_imports`` until a DECODE ``submit`` adopts them or ``release`` frees them.
+which the ``KVHandoff`` holds until ``release``; ``reserve_import`` blocks wait
+there until a DECODE ``submit`` adopts them or ``release`` frees them.
 A request inside a running forward is only marked aborted; the engine thread
 frees it after the forward, so no block is reused while it is being written.
 """
@@ -36,6 +36,7 @@ from disagg.engine.sampler import make_generator, sample
 from disagg.engine.scheduler import ScheduledBatch, Scheduler
 from disagg.engine.sequence import SeqStatus, Sequence
 from disagg.kvpool.allocator import BlockAllocator
+from disagg.kvpool.handoff import KVHandoff
 from disagg.runtime.config import EngineConfig
 
 log = logging.getLogger(__name__)
@@ -63,8 +64,7 @@ class LLMEngine:
         self._eos = frozenset(self.info.eos_token_ids)
         self._lock = threading.Condition(threading.RLock())
         self._seqs: dict[str, Sequence] = {}  # waiting or running
-        self._held: dict[str, tuple[list[int], int]] = {}  # PREFILL_ONLY KV awaiting a pull
-        self._imports: dict[str, tuple[list[int], int]] = {}  # reserved, not yet submitted
+        self._handoff = KVHandoff(self.allocator)  # held for a pull, reserved for an import
         self._inflight: set[Sequence] = set()
         self._pending: list[_Emit] = []  # outputs decided off the engine thread
         self._thread: threading.Thread | None = None
@@ -99,7 +99,7 @@ class LLMEngine:
             error = self._validate(req)
             if error is not None:
                 if req.mode is RequestMode.DECODE:
-                    self._release_locked(req.request_id)
+                    self._handoff.release(req.request_id)
                 self._emit_later(req, TokenOutput(req.request_id, (), FinishReason.ERROR, error))
                 return
             seq = self._new_sequence(req)
@@ -116,7 +116,7 @@ class LLMEngine:
                     seq.aborted = True
                 else:
                     self._finish(seq, FinishReason.CANCELLED, (), self._pending)
-            self._release_locked(request_id)
+            self._handoff.release(request_id)
             self._lock.notify_all()
 
     def stats(self) -> EngineStats:
@@ -127,37 +127,29 @@ class LLMEngine:
                 running=len(self.scheduler.running),
                 waiting=len(self.scheduler.waiting),
                 queued_prefill_tokens=self.scheduler.queued_prefill_tokens(),
-                held=len(self._held),
+                held=self._handoff.num_held,
             )
 
     # KV transfer.
 
     def held_blocks(self, request_id: str) -> tuple[list[int], int] | None:
         with self._lock:
-            held = self._held.get(request_id)
-            return (list(held[0]), held[1]) if held is not None else None
+            return self._handoff.held(request_id)
 
     def read_kv(self, block_ids: list[int], layer: int) -> tuple[bytes, bytes]:
         return self.kv.read(block_ids, layer)
 
     def release(self, request_id: str) -> bool:
         with self._lock:
-            released = self._release_locked(request_id)
+            released = self._handoff.release(request_id)
             self._lock.notify_all()
             return released
 
     def reserve_import(self, request_id: str, num_tokens: int) -> list[int] | None:
-        if num_tokens <= 0:
-            raise ValueError("num_tokens must be > 0")
-        need = -(-num_tokens // self.info.layout.block_size)
         with self._lock:
-            if request_id in self._imports or request_id in self._seqs:
-                raise ValueError(f"request {request_id!r} already has KV or is active")
-            if not self.allocator.can_allocate(need):
-                return None
-            blocks = self.allocator.allocate(need)
-            self._imports[request_id] = (blocks, num_tokens)
-            return list(blocks)
+            if request_id in self._seqs:
+                raise ValueError(f"request {request_id!r} is active")
+            return self._handoff.reserve(request_id, num_tokens, self.info.layout.block_size)
 
     def write_kv(self, block_ids: list[int], layer: int, k: bytes, v: bytes) -> None:
         self.kv.write(block_ids, layer, k, v)
@@ -180,8 +172,10 @@ class LLMEngine:
             total = n
         if -(-total // self.info.layout.block_size) > self.allocator.total_blocks:
             return "request needs more KV blocks than the pool has"
+        if req.mode is not RequestMode.DECODE and req.request_id in self._handoff:
+            return f"request {req.request_id!r} already holds KV"
         if req.mode is RequestMode.DECODE:
-            imported = self._imports.get(req.request_id)
+            imported = self._handoff.imported(req.request_id)
             if req.first_token_id is None or not 0 <= req.first_token_id < vocab:
                 return "DECODE needs a valid first_token_id"
             if imported is None:
@@ -200,7 +194,7 @@ class LLMEngine:
         if req.mode is not RequestMode.DECODE:
             return seq
         assert req.first_token_id is not None
-        blocks, n = self._imports.pop(req.request_id)
+        blocks, n = self._handoff.adopt(req.request_id)
         seq.block_ids, seq.num_computed = blocks, n
         seq.token_ids.append(req.first_token_id)
         seq.num_generated = 1
@@ -210,13 +204,6 @@ class LLMEngine:
             return seq
         self._finish(seq, finish, (), self._pending)
         return None
-
-    def _release_locked(self, request_id: str) -> bool:
-        entry = self._held.pop(request_id, None) or self._imports.pop(request_id, None)
-        if entry is None:
-            return False
-        self.allocator.free_all(entry[0])
-        return True
 
     def _emit_later(self, req: EngineRequest, out: TokenOutput) -> None:
         self._pending.append((req.on_output, out))
@@ -378,7 +365,7 @@ class LLMEngine:
         if self._seqs.get(seq.request_id) is seq:
             del self._seqs[seq.request_id]
         if reason is FinishReason.PREFILLED:
-            self._held[seq.request_id] = (seq.block_ids, seq.num_prompt)
+            self._handoff.hold(seq.request_id, seq.block_ids, seq.num_prompt)
         else:
             self.allocator.free_all(seq.block_ids)
         seq.block_ids = []

@@ -112,7 +112,7 @@ def assert_engine_empty(eng: Any) -> None:
     s = eng.stats()
     assert s.free_blocks == s.total_blocks, f"leaked {s.total_blocks - s.free_blocks} blocks"
     assert s.held == 0 and s.running == 0 and s.waiting == 0
-    assert not eng._imports and not eng._seqs
+    assert not eng._handoff and not eng._seqs
 
 
 def request(

@@ -1,5 +1,6 @@
-"""Pure-Python KV block pool bookkeeping (no torch): allocation, ref counts, prefix hashes."""
+"""Pure-Python KV block pool bookkeeping (no torch): allocation, ref counts, prefix hashes, handoff."""
 
 from disagg.kvpool.allocator import BlockAllocator, OutOfBlocksError, block_hash
+from disagg.kvpool.handoff import KVHandoff
 
-__all__ = ["BlockAllocator", "OutOfBlocksError", "block_hash"]
+__all__ = ["BlockAllocator", "KVHandoff", "OutOfBlocksError", "block_hash"]

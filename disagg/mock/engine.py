@@ -37,6 +37,7 @@ from disagg.engine.api import (
     TokenOutput,
 )
 from disagg.kvpool.allocator import BlockAllocator
+from disagg.kvpool.handoff import KVHandoff
 from disagg.policy.prefix import prompt_hashes
 from disagg.runtime.config import EngineConfig, from_env
 
@@ -118,8 +119,7 @@ class MockEngine:
         self._waiting: deque[_Seq] = deque()
         self._running: list[_Seq] = []
         self._prefilling: list[_Seq] = []  # this step's prefill batch (outside both lists)
-        self._held: dict[str, tuple[list[int], int]] = {}
-        self._imports: dict[str, tuple[list[int], int]] = {}
+        self._handoff = KVHandoff(self.allocator)
         self._stop = False
         self._thread: threading.Thread | None = None
 
@@ -143,14 +143,18 @@ class MockEngine:
         prompt = req.prompt_token_ids
         seq = _Seq(req, prompt[-1] if prompt else 0, len(prompt), submitted=req.arrival_s)
         with self._cv:
+            if req.mode is not RequestMode.DECODE and req.request_id in self._handoff:
+                error = f"request {req.request_id!r} already holds KV"
+                self._later(req, TokenOutput(req.request_id, (), FinishReason.ERROR, error))
+                return
             if req.mode is RequestMode.DECODE:
-                imported = self._imports.pop(req.request_id, None)
-                if imported is None or req.first_token_id is None:
+                if self._handoff.imported(req.request_id) is None or req.first_token_id is None:
+                    self._handoff.release(req.request_id)
                     self._later(
                         req, TokenOutput(req.request_id, (), FinishReason.ERROR, "no imported KV")
                     )
                     return
-                seq.blocks, seq.generated = imported[0], 1
+                seq.blocks, seq.generated = self._handoff.adopt(req.request_id)[0], 1
                 seq.last, seq.pos = req.first_token_id, seq.pos + 1
             self._waiting.append(seq)
             self._cv.notify_all()
@@ -168,7 +172,7 @@ class MockEngine:
                         s.aborted = True
                         self._free(s)
                         outs.append((s.req, TokenOutput(request_id, (), FinishReason.CANCELLED)))
-            self._release_locked(request_id)
+            self._handoff.release(request_id)
         _deliver(outs)
 
     def stats(self) -> EngineStats:
@@ -184,7 +188,7 @@ class MockEngine:
                 running=len(self._running),
                 waiting=len(self._waiting),
                 queued_prefill_tokens=queued,
-                held=len(self._held),
+                held=self._handoff.num_held,
             )
 
     @staticmethod
@@ -200,8 +204,7 @@ class MockEngine:
 
     def held_blocks(self, request_id: str) -> tuple[list[int], int] | None:
         with self._cv:
-            held = self._held.get(request_id)
-            return (list(held[0]), held[1]) if held else None
+            return self._handoff.held(request_id)
 
     def read_kv(self, block_ids: list[int], layer: int) -> tuple[bytes, bytes]:
         n = len(block_ids) * self.info.layout.bytes_per_block_per_layer
@@ -209,16 +212,11 @@ class MockEngine:
 
     def release(self, request_id: str) -> bool:
         with self._cv:
-            return self._release_locked(request_id)
+            return self._handoff.release(request_id)
 
     def reserve_import(self, request_id: str, num_tokens: int) -> list[int] | None:
-        n = -(-num_tokens // self.info.layout.block_size)
         with self._cv:
-            if not self.allocator.can_allocate(n):
-                return None
-            blocks = self.allocator.allocate(n)
-            self._imports[request_id] = (blocks, num_tokens)
-            return list(blocks)
+            return self._handoff.reserve(request_id, num_tokens, self.info.layout.block_size)
 
     def write_kv(self, block_ids: list[int], layer: int, k: bytes, v: bytes) -> None:
         """Nothing to write: the mock holds no tensors."""
@@ -305,12 +303,17 @@ class MockEngine:
                 self._free(s)
                 outs.append((r, TokenOutput(r.request_id, (), FinishReason.CANCELLED)))
                 continue
+            if r.mode is RequestMode.PREFILL_ONLY and r.request_id in self._handoff:
+                self._free(s)  # the same id prefilled twice at once: the first one keeps its KV
+                error = f"request {r.request_id!r} already holds KV"
+                outs.append((r, TokenOutput(r.request_id, (), FinishReason.ERROR, error)))
+                continue
             first = s.last = mock_token(s.last, s.pos, vocab)
             s.pos += 1
             s.generated = 1
             queue_ms = (s.started - s.submitted) * 1000
             if r.mode is RequestMode.PREFILL_ONLY:
-                self._held[r.request_id] = (s.blocks, len(r.prompt_token_ids))
+                self._handoff.hold(r.request_id, s.blocks, len(r.prompt_token_ids))
                 fin: FinishReason | None = FinishReason.PREFILLED
             else:
                 fin = FinishReason.LENGTH if r.sampling.max_tokens <= 1 else None
@@ -344,13 +347,6 @@ class MockEngine:
     def _free(self, s: _Seq) -> None:
         self.allocator.free_all(s.blocks)
         s.blocks = []
-
-    def _release_locked(self, request_id: str) -> bool:
-        entry = self._held.pop(request_id, None) or self._imports.pop(request_id, None)
-        if entry is None:
-            return False
-        self.allocator.free_all(entry[0])
-        return True
 
     def _later(self, req: EngineRequest, out: TokenOutput) -> None:
         threading.Thread(target=req.on_output, args=(out,), daemon=True).start()
