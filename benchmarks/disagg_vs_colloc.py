@@ -10,7 +10,11 @@ with long outputs), each started with ``disagg up`` and driven by
 - ``disagg``: a prefill worker pinned to core 0 and a decode worker pinned to
   core 1 (``--threads 1 --cpu-affinity prefill=0 --cpu-affinity decode=1``);
 - ``cond``: ``disagg`` with prompts under ``--local-prefill-tokens`` prefilled
-  on the decode worker.
+  on the decode worker;
+- ``colloc-cN`` (one per ``--colloc-chunks N``): ``colloc`` with a prefill chunk
+  of N tokens per step (``--max-num-batched-tokens N``; the engine default is
+  2,048, so a ~1,500-token prompt is one step): shorter stalls, more of them.
+  ``goodput_ratio`` divides by the best collocated layout.
 
 Order of a run:
 
@@ -85,13 +89,23 @@ class Layout:
     name: str
     argv: tuple[str, ...]
     cluster: Cluster  # what the simulator models
+    chunk: int = 0  # prefill tokens per step when not the engine default
+
+    @property
+    def collocated(self) -> bool:
+        return self.cluster.prefill == 0
 
 
-def layouts(local_tokens: int) -> list[Layout]:
+def layouts(local_tokens: int, colloc_chunks: tuple[int, ...] = ()) -> list[Layout]:
     pin = ("--threads", "1", "--cpu-affinity", "prefill=0", "--cpu-affinity", "decode=1")
     no_q = ("--local-prefill-queue-ms", NO_LOCAL_QUEUE_MS)
+    colloc = ("--prefill", "0", "--decode", "1", "--threads", "2")
     return [
-        Layout("colloc", ("--prefill", "0", "--decode", "1", "--threads", "2"), Cluster(0, 1)),
+        Layout("colloc", colloc, Cluster(0, 1)),
+        *(
+            Layout(f"colloc-c{n}", (*colloc, "--max-num-batched-tokens", str(n)), Cluster(0, 1), n)
+            for n in colloc_chunks
+        ),
         Layout("disagg", ("--prefill", "1", "--decode", "1", *pin, *no_q), Cluster(1, 1)),
         Layout(
             "cond",
@@ -535,9 +549,11 @@ def goodput(rows: list[dict[str, Any]], target: float) -> tuple[float, float]:
     return best, interp
 
 
-def profile_set(t1: dict[str, Any], t2: dict[str, Any]) -> plan_profile.Profiles:
+def profile_set(t1: dict[str, Any], t2: dict[str, Any], chunk: int = 0) -> plan_profile.Profiles:
     """1-thread profile for the disaggregated roles, 2-thread one for the collocated worker."""
     one = plan_profile.from_json(t1, "1 thread")
+    if chunk:
+        t2 = {**t2, "max_num_batched_tokens": chunk}
     return plan_profile.Profiles(one, one, plan_profile.from_json(t2, "2 threads"))
 
 
@@ -566,13 +582,15 @@ def planner_validation(
     raw: tuple[dict[str, Any], dict[str, Any]],
     cal: tuple[dict[str, Any], dict[str, Any]],
     local_tokens: int,
+    colloc_chunks: tuple[int, ...] = (),
 ) -> list[dict[str, Any]]:
     """Every measured point replayed by the simulator, from raw and calibrated profiles."""
-    by_name = {lay.name: lay.cluster for lay in layouts(local_tokens)}
+    by_name = {lay.name: lay for lay in layouts(local_tokens, colloc_chunks)}
     out = []
     for pt in points:
-        v = validate(pt, profile_set(*raw), by_name[pt.layout])
-        vc = validate(pt, profile_set(*cal), by_name[pt.layout])
+        lay = by_name[pt.layout]
+        v = validate(pt, profile_set(*raw, lay.chunk), lay.cluster)
+        vc = validate(pt, profile_set(*cal, lay.chunk), lay.cluster)
         v["calibrated"] = {k: x for k, x in vc.items() if k.startswith(("predicted", "error"))}
         out.append(v)
     return out
@@ -585,7 +603,7 @@ def print_validation(validation: list[dict[str, Any]]) -> None:
     for v in validation:
         c = v["calibrated"]
         print(
-            f"  {v['layout']:6} {v['rate']:.2f} rps: TTFT {v['predicted_ttft_p99_ms']:.0f} vs "
+            f"  {v['layout']:11} {v['rate']:.2f} rps: TTFT {v['predicted_ttft_p99_ms']:.0f} vs "
             f"{v['measured_ttft_p99_ms']:.0f} ms ({100 * v['error_ttft_p99']:+.0f}%), ITL "
             f"{v['predicted_itl_p99_ms']:.1f} vs {v['measured_itl_p99_ms']:.1f} ms "
             f"({100 * v['error_itl_p99']:+.0f}%) | TTFT {c['predicted_ttft_p99_ms']:.0f} "
@@ -625,13 +643,14 @@ def revalidate(path: str, local_tokens: int, decode_context: str = "") -> int:
     pr = run["profiles"]
     raw = (pr["prefill_decode_1_thread"], pr["colloc_2_threads"])
     cal = (pr["calibrated_1_thread"], pr["calibrated_2_threads"])
-    print_validation(planner_validation(points, raw, cal, local_tokens))
+    chunks = tuple(run.get("colloc_chunks", ()))
+    print_validation(planner_validation(points, raw, cal, local_tokens, chunks))
     return 0
 
 
 def table(rows: list[dict[str, Any]]) -> str:
     cols = [
-        ("layout", "{:8}"),
+        ("layout", "{:11}"),
         ("rate", "{:6.2f}"),
         ("requests", "{:5d}"),
         ("failed", "{:3d}"),
@@ -718,6 +737,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--target", type=float, default=0.9, help="attainment that counts as goodput")
     p.add_argument("--local-prefill-tokens", type=int, default=256, help="cond layout threshold")
+    p.add_argument(
+        "--colloc-chunks",
+        default="",
+        help="N,M,...: also run the collocated layout with N (M, ...) prefill tokens per step",
+    )
     p.add_argument("--no-engine-profile", action="store_true", help="profile from probes only")
     p.add_argument("--json", dest="json_path", default="")
     p.add_argument("--plot", default="", help="attainment / p99 curves PNG")
@@ -750,6 +774,10 @@ def main(argv: list[str] | None = None) -> int:
     if not 0.0 < a.long_share <= 1.0:
         p.error("--long-share must be in (0, 1]")
     mix = QUICK_MIX if a.quick else Mix(long_share=a.long_share)
+    chunks = tuple(int(x) for x in a.colloc_chunks.split(",") if x.strip())
+    if any(n <= 0 for n in chunks):
+        p.error("--colloc-chunks must be positive token counts")
+    all_layouts = layouts(a.local_prefill_tokens, chunks)
     duration = 1.0 if a.quick else a.duration
     min_n = 4 if a.quick else a.min_requests
     max_n = 6 if a.quick else 10**6
@@ -781,7 +809,7 @@ def main(argv: list[str] | None = None) -> int:
     probes: dict[str, dict[str, Any]] = {}
     slo: dict[str, float] = {}
     rates: list[float] = []
-    for i, lay in enumerate(layouts(a.local_prefill_tokens)):
+    for i, lay in enumerate(all_layouts):
         log(f"== {lay.name}: disagg up {' '.join(lay.argv)}")
         with cluster_up(model, lay, 600.0) as address:
             probe(address, make_long(mix, vocab, 2))  # warm-up
@@ -822,28 +850,34 @@ def main(argv: list[str] | None = None) -> int:
     t2 = prof.get("t2") or probe_profile(probes["colloc"])
     t1 = with_transfer(t1, probes["disagg"], kv_bytes_per_token(model))
     c1, c2 = calibrated(t1, probes["disagg"]), calibrated(t2, probes["colloc"])
-    validation = planner_validation(points, (t1, t2), (c1, c2), a.local_prefill_tokens)
-    by_name = {lay.name: lay.cluster for lay in layouts(a.local_prefill_tokens)}
+    validation = planner_validation(points, (t1, t2), (c1, c2), a.local_prefill_tokens, chunks)
 
     good = {}
-    for name in by_name:
+    for name in (lay.name for lay in all_layouts):
         best, interp = goodput([r for r in rows if r["layout"] == name], a.target)
         good[name] = {"goodput_grid_rps": best, "goodput_rps": interp}
     colloc_rows = {r["rate"]: r for r in rows if r["layout"] == "colloc"}
 
-    def ratios(layout: str) -> dict[str, float]:
+    def ratios(layout: str, base: str = "colloc") -> dict[str, float]:
         mine = {r["rate"]: r for r in rows if r["layout"] == layout}
+        theirs = {r["rate"]: r for r in rows if r["layout"] == base}
         return {
-            str(rate): mine[rate]["itl_p99_ms"] / colloc_rows[rate]["itl_p99_ms"]
+            str(rate): mine[rate]["itl_p99_ms"] / theirs[rate]["itl_p99_ms"]
             for rate in rates
-            if colloc_rows[rate]["itl_p99_ms"] > 0
+            if theirs[rate]["itl_p99_ms"] > 0
         }
 
     ratio_by_rate, cond_ratio_by_rate = ratios("disagg"), ratios("cond")
+    chunked_ratios = {
+        lay.name: ratios("disagg", lay.name) for lay in all_layouts if lay.collocated and lay.chunk
+    }
     passing = [x for x in rates if colloc_rows[x]["attainment"] >= a.target]
     at = max(passing) if passing else min(rates)
     best_dis = max(good["disagg"]["goodput_rps"], good["cond"]["goodput_rps"])
-    col = good["colloc"]["goodput_rps"]
+    best_col = max(
+        (lay.name for lay in all_layouts if lay.collocated), key=lambda n: good[n]["goodput_rps"]
+    )
+    col = good[best_col]["goodput_rps"]
     out = {
         "model": model,
         "quick": a.quick,
@@ -858,7 +892,10 @@ def main(argv: list[str] | None = None) -> int:
         "itl_p99_ratio_rate": at,
         "itl_p99_ratio_by_rate": ratio_by_rate,
         "itl_p99_ratio_cond_by_rate": cond_ratio_by_rate,
+        "itl_p99_ratio_vs_chunked_by_rate": chunked_ratios,
         "goodput_ratio": best_dis / col if col > 0 else (math.inf if best_dis > 0 else math.nan),
+        "goodput_ratio_baseline": best_col,
+        "colloc_chunks": list(chunks),
         "validation": validation,
         "interference": inter,
         "profiles": {
@@ -891,20 +928,22 @@ def main(argv: list[str] | None = None) -> int:
     )
     for name, pr in probes.items():
         print(
-            f"alone on {name:6}: long TTFT {pr['long_ttft_ms']:.0f} ms (prefill "
+            f"alone on {name:11}: long TTFT {pr['long_ttft_ms']:.0f} ms (prefill "
             f"{pr['long_prefill_ms']:.0f}, transfer {pr['long_transfer_ms']:.0f}), chat TTFT "
             f"{pr['chat_ttft_ms']:.0f} ms, chat TPOT {pr['chat_tpot_ms']:.1f} ms"
         )
     print(table(rows))
     for name, g in good.items():
-        print(f"goodput {name:6}: {g['goodput_rps']:.2f} req/s (grid {g['goodput_grid_rps']:.2f})")
+        print(f"goodput {name:11}: {g['goodput_rps']:.2f} req/s (grid {g['goodput_grid_rps']:.2f})")
     print(
         f"itl_p99_ratio (disagg / colloc at {at:.2f} rps) = {out['itl_p99_ratio']:.2f}; "
-        f"goodput_ratio = {out['goodput_ratio']:.2f}"
+        f"goodput_ratio (best disaggregated / {best_col}) = {out['goodput_ratio']:.2f}"
     )
-    for name, by in (("disagg", ratio_by_rate), ("cond", cond_ratio_by_rate)):
+    by_pair = [("disagg", "colloc", ratio_by_rate), ("cond", "colloc", cond_ratio_by_rate)]
+    by_pair += [("disagg", base, by) for base, by in chunked_ratios.items()]
+    for name, base, by in by_pair:
         cells = ", ".join(f"{float(r):.2f} rps {x:.2f}" for r, x in by.items())
-        print(f"ITL p99 {name} / colloc by rate: {cells}")
+        print(f"ITL p99 {name} / {base} by rate: {cells}")
     print_validation(validation)
     if a.json_path:
         with open(a.json_path, "w") as f:

@@ -23,6 +23,8 @@ KEYS = {
     "itl_p99_ratio_by_rate",
     "itl_p99_ratio_cond_by_rate",
     "goodput_ratio",
+    "goodput_ratio_baseline",
+    "itl_p99_ratio_vs_chunked_by_rate",
     "validation",
     "profiles",
 }
@@ -48,13 +50,27 @@ def bench(*args: str, timeout: float) -> subprocess.CompletedProcess[str]:
 
 def test_quick_run_writes_every_key_and_replays(tiny_model: str, tmp_path) -> None:  # type: ignore[no-untyped-def]
     out, png = tmp_path / "r.json", tmp_path / "r.png"
-    r = bench("--quick", "--model", tiny_model, "--json", str(out), "--plot", str(png), timeout=300)
+    r = bench(
+        "--quick",
+        "--model",
+        tiny_model,
+        "--colloc-chunks",
+        "64",  # the quick mix's prompts are 100-140 tokens: chunked
+        "--json",
+        str(out),
+        "--plot",
+        str(png),
+        timeout=360,
+    )
     data = json.loads(out.read_text())
     assert KEYS <= set(data)
-    assert {row["layout"] for row in data["rows"]} == {"colloc", "disagg", "cond"}
+    names = {"colloc", "colloc-c64", "disagg", "cond"}
+    assert {row["layout"] for row in data["rows"]} == names
     assert all(ROW_KEYS <= set(row) for row in data["rows"])
     assert len(data["validation"]) == len(data["rows"])
-    assert set(data["goodput"]) == {"colloc", "disagg", "cond"}
+    assert set(data["goodput"]) == names
+    assert data["goodput_ratio_baseline"] in {"colloc", "colloc-c64"}
+    assert set(data["itl_p99_ratio_vs_chunked_by_rate"]) == {"colloc-c64"}
     assert png.stat().st_size > 0
     assert "itl_p99_ratio" in r.stdout and "goodput" in r.stdout
 
