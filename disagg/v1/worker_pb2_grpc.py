@@ -58,7 +58,8 @@ class PrefillWorkerServicer:
 
     def Prefill(self, request, context):
         """Prefills the prompt, samples the first token, publishes the KV handle in
-        Redis (state READY, with a lease) and returns it.
+        Redis (state READY, with a lease) and returns it. ALREADY_EXISTS while the
+        request_id still holds KV here (released or expired, the id is free again).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -194,6 +195,9 @@ class PrefillWorker:
 
 class DecodeWorkerStub:
     """Continues generation from transferred KV (or prefills locally).
+    ALREADY_EXISTS when the request_id is running or holds KV on this worker
+    (the handle is left to its owner); INVALID_ARGUMENT when handle.num_tokens
+    differs from the prompt's length.
     """
 
     def __init__(self, channel):
@@ -211,6 +215,9 @@ class DecodeWorkerStub:
 
 class DecodeWorkerServicer:
     """Continues generation from transferred KV (or prefills locally).
+    ALREADY_EXISTS when the request_id is running or holds KV on this worker
+    (the handle is left to its owner); INVALID_ARGUMENT when handle.num_tokens
+    differs from the prompt's length.
     """
 
     def Decode(self, request, context):
@@ -237,6 +244,9 @@ def add_DecodeWorkerServicer_to_server(servicer, server):
  # This class is part of an EXPERIMENTAL API.
 class DecodeWorker:
     """Continues generation from transferred KV (or prefills locally).
+    ALREADY_EXISTS when the request_id is running or holds KV on this worker
+    (the handle is left to its owner); INVALID_ARGUMENT when handle.num_tokens
+    differs from the prompt's length.
     """
 
     @staticmethod

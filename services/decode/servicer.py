@@ -33,6 +33,10 @@ from disagg.wire import layout_from_pb, sampling_from_pb
 log = logging.getLogger(__name__)
 
 
+class DuplicateRequest(Exception):
+    """The request id is already running or holds KV on this worker."""
+
+
 @dataclasses.dataclass
 class _Plan:
     mode: RequestMode
@@ -70,7 +74,18 @@ class DecodeServicer(worker_pb2_grpc.DecodeWorkerServicer):
             return
         rid = request.request_id
         if request.HasField("handle"):
-            plan = await self._take_handoff(rid, ids, sampling, request.handle)
+            if request.handle.num_tokens != len(ids):
+                await context.abort(
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                    f"handle.num_tokens: {request.handle.num_tokens} does not match the "
+                    f"prompt's {len(ids)} tokens",
+                )
+                return
+            try:
+                plan = await self._take_handoff(rid, ids, sampling, request.handle)
+            except DuplicateRequest as e:
+                await context.abort(grpc.StatusCode.ALREADY_EXISTS, f"request_id: {e}")
+                return
         else:
             plan = _Plan(RequestMode.GENERATE, ids, sampling)
         if plan.sampling.max_tokens <= 0:
@@ -103,15 +118,19 @@ class DecodeServicer(worker_pb2_grpc.DecodeWorkerServicer):
         self, rid: str, ids: list[int], sampling: SamplingParams, handle: common_pb2.KvHandle
     ) -> _Plan:
         start = time.monotonic()
-        ok = False
+        ok, ours = False, True
         try:
             nbytes = await self._pull(rid, handle)
             ok = True
+        except DuplicateRequest:
+            ours = False  # the KV is the request's already running under this id
+            raise
         except TransferError as e:
             log.warning("kv pull failed, prefilling locally request_id=%s error=%s", rid, e)
             self.transfers["failed"] += 1
         finally:
-            self._release_remote(handle, consumed=ok)
+            if ours:
+                self._release_remote(handle, consumed=ok)
         elapsed = (time.monotonic() - start) * 1000
         if ok:
             self.transfers["ok"] += 1
@@ -140,7 +159,10 @@ class DecodeServicer(worker_pb2_grpc.DecodeWorkerServicer):
             raise TransferError(
                 f"KV layout {layout} differs from this worker's {self._engine.info.layout}"
             )
-        blocks = self._engine.reserve_import(rid, handle.num_tokens)
+        try:
+            blocks = self._engine.reserve_import(rid, handle.num_tokens)
+        except ValueError as e:  # the id is running or holds KV here
+            raise DuplicateRequest(str(e)) from e
         if blocks is None:
             raise TransferError("no free KV blocks for the import")
         if len(blocks) != len(handle.block_ids):

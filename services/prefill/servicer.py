@@ -60,6 +60,11 @@ class PrefillServicer(worker_pb2_grpc.PrefillWorkerServicer):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"sampling.{e}")
         if not rid:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "request_id: required")
+        if self._engine.held_blocks(rid) is not None:
+            await context.abort(
+                grpc.StatusCode.ALREADY_EXISTS,
+                f"request_id: {rid!r} already holds KV here; release it or use a new id",
+            )
         async with contextlib.aclosing(
             run_request(self._engine, rid, ids, sampling, RequestMode.PREFILL_ONLY)
         ) as stream:

@@ -121,6 +121,81 @@ def test_kv_handle_lifecycle_in_redis(tiny_cluster: Cluster) -> None:
     tiny_cluster.wait_no_leaks()
 
 
+def test_prefill_of_a_request_id_that_holds_kv_is_refused(tiny_cluster: Cluster) -> None:
+    """A second Prefill under a held id: ALREADY_EXISTS, the first KV kept, nothing leaked."""
+    prefill = tiny_cluster.prefill_hosts[0]
+    total = prefill.engine.stats().total_blocks
+    req = worker_pb2.PrefillRequest(
+        request_id="twice-1",
+        prompt_token_ids=_prompt(40, 11),
+        sampling=common_pb2.SamplingParams(max_tokens=4),
+    )
+    with grpc.insecure_channel(prefill.address) as ch:
+        stub = worker_pb2_grpc.PrefillWorkerStub(ch)
+        first = stub.Prefill(req).handle
+        with pytest.raises(grpc.RpcError) as err:
+            stub.Prefill(req)
+        assert err.value.code() == grpc.StatusCode.ALREADY_EXISTS
+        assert "twice-1" in (err.value.details() or "")
+        assert prefill.engine.held_blocks("twice-1") == (list(first.block_ids), 40)
+        assert prefill.engine.stats().free_blocks == total - 3
+        assert stub.ReleaseKv(
+            worker_pb2.ReleaseKvRequest(request_id="twice-1", consumed=False)
+        ).released
+        again = stub.Prefill(req).handle  # released: the id is free again
+        assert again.num_tokens == 40
+        assert stub.ReleaseKv(
+            worker_pb2.ReleaseKvRequest(request_id="twice-1", consumed=False)
+        ).released
+    tiny_cluster.wait_no_leaks()
+
+
+def test_decode_of_a_request_id_that_holds_kv_is_refused(tiny_cluster: Cluster) -> None:
+    """A Decode whose id already holds KV on the decode worker: ALREADY_EXISTS, and the
+    handle it carried is left to its owner (not released on the other request's behalf);
+    a handle that does not cover the prompt: INVALID_ARGUMENT."""
+    prefill, decode = tiny_cluster.prefill_hosts[0], tiny_cluster.decode_hosts[0]
+    prompt = _prompt(40, 12)
+    assert decode.engine.reserve_import("dup-1", 40) is not None  # the other "dup-1"
+    with grpc.insecure_channel(prefill.address) as ch:
+        stub = worker_pb2_grpc.PrefillWorkerStub(ch)
+        handle = stub.Prefill(
+            worker_pb2.PrefillRequest(
+                request_id="dup-1",
+                prompt_token_ids=prompt,
+                sampling=common_pb2.SamplingParams(max_tokens=4),
+            )
+        ).handle
+        with grpc.insecure_channel(decode.address) as dch, pytest.raises(grpc.RpcError) as err:
+            list(
+                worker_pb2_grpc.DecodeWorkerStub(dch).Decode(
+                    worker_pb2.DecodeRequest(
+                        request_id="dup-1",
+                        prompt_token_ids=prompt,
+                        sampling=common_pb2.SamplingParams(max_tokens=4),
+                        handle=handle,
+                    )
+                )
+            )
+        assert err.value.code() == grpc.StatusCode.ALREADY_EXISTS
+        assert prefill.engine.held_blocks("dup-1") is not None  # still its owner's
+        short = worker_pb2.DecodeRequest(
+            request_id="dup-2",
+            prompt_token_ids=prompt[:-1],
+            sampling=common_pb2.SamplingParams(max_tokens=4),
+            handle=handle,
+        )
+        with grpc.insecure_channel(decode.address) as dch, pytest.raises(grpc.RpcError) as err:
+            list(worker_pb2_grpc.DecodeWorkerStub(dch).Decode(short))
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "handle.num_tokens" in (err.value.details() or "")
+        assert stub.ReleaseKv(
+            worker_pb2.ReleaseKvRequest(request_id="dup-1", consumed=False)
+        ).released
+    assert decode.engine.release("dup-1")
+    tiny_cluster.wait_no_leaks()
+
+
 def test_kv_handle_visible_while_in_flight(tiny_cluster: Cluster) -> None:
     """Between Prefill and the decode worker's pull the handle is in Redis, then gone."""
     prefill = tiny_cluster.prefill_hosts[0]
