@@ -6,6 +6,10 @@ A request's lifecycle:
    prefill workers (collocated) or its prompt is shorter than
    ``local_prefill_tokens`` (conditional disaggregation), else to the prefill
    worker with the fewest queued prompt tokens (earliest finish).
+   A prefill worker gets at most ``Cluster.dispatch_depth`` prompts at once;
+   the rest wait in the scheduler's queue and go next by its ``QueueOrder``
+   (shortest expected prefill first, with aging), as the scheduler's
+   dispatch queue does.
 2. Prefill: each engine step takes waiting prompts FIFO, in chunks, up to
    ``max_num_batched_tokens``; on a decode worker the running decodes share
    that step (decodes first, as the engine's step scheduler does), and the step
@@ -35,6 +39,7 @@ from dataclasses import dataclass, field
 
 from disagg.plan.profile import Profile, Profiles
 from disagg.plan.workload import SimRequest
+from disagg.policy.queue import QueueOrder, Waiting
 
 
 @dataclass(frozen=True)
@@ -44,10 +49,13 @@ class Cluster:
     prefill: int
     decode: int
     local_prefill_tokens: int = 0  # prompts shorter than this prefill on the decode worker
+    dispatch_depth: int = 2  # prompts in flight per prefill worker (the scheduler's default)
 
     def __post_init__(self) -> None:
         if self.prefill < 0 or self.decode < 1 or self.local_prefill_tokens < 0:
             raise ValueError("need prefill >= 0, decode >= 1, local_prefill_tokens >= 0")
+        if self.dispatch_depth < 1:
+            raise ValueError("dispatch_depth must be >= 1")
 
     @property
     def collocated(self) -> bool:
@@ -123,15 +131,17 @@ class _Worker:
         "running",
         "stall_ms",
         "stepping",
+        "waiting",
     )
 
     def __init__(self, role: str, profile: Profile):
         self.role, self.p = role, profile
         self.queue: deque[_Live] = deque()  # prompts to prefill, FIFO
+        self.waiting: dict[int, tuple[_Live, Waiting]] = {}  # the scheduler's, before dispatch
         self.running: list[_Live] = []  # decoding
         self.joining: deque[_Live] = deque()  # prefilled, waiting for a batch slot
         self.pending = 0  # handoffs on their way here
-        self.queued = 0  # prompt tokens in queue
+        self.queued = 0  # prompt tokens in queue and waiting
         self.ctx_sum = 0  # context tokens of running
         self.stepping = False
         self.busy_ms = 0.0
@@ -151,6 +161,14 @@ class _Worker:
     def load(self) -> int:
         return len(self.running) + len(self.joining) + self.pending + len(self.queue)
 
+    def dispatch(self, t: float, depth: int, order: QueueOrder) -> None:
+        """Moves waiting prompts into the engine queue while fewer than depth are there."""
+        now_ms = t * 1000.0
+        while self.waiting and len(self.queue) < depth:
+            w = order.pick([x for _, x in self.waiting.values()], now_ms)
+            live, _ = self.waiting.pop(w.key)
+            self.queue.append(live)
+
 
 class _Sim:
     def __init__(self, profiles: Profiles, cluster: Cluster, requests: Sequence[SimRequest]):
@@ -166,6 +184,7 @@ class _Sim:
         self.events: list[tuple[float, int, int, object, object]] = []
         self.seq = 0
         self.end = 0.0
+        self.order = QueueOrder()
 
     def push(self, t: float, kind: int, a: object, b: object = None) -> None:
         self.seq += 1
@@ -189,8 +208,13 @@ class _Sim:
         local = self.cluster.collocated or live.prompt < self.cluster.local_prefill_tokens
         pool = self.decodes if local else self.prefills
         w = min(pool, key=(lambda w: w.load()) if local else (lambda w: w.queued))
-        w.queue.append(live)
         w.queued += live.prompt
+        if local:
+            w.queue.append(live)
+        else:
+            expected = w.p.prefill_ms(live.prompt)
+            w.waiting[i] = (live, Waiting(i, expected, t * 1000.0))
+            w.dispatch(t, self.cluster.dispatch_depth, self.order)
         self.start(w, t)
 
     def start(self, w: _Worker, t: float) -> None:
@@ -243,6 +267,8 @@ class _Sim:
             if live.left == 0:
                 w.queue.popleft()  # chunks come from the queue's head, in order
                 self.first_token(t, w, live)
+        if w.waiting:
+            w.dispatch(t, self.cluster.dispatch_depth, self.order)
         self.start(w, t)
 
     def first_token(self, t: float, w: _Worker, live: _Live) -> None:

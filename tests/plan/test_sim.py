@@ -49,6 +49,24 @@ def test_collocated_long_prompts_stall_decoding_and_disaggregation_does_not() ->
     assert max(disagg.itl_ms) < 50
 
 
+def test_prefill_dispatch_sends_short_prompts_ahead_of_a_waiting_long_one() -> None:
+    """The scheduler's dispatch queue: shortest expected prefill first. A long prompt that
+    arrives while another is prefilling waits behind the chats that come after it; with
+    every prompt handed to the engine at once (FIFO), the chats wait behind it instead."""
+    p = profile(prefill_ms_per_token=1.0, prefill_base_ms=0.0)  # 1,000 tokens: 1 s
+    reqs = [SimRequest(0.0, 1000, 2), SimRequest(0.1, 1000, 2)]
+    reqs += [SimRequest(0.2 + 0.1 * k, 10, 2) for k in range(4)]
+    sjf = simulate(same(p), Cluster(1, 1, dispatch_depth=1), reqs)
+    fifo = simulate(same(p), Cluster(1, 1, dispatch_depth=100), reqs)
+    chats = range(2, 6)
+    assert max(sjf.ttft_ms[i] for i in chats) < 1000  # right after the first long prompt
+    assert min(fifo.ttft_ms[i] for i in chats) > 1000  # after the second one's step
+    # The long one finishes when it would have anyway: the chats' 40 ms are spent either way.
+    assert sjf.ttft_ms[1] == pytest.approx(fifo.ttft_ms[1]) == pytest.approx(1940.0)
+    with pytest.raises(ValueError):
+        Cluster(1, 1, dispatch_depth=0)
+
+
 def test_padded_decode_costs_the_longest_context() -> None:
     """One long context among short ones: a padded batch pays its length for every row."""
     import dataclasses
