@@ -21,6 +21,14 @@ def _prompt(n: int, seed: int) -> list[int]:
     return [rng.randrange(3, TINY_VOCAB) for _ in range(n)]
 
 
+def _prefill_request(rid: str, prompt: list[int], max_tokens: int = 4) -> worker_pb2.PrefillRequest:
+    return worker_pb2.PrefillRequest(
+        request_id=rid,
+        prompt_token_ids=prompt,
+        sampling=common_pb2.SamplingParams(max_tokens=max_tokens),
+    )
+
+
 # (prompt length, new tokens): 1 token, exactly one block, one block + 1,
 # several blocks, and the longest the tiny model's context allows.
 CASES = [
@@ -92,13 +100,7 @@ def test_kv_handle_lifecycle_in_redis(tiny_cluster: Cluster) -> None:
     prompt = _prompt(40, seed=7)
     with grpc.insecure_channel(prefill.address) as ch:
         stub = worker_pb2_grpc.PrefillWorkerStub(ch)
-        resp = stub.Prefill(
-            worker_pb2.PrefillRequest(
-                request_id="lifecycle-1",
-                prompt_token_ids=prompt,
-                sampling=common_pb2.SamplingParams(max_tokens=8),
-            )
-        )
+        resp = stub.Prefill(_prefill_request("lifecycle-1", prompt, max_tokens=8))
         handle = resp.handle
         assert handle.state == common_pb2.KV_STATE_READY and handle.num_tokens == 40
         assert len(handle.block_ids) == 3
@@ -125,11 +127,7 @@ def test_prefill_of_a_request_id_that_holds_kv_is_refused(tiny_cluster: Cluster)
     """A second Prefill under a held id: ALREADY_EXISTS, the first KV kept, nothing leaked."""
     prefill = tiny_cluster.prefill_hosts[0]
     total = prefill.engine.stats().total_blocks
-    req = worker_pb2.PrefillRequest(
-        request_id="twice-1",
-        prompt_token_ids=_prompt(40, 11),
-        sampling=common_pb2.SamplingParams(max_tokens=4),
-    )
+    req = _prefill_request("twice-1", _prompt(40, 11))
     with grpc.insecure_channel(prefill.address) as ch:
         stub = worker_pb2_grpc.PrefillWorkerStub(ch)
         first = stub.Prefill(req).handle
@@ -159,13 +157,7 @@ def test_decode_of_a_request_id_that_holds_kv_is_refused(tiny_cluster: Cluster) 
     assert decode.engine.reserve_import("dup-1", 40) is not None  # the other "dup-1"
     with grpc.insecure_channel(prefill.address) as ch:
         stub = worker_pb2_grpc.PrefillWorkerStub(ch)
-        handle = stub.Prefill(
-            worker_pb2.PrefillRequest(
-                request_id="dup-1",
-                prompt_token_ids=prompt,
-                sampling=common_pb2.SamplingParams(max_tokens=4),
-            )
-        ).handle
+        handle = stub.Prefill(_prefill_request("dup-1", prompt)).handle
         with grpc.insecure_channel(decode.address) as dch, pytest.raises(grpc.RpcError) as err:
             list(
                 worker_pb2_grpc.DecodeWorkerStub(dch).Decode(
@@ -201,13 +193,7 @@ def test_kv_handle_visible_while_in_flight(tiny_cluster: Cluster) -> None:
     prefill = tiny_cluster.prefill_hosts[0]
     with grpc.insecure_channel(prefill.address) as ch:
         stub = worker_pb2_grpc.PrefillWorkerStub(ch)
-        stub.Prefill(
-            worker_pb2.PrefillRequest(
-                request_id="held-1",
-                prompt_token_ids=_prompt(20, 3),
-                sampling=common_pb2.SamplingParams(max_tokens=4),
-            )
-        )
+        stub.Prefill(_prefill_request("held-1", _prompt(20, 3)))
         assert tiny_cluster.kv_keys() == 1
         assert stub.ReleaseKv(
             worker_pb2.ReleaseKvRequest(request_id="held-1", consumed=False)
