@@ -473,8 +473,8 @@ def _phase_unit(eng: Any, phase: str, vocab: int, rng: random.Random) -> float:
 
 def phase_main(model: str, phase: str, seconds: float) -> None:
     """Child: one 1-thread engine doing ``phase`` units for ``seconds`` after 'go' on stdin."""
+    from disagg.engine.config import EngineConfig
     from disagg.engine.engine import LLMEngine
-    from disagg.runtime.config import EngineConfig
 
     cfg = EngineConfig(model=model, dtype="float32", device="cpu", num_blocks=512, threads=1)
     eng = LLMEngine(cfg)

@@ -33,8 +33,8 @@ def _requests(n: int, prompt_len: int, vocab: int, seed: int) -> list[list[int]]
 
 def engine_tok_s(model: str, prompts: list[list[int]], new: int, threads: int) -> float:
     from disagg.engine.api import EngineRequest, SamplingParams, TokenOutput
+    from disagg.engine.config import EngineConfig
     from disagg.engine.engine import LLMEngine
-    from disagg.runtime.config import EngineConfig
 
     eng = LLMEngine(EngineConfig(model=model, threads=threads, num_blocks=2048))
     eng.start()

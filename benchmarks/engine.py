@@ -45,9 +45,9 @@ if __package__ in (None, ""):  # run as a script: make the repo root importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from disagg.engine.api import EngineRequest, SamplingParams, TokenOutput
+from disagg.engine.config import EngineConfig
 from disagg.engine.engine import LLMEngine
 from disagg.engine.model_loader import resolve_model
-from disagg.runtime.config import EngineConfig
 
 
 @dataclass(frozen=True)

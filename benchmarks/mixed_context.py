@@ -30,9 +30,9 @@ import torch
 from disagg.engine import runner
 from disagg.engine.api import EngineRequest, SamplingParams
 from disagg.engine.attention import group_by_length
+from disagg.engine.config import EngineConfig
 from disagg.engine.engine import LLMEngine
 from disagg.engine.model_loader import resolve_model
-from disagg.runtime.config import EngineConfig
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from engine import _Sink

@@ -67,7 +67,8 @@ async def _run_workers(
 ) -> None:
     import dataclasses
 
-    from disagg.runtime.config import EngineConfig, WorkerConfig
+    from disagg.engine.config import EngineConfig
+    from disagg.runtime.config import WorkerConfig
     from services.decode.main import make_host as make_decode
     from services.prefill.main import make_host as make_prefill
 

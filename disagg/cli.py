@@ -21,8 +21,9 @@ import sys
 import threading
 from collections.abc import Sequence
 
+from disagg.engine.config import EngineConfig
 from disagg.runtime.config import (
-    EngineConfig,
+    POLICY_FLAGS,
     SchedulerConfig,
     WorkerConfig,
     from_env,
@@ -66,23 +67,6 @@ def _common_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--host", help="bind address (default 127.0.0.1)")
     p.add_argument("--redis-url", help="Redis/Valkey URL of the control plane")
     p.add_argument("--log-level", default=None, help="DEBUG | INFO | WARNING")
-
-
-# Scheduler routing/admission flags: (flag, type, help); `up` forwards the ones given.
-POLICY_FLAGS: tuple[tuple[str, type, str], ...] = (
-    ("--policy", str, "routing: length_aware (default) | least_loaded | round_robin"),
-    ("--slo-ttft-ms", float, "default TTFT SLO: a request predicted to miss it gets 429 at once"),
-    ("--slo-itl-ms", float, "default inter-token latency SLO, same"),
-    (
-        "--local-prefill-tokens",
-        int,
-        "uncached prompts shorter than this prefill on decode (0 = off)",
-    ),
-    ("--local-prefill-queue-ms", float, "prefill wait from which decode may prefill locally"),
-    ("--prefill-dispatch-depth", int, "prefills in flight per prefill worker; more queue here"),
-    ("--queue-max-wait-ms", float, "aging bound: a prefill waiting this long goes first"),
-    ("--decision-log", str, "append every routing decision, replayable, to this JSONL file"),
-)
 
 
 def _policy_flags(p: argparse.ArgumentParser) -> None:

@@ -20,10 +20,11 @@ import threading
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from disagg.engine.config import EngineConfig
 from disagg.engine.model_loader import resolve_model
 from disagg.metastore.embedded import EmbeddedValkey, start_embedded_valkey
 from disagg.mock.model import make_mock_model
-from disagg.runtime.config import EngineConfig, SchedulerConfig, from_env, tls_of
+from disagg.runtime.config import POLICY_FLAGS, SchedulerConfig, from_env, tls_of
 from disagg.runtime.procs import ServiceExited, ServiceGroup
 from disagg.runtime.tls import sync_channel
 from disagg.v1 import common_pb2, scheduler_pb2, scheduler_pb2_grpc
@@ -138,8 +139,6 @@ class Launcher:
         return bool(getattr(self.args, "mock", False))
 
     def _policy_argv(self) -> list[str]:
-        from disagg.cli import POLICY_FLAGS
-
         out: list[str] = []
         for flag, _, _ in POLICY_FLAGS:
             value = getattr(self.args, flag[2:].replace("-", "_"), None)

@@ -16,10 +16,11 @@ from typing import Any
 
 import grpc
 
+from disagg.engine.config import EngineConfig
 from disagg.metastore.store import MetaStore
-from disagg.runtime.config import EngineConfig, SchedulerConfig, WorkerConfig
-from disagg.runtime.worker_host import WorkerHost
+from disagg.runtime.config import SchedulerConfig, WorkerConfig
 from disagg.v1 import scheduler_pb2, scheduler_pb2_grpc
+from disagg.worker.host import WorkerHost
 from services.decode.main import make_host as make_decode
 from services.prefill.main import make_host as make_prefill
 from services.scheduler.main import SchedulerApp

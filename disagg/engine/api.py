@@ -8,8 +8,8 @@ methods below, all thread-safe, and receive tokens through each request's
 Lifecycle of a request inside an engine:
 
 1. ``submit(req)``: queued (WAITING). Its prompt KV is either computed here
-   (modes GENERATE and PREFILL_ONLY) or was written by ``import_kv`` before
-   (mode DECODE, ``req.first_token_id`` set).
+   (modes GENERATE and PREFILL_ONLY) or was imported before it
+   (``reserve_import`` + ``write_kv``; mode DECODE, ``req.first_token_id`` set).
 2. Scheduled into a step when blocks are available: prefill chunks up to the
    token budget, or one decode token per running request per step.
 3. Each step's new tokens reach ``on_output``. A request finishes on EOS

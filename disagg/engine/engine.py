@@ -29,6 +29,7 @@ from disagg.engine.api import (
     RequestMode,
     TokenOutput,
 )
+from disagg.engine.config import EngineConfig
 from disagg.engine.kv_cache import KVCache, blocks_for_budget
 from disagg.engine.model_loader import load_model, pick_device
 from disagg.engine.runner import ModelRunner
@@ -37,7 +38,7 @@ from disagg.engine.scheduler import ScheduledBatch, Scheduler
 from disagg.engine.sequence import SeqStatus, Sequence
 from disagg.kvpool.allocator import BlockAllocator
 from disagg.kvpool.handoff import KVHandoff
-from disagg.runtime.config import EngineConfig
+from disagg.kvpool.hashing import blocks_for
 
 log = logging.getLogger(__name__)
 
@@ -170,7 +171,7 @@ class LLMEngine:
         total = min(n + req.sampling.max_tokens, self.info.max_context)
         if req.mode is RequestMode.PREFILL_ONLY:
             total = n
-        if -(-total // self.info.layout.block_size) > self.allocator.total_blocks:
+        if blocks_for(total, self.info.layout.block_size) > self.allocator.total_blocks:
             return "request needs more KV blocks than the pool has"
         if req.mode is not RequestMode.DECODE and req.request_id in self._handoff:
             return f"request {req.request_id!r} already holds KV"

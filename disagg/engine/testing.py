@@ -12,7 +12,7 @@ import os
 from typing import Any
 
 from disagg.engine.api import EngineRequest, RequestMode, SamplingParams
-from disagg.runtime.config import EngineConfig
+from disagg.engine.config import EngineConfig
 
 TINY_VOCAB = 512
 TINY_MAX_CONTEXT = 256

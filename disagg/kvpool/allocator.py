@@ -17,26 +17,12 @@ allocated raises: a double free is a bug, never silently absorbed.
 
 from __future__ import annotations
 
-import hashlib
-import struct
 from collections import OrderedDict, deque
 from collections.abc import Sequence
 
 
 class OutOfBlocksError(RuntimeError):
     """The pool cannot satisfy an allocation right now."""
-
-
-def block_hash(parent: bytes | None, token_ids: Sequence[int]) -> bytes:
-    """Content hash of a full block: chained over its parent's hash and its token ids.
-
-    Stable across processes (blake2b, not Python's salted ``hash``), so it can key
-    a cluster-wide prefix index.
-    """
-    h = hashlib.blake2b(digest_size=16)
-    h.update(parent or b"\0")
-    h.update(struct.pack(f"<{len(token_ids)}q", *token_ids))
-    return h.digest()
 
 
 class BlockAllocator:

@@ -14,6 +14,7 @@ adopted or freed. Not thread-safe: callers hold their engine's lock.
 from __future__ import annotations
 
 from disagg.kvpool.allocator import BlockAllocator
+from disagg.kvpool.hashing import blocks_for
 
 Entry = tuple[list[int], int]
 
@@ -48,7 +49,7 @@ class KVHandoff:
         if num_tokens <= 0:
             raise ValueError("num_tokens must be > 0")
         self._check_new(request_id)
-        need = -(-num_tokens // block_size)
+        need = blocks_for(num_tokens, block_size)
         if not self._allocator.can_allocate(need):
             return None
         blocks = self._allocator.allocate(need)

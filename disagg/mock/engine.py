@@ -36,10 +36,11 @@ from disagg.engine.api import (
     RequestMode,
     TokenOutput,
 )
+from disagg.engine.config import EngineConfig
 from disagg.kvpool.allocator import BlockAllocator
 from disagg.kvpool.handoff import KVHandoff
-from disagg.policy.prefix import prompt_hashes
-from disagg.runtime.config import EngineConfig, from_env
+from disagg.kvpool.hashing import blocks_for, prompt_hashes
+from disagg.runtime.config import from_env
 
 MOCK_VOCAB = 4096
 MOCK_MAX_CONTEXT = 16384
@@ -255,7 +256,7 @@ class MockEngine:
             r = s.req
             n = len(r.prompt_token_ids)
             if r.mode is RequestMode.DECODE:
-                extra = -(-(n + r.sampling.max_tokens) // bs) - len(s.blocks)
+                extra = blocks_for(n + r.sampling.max_tokens, bs) - len(s.blocks)
                 if extra > 0 and not self.allocator.can_allocate(extra):
                     break
                 s.blocks += self.allocator.allocate(max(0, extra))
@@ -270,7 +271,7 @@ class MockEngine:
                     break
                 hit += 1
             total = n if r.mode is RequestMode.PREFILL_ONLY else n + r.sampling.max_tokens
-            need = -(-total // bs) - hit
+            need = blocks_for(total, bs) - hit
             uncached = n - hit * bs
             if batch and uncached > budget:
                 break

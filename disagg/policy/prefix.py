@@ -1,6 +1,6 @@
 """Prefix index: which worker holds the KV of which full prompt blocks (pure, in memory).
 
-Keys are the engine's own chained block hashes (``disagg.kvpool.allocator.block_hash``),
+Keys are the engine's own chained block hashes (``disagg.kvpool.hashing``),
 so the index names exactly the blocks a worker's prefix cache can serve.
 
 Lifecycle of an entry:
@@ -17,19 +17,6 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Sequence
-
-from disagg.kvpool.allocator import block_hash
-
-
-def prompt_hashes(prompt: Sequence[int], block_size: int, limit: int = 512) -> list[bytes]:
-    """Chained hashes of the prompt's full blocks (at most ``limit`` of them)."""
-    out: list[bytes] = []
-    parent: bytes | None = None
-    n = min(len(prompt) // block_size, limit)
-    for i in range(n):
-        parent = block_hash(parent, prompt[i * block_size : (i + 1) * block_size])
-        out.append(parent)
-    return out
 
 
 class PrefixIndex:

@@ -25,6 +25,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
+from disagg.kvpool.hashing import blocks_for
 from disagg.policy.cost import CostModel, DecodeCost
 
 POLICIES = ("length_aware", "least_loaded", "round_robin")
@@ -108,9 +109,6 @@ class Decision:
     retry_after_s: float = 0.0
 
 
-Route = Decision  # the orchestrator's older name
-
-
 class NoWorker(LookupError):
     """No worker can take the request; ``field`` names the pin at fault, if any."""
 
@@ -129,7 +127,7 @@ def find_pinned(workers: Sequence[WorkerView], role: str, pin: str) -> WorkerVie
 
 
 def blocks_needed(prompt_len: int, max_tokens: int, block_size: int) -> int:
-    return -(-(prompt_len + max_tokens) // block_size)
+    return blocks_for(prompt_len + max_tokens, block_size)
 
 
 # --- the pieces ------------------------------------------------------------------------------

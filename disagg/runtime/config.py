@@ -12,35 +12,12 @@ import os
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
+from disagg.engine.config import EngineConfig
 from disagg.runtime.tls import TlsFiles
 
 T = TypeVar("T")
 
 ENV_PREFIX = "DISAGG_"
-
-
-@dataclass(frozen=True)
-class EngineConfig:
-    model: str = ""  # local HF model directory; "" = the default SmolLM2-135M-Instruct
-    dtype: str = "auto"  # float32 | bfloat16 | float16 | auto (bf16 on CUDA, fp32 on CPU)
-    device: str = "auto"  # cpu | cuda | cuda:N | auto
-    block_size: int = 16  # tokens per KV block
-    num_blocks: int = 0  # KV blocks in the pool; 0 = derive from kv_cache_mb
-    kv_cache_mb: int = 1024  # KV pool size in MiB when num_blocks is 0
-    max_num_seqs: int = 64  # requests in one decode batch
-    max_num_batched_tokens: int = 2048  # prefill tokens per step (chunk size for long prompts)
-    threads: int = 0  # torch intra-op threads; 0 = torch's default
-    enable_prefix_cache: bool = True  # reuse KV blocks of identical prompt prefixes
-
-    def __post_init__(self) -> None:
-        if self.block_size <= 0 or self.block_size & (self.block_size - 1):
-            raise ValueError("block_size must be a positive power of two")
-        if self.num_blocks < 0 or self.kv_cache_mb <= 0:
-            raise ValueError("num_blocks must be >= 0 and kv_cache_mb > 0")
-        if self.max_num_seqs <= 0 or self.max_num_batched_tokens <= 0:
-            raise ValueError("max_num_seqs and max_num_batched_tokens must be > 0")
-        if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
-            raise ValueError(f"unknown dtype {self.dtype!r}")
 
 
 @dataclass(frozen=True)
@@ -113,6 +90,23 @@ class SchedulerConfig:
             raise ValueError("slo_ttft_ms, slo_itl_ms and local_prefill_tokens must be >= 0")
         if self.prefill_dispatch_depth <= 0 or self.queue_max_wait_ms <= 0:
             raise ValueError("prefill_dispatch_depth and queue_max_wait_ms must be > 0")
+
+
+# Scheduler routing/admission flags: (flag, type, help); `up` forwards the ones given.
+POLICY_FLAGS: tuple[tuple[str, type, str], ...] = (
+    ("--policy", str, "routing: length_aware (default) | least_loaded | round_robin"),
+    ("--slo-ttft-ms", float, "default TTFT SLO: a request predicted to miss it gets 429 at once"),
+    ("--slo-itl-ms", float, "default inter-token latency SLO, same"),
+    (
+        "--local-prefill-tokens",
+        int,
+        "uncached prompts shorter than this prefill on decode (0 = off)",
+    ),
+    ("--local-prefill-queue-ms", float, "prefill wait from which decode may prefill locally"),
+    ("--prefill-dispatch-depth", int, "prefills in flight per prefill worker; more queue here"),
+    ("--queue-max-wait-ms", float, "aging bound: a prefill waiting this long goes first"),
+    ("--decision-log", str, "append every routing decision, replayable, to this JSONL file"),
+)
 
 
 def _coerce(value: str, kind: Any) -> Any:

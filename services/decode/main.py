@@ -9,8 +9,8 @@ from disagg.metastore.store import MetaStore
 from disagg.runtime.channels import ChannelCache
 from disagg.runtime.config import WorkerConfig, tls_of
 from disagg.runtime.tls import channel_credentials
-from disagg.runtime.worker_host import WorkerHost
 from disagg.v1 import worker_pb2, worker_pb2_grpc
+from disagg.worker.host import WorkerHost
 from services.decode.servicer import DecodeServicer
 
 SERVICE_NAME = worker_pb2.DESCRIPTOR.services_by_name["DecodeWorker"].full_name

@@ -24,11 +24,11 @@ import grpc
 from disagg.engine.api import Engine, FinishReason, RequestMode, SamplingParams
 from disagg.metastore.store import MetaStore
 from disagg.runtime.config import WorkerConfig
-from disagg.runtime.engine_bridge import run_request
-from disagg.runtime.validation import validate_prompt
 from disagg.transfer.chunks import ChunkTracker, TransferError
 from disagg.v1 import common_pb2, worker_pb2, worker_pb2_grpc
 from disagg.wire import layout_from_pb, sampling_from_pb
+from disagg.worker.bridge import run_request
+from disagg.worker.validation import validate_prompt
 
 log = logging.getLogger(__name__)
 

@@ -7,8 +7,8 @@ import asyncio
 from disagg.engine.api import Engine
 from disagg.metastore.store import MetaStore
 from disagg.runtime.config import WorkerConfig
-from disagg.runtime.worker_host import WorkerHost
 from disagg.v1 import worker_pb2, worker_pb2_grpc
+from disagg.worker.host import WorkerHost
 from services.prefill.servicer import PrefillServicer
 
 SERVICE_NAME = worker_pb2.DESCRIPTOR.services_by_name["PrefillWorker"].full_name

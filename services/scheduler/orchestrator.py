@@ -30,15 +30,14 @@ from dataclasses import dataclass, field
 
 import grpc
 
+from disagg.kvpool.hashing import prompt_hashes
 from disagg.metrics.scheduler import SchedulerMetrics, Slo
 from disagg.policy.cost import CostModel
-from disagg.policy.prefix import prompt_hashes
 from disagg.policy.queue import QueueOrder
 from disagg.policy.routing import (
     Decision,
     NoWorker,
     PolicyConfig,
-    Route,
     RouteRequest,
     WorkerView,
     decide,
@@ -215,7 +214,7 @@ class Orchestrator:
         self,
         rid: str,
         req: GenerationRequest,
-        plan: Route,
+        plan: Decision,
         arrival: float,
         booking: Reservation,
         hashes: list[bytes],

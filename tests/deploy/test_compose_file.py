@@ -22,8 +22,9 @@ import pytest
 import yaml
 
 from disagg.cli import build_parser
+from disagg.engine.config import EngineConfig
 from disagg.metrics import names
-from disagg.runtime.config import EngineConfig, SchedulerConfig, WorkerConfig
+from disagg.runtime.config import SchedulerConfig, WorkerConfig
 from tests.deploy.helpers import (
     DEPLOY,
     SCHEMA,

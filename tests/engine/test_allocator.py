@@ -2,7 +2,8 @@ from __future__ import annotations
 
 import pytest
 
-from disagg.kvpool.allocator import BlockAllocator, OutOfBlocksError, block_hash
+from disagg.kvpool.allocator import BlockAllocator, OutOfBlocksError
+from disagg.kvpool.hashing import block_hash
 
 
 def test_allocate_and_free_counters() -> None:

@@ -17,8 +17,8 @@ pytestmark = pytest.mark.smollm
 def test_default_model_greedy_matches_generate() -> None:
     from transformers import AutoModelForCausalLM
 
+    from disagg.engine.config import EngineConfig
     from disagg.engine.engine import LLMEngine
-    from disagg.runtime.config import EngineConfig
 
     path = resolve_model("")
     assert os.path.exists(os.path.join(path, "model.safetensors"))

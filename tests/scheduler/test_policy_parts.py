@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from disagg.kvpool.allocator import block_hash
+from disagg.kvpool.hashing import block_hash, prompt_hashes
 from disagg.policy.cost import CostModel
-from disagg.policy.prefix import PrefixIndex, prompt_hashes
+from disagg.policy.prefix import PrefixIndex
 from disagg.policy.queue import QueueOrder, Waiting
 
 

@@ -24,7 +24,6 @@ from disagg.engine.api import Engine
 from disagg.metastore.store import Heartbeat, MetaStore
 from disagg.metrics.http import MetricsServer
 from disagg.metrics.worker import worker_registry
-from disagg.runtime.calibration import PrefillCost, calibrate_prefill
 from disagg.runtime.config import WorkerConfig, tls_of
 from disagg.runtime.grpc_server import create_grpc_server
 from disagg.runtime.ids import default_worker_id
@@ -32,6 +31,7 @@ from disagg.runtime.telemetry import nvml_device, read_gpu_sample, read_gpu_tele
 from disagg.runtime.tls import server_credentials
 from disagg.v1 import common_pb2
 from disagg.wire import layout_to_pb
+from disagg.worker.calibration import PrefillCost, calibrate_prefill
 
 log = logging.getLogger(__name__)
 

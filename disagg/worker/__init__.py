@@ -1,0 +1,1 @@
+"""The worker process around a servicer: engine start, calibration, heartbeat, drain."""
