@@ -53,16 +53,16 @@ def unit_of(module: str) -> str | None:
     return ".".join(parts[:2]) if len(parts) > 1 else parts[0]
 
 
-def module_name(path: Path) -> str:
-    parts = list(path.relative_to(ROOT).with_suffix("").parts)
+def module_name(path: Path, root: Path) -> str:
+    parts = list(path.relative_to(root).with_suffix("").parts)
     if parts[-1] == "__init__":
         parts.pop()
     return ".".join(parts)
 
 
-def imports_of(path: Path) -> list[tuple[str, int]]:
+def imports_of(path: Path, root: Path) -> list[tuple[str, int]]:
     """(imported module, line) for every import in the file, relative ones resolved."""
-    module = module_name(path)
+    module = module_name(path, root)
     package = module if path.name == "__init__.py" else module.rpartition(".")[0]
     out: list[tuple[str, int]] = []
     for node in ast.walk(ast.parse(path.read_text(), str(path))):
@@ -81,19 +81,19 @@ def imports_of(path: Path) -> list[tuple[str, int]]:
     return out
 
 
-def edges() -> dict[str, dict[str, list[str]]]:
+def edges(root: Path = ROOT) -> dict[str, dict[str, list[str]]]:
     """unit -> imported unit -> ['file:line', ...]"""
     graph: dict[str, dict[str, list[str]]] = defaultdict(lambda: defaultdict(list))
     for top in SOURCES:
-        for path in sorted((ROOT / top).rglob("*.py")):
-            src = unit_of(module_name(path))
+        for path in sorted((root / top).rglob("*.py")):
+            src = unit_of(module_name(path, root))
             if src is None or src == GENERATED or src in SOURCES:
                 continue
             graph[src]  # a unit that imports nothing still shows in the graph
-            for target, line in imports_of(path):
+            for target, line in imports_of(path, root):
                 dst = unit_of(target)
                 if dst is not None and dst != src and dst not in SOURCES:
-                    graph[src][dst].append(f"{path.relative_to(ROOT)}:{line}")
+                    graph[src][dst].append(f"{path.relative_to(root)}:{line}")
     return graph
 
 
@@ -147,22 +147,28 @@ def cycles(graph: dict[str, dict[str, list[str]]]) -> list[list[str]]:
     return found
 
 
-def main() -> int:
+def problems(root: Path = ROOT) -> list[str]:
+    """Every cycle and every import against the documented order; [] when the tree is clean."""
+    graph = edges(root)
+    found = [f"cycle: {' <-> '.join(c)}" for c in cycles(graph)]
+    return found + violations(graph, read_layers(root / "docs" / "structure.md"))
+
+
+def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--graph", action="store_true", help="print the unit import graph")
-    ap.add_argument("--doc", default=str(ROOT / "docs" / "structure.md"))
-    args = ap.parse_args()
-    graph = edges()
+    ap.add_argument("--root", type=Path, default=ROOT, help="the repository (default: this one)")
+    args = ap.parse_args(argv)
+    graph = edges(args.root)
     if args.graph:
         for src, targets in sorted(graph.items()):
             print(f"{src} -> {', '.join(sorted(targets)) or '(nothing)'}")
         return 0
-    problems = [f"cycle: {' <-> '.join(c)}" for c in cycles(graph)]
-    problems += violations(graph, read_layers(Path(args.doc)))
-    for p in problems:
+    found = problems(args.root)
+    for p in found:
         print(p, file=sys.stderr)
-    if problems:
-        print(f"check_layers: {len(problems)} problem(s)", file=sys.stderr)
+    if found:
+        print(f"check_layers: {len(found)} problem(s)", file=sys.stderr)
         return 1
     print(f"check_layers: {len(graph)} units, no cycle, every import points down")
     return 0

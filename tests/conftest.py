@@ -1,4 +1,4 @@
-"""Shared fixtures: a real Valkey, a tiny random Llama, the default model."""
+"""Shared fixtures: a real Valkey, a tiny random Llama and its greedy reference, SmolLM2."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from collections.abc import Iterator
 import pytest
 import redis
 
-from disagg.engine.testing import make_tiny_llama
+from disagg.engine.testing import GreedyReference, greedy_reference, make_tiny_llama
 from disagg.metastore.embedded import EmbeddedValkey, start_embedded_valkey
 from tests.cluster import Cluster
 
@@ -23,6 +23,12 @@ def valkey() -> Iterator[EmbeddedValkey]:
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> str:
     return make_tiny_llama(str(tmp_path_factory.mktemp("tiny-llama")))
+
+
+@pytest.fixture(scope="session")
+def tiny_reference(tiny_model: str) -> GreedyReference:
+    """greedy(prompt, n): transformers generate(do_sample=False) of the tiny model (memoized)."""
+    return greedy_reference(tiny_model)
 
 
 @pytest.fixture(scope="session")

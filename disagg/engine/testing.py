@@ -1,4 +1,5 @@
-"""Test helpers shared by every test folder: a tiny random-weight Llama on disk.
+"""Test helpers shared by every test folder: a tiny random-weight Llama on disk and
+the transformers greedy reference every serving path must reproduce.
 
 Not used in production code. The model uses a large ``initializer_range`` so its
 greedy output depends on the whole context (with the default 0.02 a tiny random
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import itertools
 import os
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from disagg.engine.api import EngineRequest, RequestMode, SamplingParams
@@ -17,6 +19,8 @@ from disagg.engine.config import EngineConfig
 TINY_VOCAB = 512
 TINY_MAX_CONTEXT = 256
 TINY_EOS = 2
+
+GreedyReference = Callable[[Sequence[int], int], list[int]]  # greedy(prompt, n) -> new token ids
 
 
 def _make_tokenizer(path: str) -> None:
@@ -63,6 +67,39 @@ def make_tiny_llama(path: str, seed: int = 0) -> str:
     model.save_pretrained(path)
     _make_tokenizer(path)
     return path
+
+
+def greedy_reference(model_dir: str) -> GreedyReference:
+    """greedy(prompt, n): the new tokens of transformers ``generate(do_sample=False)``.
+
+    Loads the model once (float32, CPU) and memoizes each (prompt, n). Like the
+    engine, generation stops after the model's EOS (its generation_config), so the
+    result may be shorter than n and then ends with EOS.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    memo: dict[tuple[tuple[int, ...], int], list[int]] = {}
+
+    def greedy(prompt: Sequence[int], max_new_tokens: int) -> list[int]:
+        key = (tuple(prompt), max_new_tokens)
+        if key not in memo:
+            out = model.generate(
+                torch.tensor([list(prompt)]),
+                # Explicit: inferred from the pad id, it would mask prompt tokens equal to it.
+                attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                do_sample=False,
+                max_new_tokens=max_new_tokens,
+                # Never written for one row: generate pads only rows that finished while
+                # others go on, and a single row ends generation at its EOS. Given only to
+                # avoid the "Setting pad_token_id to eos_token_id" fallback warning.
+                pad_token_id=0,
+            )
+            memo[key] = out[0, len(prompt) :].tolist()
+        return list(memo[key])
+
+    return greedy
 
 
 class OutputCollector:

@@ -13,7 +13,6 @@ PREFIX = "disagg:"
 WORKER_PREFIX = PREFIX + "worker:"  # + worker_id -> WorkerInfo (TTL = heartbeat ttl)
 WORKER_INDEX = PREFIX + "workers"  # set of worker ids; pruned of expired entries on read
 KV_PREFIX = PREFIX + "kv:"  # + request_id -> KvHandle (TTL >= its lease)
-PREFIX_CACHE_PREFIX = PREFIX + "prefix:"  # + block-content hash -> workers holding it
 
 WORKER_PATTERN = WORKER_PREFIX + "*"
 KV_PATTERN = KV_PREFIX + "*"
@@ -34,7 +33,3 @@ def worker_key(worker_id: str) -> str:
 
 def kv_key(request_id: str) -> str:
     return KV_PREFIX + check_id(request_id, "request_id")
-
-
-def prefix_key(block_hash: str) -> str:
-    return PREFIX_CACHE_PREFIX + check_id(block_hash, "block_hash")

@@ -97,19 +97,9 @@ class SchedulerMetrics:
     def migrated(self) -> None:
         self.migrations.inc()
 
-    def kv_handed_off(self, handle: Any) -> None:
-        """Counts the bytes of a KvHandle the decode worker has pulled."""
-        lay = handle.layout
-        self.kv_transfer_bytes.inc(
-            kv_bytes(
-                len(handle.block_ids),
-                lay.num_layers,
-                lay.block_size,
-                lay.num_kv_heads,
-                lay.head_dim,
-                lay.dtype,
-            )
-        )
+    def kv_handed_off(self, nbytes: int) -> None:
+        """Counts the KV bytes of a handoff the decode worker has taken."""
+        self.kv_transfer_bytes.inc(nbytes)
 
 
 class RequestTrace:

@@ -10,7 +10,13 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from typing import Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from disagg.plan.profile import Profiles
+    from disagg.plan.search import Recommendation, Slo
+    from disagg.plan.sim import Cluster
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -71,75 +77,112 @@ def _requests(args: argparse.Namespace, defaults: dict[str, Any], n: int) -> Any
     return search.mix_arrivals(workload.parse_mix(mix), n, args.seed), f"mix {mix}"
 
 
-def run(args: argparse.Namespace) -> int:
-    from disagg.plan import search
-    from disagg.plan.sim import Cluster, simulate
+@dataclass(frozen=True)
+class _Inputs:
+    """What every mode needs, read from the flags and the profile file(s)."""
 
+    profiles: Profiles
+    defaults: dict[str, Any]  # the profile's planner_defaults
+    slo: Slo
+    thresholds: list[int]  # local-prefill thresholds to try
+
+
+def _inputs(args: argparse.Namespace) -> _Inputs:
+    """Raises OSError, ValueError or KeyError for a bad profile or flag."""
+    from disagg.plan import search
+
+    base = _load(args.profile)
+    defaults = dict(base.get("planner_defaults") or {})
+    profiles = _profiles(args, base)
+    slo = search.Slo(
+        args.slo_ttft_ms or float(defaults.get("slo_ttft_ms", 0)),
+        args.slo_tpot_ms or float(defaults.get("slo_tpot_ms", 0)),
+        args.target,
+    )
+    thresholds = [int(t) for t in args.thresholds.split(",") if t.strip()]
+    return _Inputs(profiles, defaults, slo, thresholds)
+
+
+def run(args: argparse.Namespace) -> int:
     try:
-        base = _load(args.profile)
-        defaults = dict(base.get("planner_defaults") or {})
-        profiles = _profiles(args, base)
-        slo = search.Slo(
-            args.slo_ttft_ms or float(defaults.get("slo_ttft_ms", 0)),
-            args.slo_tpot_ms or float(defaults.get("slo_tpot_ms", 0)),
-            args.target,
-        )
-        thresholds = [int(t) for t in args.thresholds.split(",") if t.strip()]
+        inputs = _inputs(args)
     except (OSError, ValueError, KeyError) as e:
         print(f"disagg plan: {e}", file=sys.stderr)
         return 2
     if args.simulate:
-        cluster = Cluster(args.prefill, args.decode, args.local_prefill_tokens)
-        arrivals, what = _requests(args, defaults, args.requests or 500)
-        res = simulate(profiles, cluster, arrivals(args.rate))
-        out = {
-            "layout": cluster.label(),
-            "rate": args.rate,
-            "workload": what,
-            "attainment": res.attainment(slo.ttft_ms, slo.tpot_ms),
-            **res.stats(),
-            "busy": res.busy,
-        }
+        out = _simulate_one(args, inputs)
         print(json.dumps(out, indent=2))
         _write(args.json_path, out)
         return 0
-    results = []
-    memo: dict[Cluster, float] = {}
+    results = _recommend_each_size(args, inputs)
+    _write(args.json_path, {"slo": inputs.slo.__dict__, "recommendations": results})
+    return 0
+
+
+def _simulate_one(args: argparse.Namespace, inputs: _Inputs) -> dict[str, Any]:
+    """--simulate: one layout at one rate; the simulator's stats as a JSON-ready dict."""
+    from disagg.plan.sim import Cluster, simulate
+
+    cluster = Cluster(args.prefill, args.decode, args.local_prefill_tokens)
+    arrivals, what = _requests(args, inputs.defaults, args.requests or 500)
+    res = simulate(inputs.profiles, cluster, arrivals(args.rate))
+    return {
+        "layout": cluster.label(),
+        "rate": args.rate,
+        "workload": what,
+        "attainment": res.attainment(inputs.slo.ttft_ms, inputs.slo.tpot_ms),
+        **res.stats(),
+        "busy": res.busy,
+    }
+
+
+def _recommend_each_size(args: argparse.Namespace, inputs: _Inputs) -> list[dict[str, Any]]:
+    """Prints the SLO and one recommendation line per --gpus size; returns their records."""
+    from disagg.plan import search
+
+    slo = inputs.slo
+    memo: dict[Cluster, float] = {}  # shared across sizes: cells of the same shape repeat
     print(
         f"SLO: TTFT <= {slo.ttft_ms:g} ms, TPOT <= {slo.tpot_ms:g} ms for {100 * slo.target:g}% of requests"
     )
+    results = []
     for gpus in args.gpus:
         cell = min(gpus, args.max_sim_gpus)
-        arrivals, what = _requests(args, defaults, args.requests or max(400, 100 * cell))
+        arrivals, what = _requests(args, inputs.defaults, args.requests or max(400, 100 * cell))
         rec = search.recommend(
-            profiles, gpus, arrivals, slo, thresholds, args.max_sim_gpus, memo=memo
+            inputs.profiles, gpus, arrivals, slo, inputs.thresholds, args.max_sim_gpus, memo=memo
         )
-        b, c = rec.best, rec.collocated
-        print(
-            f"{gpus} GPUs ({what}; simulated as cells of {rec.cell_gpus}): "
-            f"recommend {b.cluster.prefill} prefill : {b.cluster.decode} decode, local-prefill "
-            f"threshold {b.cluster.local_prefill_tokens} tokens -> goodput {b.goodput_rps:.1f} req/s "
-            f"({b.per_gpu:.2f} per GPU); collocated {c.goodput_rps:.1f} req/s "
-            f"({c.per_gpu:.2f} per GPU), x{b.goodput_rps / c.goodput_rps if c.goodput_rps else float('inf'):.2f}"
-        )
-        results.append(
-            {
-                "gpus": gpus,
-                "cell_gpus": rec.cell_gpus,
-                "prefill": b.cluster.prefill,
-                "decode": b.cluster.decode,
-                "local_prefill_tokens": b.cluster.local_prefill_tokens,
-                "goodput_rps": b.goodput_rps,
-                "goodput_per_gpu": b.per_gpu,
-                "collocated_goodput_rps": c.goodput_rps,
-                "candidates": [
-                    {"layout": x.cluster.label(), "goodput_rps": x.goodput_rps}
-                    for x in rec.candidates
-                ],
-            }
-        )
-    _write(args.json_path, {"slo": slo.__dict__, "recommendations": results})
-    return 0
+        print(_summary(rec, what))
+        results.append(_record(rec))
+    return results
+
+
+def _summary(rec: Recommendation, what: str) -> str:
+    b, c = rec.best, rec.collocated
+    return (
+        f"{rec.gpus} GPUs ({what}; simulated as cells of {rec.cell_gpus}): "
+        f"recommend {b.cluster.prefill} prefill : {b.cluster.decode} decode, local-prefill "
+        f"threshold {b.cluster.local_prefill_tokens} tokens -> goodput {b.goodput_rps:.1f} req/s "
+        f"({b.per_gpu:.2f} per GPU); collocated {c.goodput_rps:.1f} req/s "
+        f"({c.per_gpu:.2f} per GPU), x{b.goodput_rps / c.goodput_rps if c.goodput_rps else float('inf'):.2f}"
+    )
+
+
+def _record(rec: Recommendation) -> dict[str, Any]:
+    b, c = rec.best, rec.collocated
+    return {
+        "gpus": rec.gpus,
+        "cell_gpus": rec.cell_gpus,
+        "prefill": b.cluster.prefill,
+        "decode": b.cluster.decode,
+        "local_prefill_tokens": b.cluster.local_prefill_tokens,
+        "goodput_rps": b.goodput_rps,
+        "goodput_per_gpu": b.per_gpu,
+        "collocated_goodput_rps": c.goodput_rps,
+        "candidates": [
+            {"layout": x.cluster.label(), "goodput_rps": x.goodput_rps} for x in rec.candidates
+        ],
+    }
 
 
 def _write(path: str | None, data: dict[str, Any]) -> None:

@@ -1,22 +1,20 @@
-"""KV transfer wire plan: which blocks of which layer go in each chunk.
+"""KV as a stream of chunks: which blocks of which layer go in each, and their checks.
 
-Chunks are layer-major (all of layer 0, then layer 1, ...), so a receiver can
-start on early layers while later ones are still in flight, and each chunk's
-K + V bytes stay under ``max_chunk_bytes`` (one block per chunk at least).
-The receiver checks that every (layer, block) arrives exactly once with the
-exact byte count; anything else is a ``TransferError``.
+The helpers of transports whose bytes pass through Python (gRPC; an in-process
+pair in tests). Chunks are layer-major (all of layer 0, then layer 1, ...), so
+a receiver can start on early layers while later ones are still in flight, and
+each chunk's K + V bytes stay under ``max_chunk_bytes`` (one block per chunk at
+least). The receiver checks that every (layer, block) arrives exactly once with
+the exact byte count; anything else is a ``TransferError``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import AsyncIterable, Iterator
 from dataclasses import dataclass
 
-from disagg.engine.api import KvLayout
-
-
-class TransferError(RuntimeError):
-    """A KV pull failed or delivered malformed data; the receiver must discard it."""
+from disagg.engine.api import Engine, KvLayout
+from disagg.transfer.errors import TransferError
 
 
 @dataclass(frozen=True)
@@ -24,6 +22,17 @@ class ChunkSpan:
     layer: int
     first_block: int  # index into the request's block list
     num_blocks: int
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """K and V of blocks [first_block, first_block + num_blocks) of one layer."""
+
+    layer: int
+    first_block: int  # index into the request's block list, not a pool block id
+    num_blocks: int
+    k: bytes  # raw [num_blocks, block_size, num_kv_heads, head_dim] in the layout's dtype
+    v: bytes
 
 
 def plan_chunks(layout: KvLayout, num_blocks: int, max_chunk_bytes: int) -> Iterator[ChunkSpan]:
@@ -59,3 +68,19 @@ class ChunkTracker:
 
     def complete(self) -> bool:
         return len(self._seen) == self._layout.num_layers * self._num_blocks
+
+
+async def write_chunks(
+    chunks: AsyncIterable[Chunk], layout: KvLayout, dst_blocks: list[int], engine: Engine
+) -> int:
+    """Writes a chunk stream into dst_blocks, each chunk checked before it is written.
+
+    Returns the bytes written. Raises TransferError on a malformed chunk or a
+    stream that ends short. Does not free dst_blocks: their owner does."""
+    tracker = ChunkTracker(layout, len(dst_blocks))
+    async for c in chunks:
+        tracker.accept(c.layer, c.first_block, c.num_blocks, len(c.k), len(c.v))
+        engine.write_kv(dst_blocks[c.first_block : c.first_block + c.num_blocks], c.layer, c.k, c.v)
+    if not tracker.complete():
+        raise TransferError("KV stream ended before every block arrived")
+    return tracker.bytes

@@ -1,18 +1,17 @@
-"""gRPC DecodeWorker: take a handoff, pull its KV, continue generation.
+"""gRPC DecodeWorker: take a handoff, import its KV, continue generation.
 
-1. Reserve blocks for the prompt's KV in the local pool.
-2. Pull the blocks from the prefill worker (chunked stream, bounded by
-   transfer_timeout_s); every (layer, block) must arrive exactly once.
-3. Tell the prefill worker to release (CONSUMED on success, FAILED otherwise).
-4. Submit to the engine in DECODE mode: it continues after the first token.
-   If the pull failed, the prompt (+ first token) is prefilled here instead,
+1. With a handle: the receiver (``disagg.transfer.receiver``) reserves blocks,
+   fetches the KV from the prefill worker within transfer_timeout_s, verifies
+   it and has the owner release it (CONSUMED on success, FAILED otherwise).
+2. Submit to the engine in DECODE mode: it continues after the first token.
+   If the import failed, the prompt (+ first token) is prefilled here instead,
    so the client still gets a correct stream.
 Without a handle the prompt is prefilled here (short prompts, fallbacks).
+This file converts protobuf, plans the fallback and streams the engine's tokens.
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import dataclasses
 import logging
@@ -24,17 +23,16 @@ import grpc
 from disagg.engine.api import Engine, FinishReason, RequestMode, SamplingParams
 from disagg.metastore.store import MetaStore
 from disagg.runtime.config import WorkerConfig
-from disagg.transfer.chunks import ChunkTracker, TransferError
-from disagg.v1 import common_pb2, worker_pb2, worker_pb2_grpc
-from disagg.wire import layout_from_pb, sampling_from_pb
+from disagg.transfer.errors import DuplicateRequest
+from disagg.transfer.grpc_transport import GrpcTransport
+from disagg.transfer.handle import Handle, handle_from_pb
+from disagg.transfer.receiver import KvReceiver
+from disagg.v1 import worker_pb2, worker_pb2_grpc
+from disagg.wire import sampling_from_pb
 from disagg.worker.bridge import run_request
 from disagg.worker.validation import validate_prompt
 
 log = logging.getLogger(__name__)
-
-
-class DuplicateRequest(Exception):
-    """The request id is already running or holds KV on this worker."""
 
 
 @dataclasses.dataclass
@@ -56,43 +54,68 @@ class DecodeServicer(worker_pb2_grpc.DecodeWorkerServicer):
         store: MetaStore | None = None,
     ):
         self._engine = engine
-        self._store = store
-        self._cfg = cfg
-        self._channel_for = channel_for
-        self._tasks: set[asyncio.Task[None]] = set()
-        self.transfers = {"ok": 0, "failed": 0, "bytes": 0}
+        transport = GrpcTransport(channel_for, cfg.max_chunk_bytes)
+        self._receiver = KvReceiver(engine, transport, store, cfg.transfer_timeout_s)
 
     async def Decode(
         self, request: worker_pb2.DecodeRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[worker_pb2.DecodeResponse]:  # type: ignore[override]
+        plan = await self._plan(request, context)
+        if plan is None:
+            return
+        if plan.sampling.max_tokens <= 0:
+            yield worker_pb2.DecodeResponse(
+                finish_reason="length", kv_transfer_ms=plan.kv_transfer_ms
+            )
+            return
+        async for resp in self._stream(request.request_id, plan):
+            yield resp
+
+    async def _plan(
+        self, request: worker_pb2.DecodeRequest, context: grpc.aio.ServicerContext
+    ) -> _Plan | None:
+        """What the engine runs for this request; None after aborting the call."""
         ids = list(request.prompt_token_ids)
         await validate_prompt(self._engine, ids, context)
         try:
             sampling = sampling_from_pb(request.sampling)
         except ValueError as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"sampling.{e}")
-            return
-        rid = request.request_id
-        if request.HasField("handle"):
-            if request.handle.num_tokens != len(ids):
-                await context.abort(
-                    grpc.StatusCode.INVALID_ARGUMENT,
-                    f"handle.num_tokens: {request.handle.num_tokens} does not match the "
-                    f"prompt's {len(ids)} tokens",
-                )
-                return
-            try:
-                plan = await self._take_handoff(rid, ids, sampling, request.handle)
-            except DuplicateRequest as e:
-                await context.abort(grpc.StatusCode.ALREADY_EXISTS, f"request_id: {e}")
-                return
-        else:
-            plan = _Plan(RequestMode.GENERATE, ids, sampling)
-        if plan.sampling.max_tokens <= 0:
-            yield worker_pb2.DecodeResponse(
-                finish_reason="length", kv_transfer_ms=plan.kv_transfer_ms
+            return None
+        if not request.HasField("handle"):
+            return _Plan(RequestMode.GENERATE, ids, sampling)
+        if request.handle.num_tokens != len(ids):
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"handle.num_tokens: {request.handle.num_tokens} does not match the "
+                f"prompt's {len(ids)} tokens",
             )
-            return
+            return None
+        try:
+            return await self._take_handoff(
+                request.request_id, ids, sampling, handle_from_pb(request.handle)
+            )
+        except DuplicateRequest as e:
+            await context.abort(grpc.StatusCode.ALREADY_EXISTS, f"request_id: {e}")
+            return None
+
+    async def _take_handoff(
+        self, rid: str, ids: list[int], sampling: SamplingParams, handle: Handle
+    ) -> _Plan:
+        result = await self._receiver.receive(rid, handle)
+        if result.ok:
+            return _Plan(
+                RequestMode.DECODE,
+                ids,
+                sampling,
+                handle.first_token_id,
+                result.elapsed_ms,
+                result.bytes,
+            )
+        log.warning("kv pull failed, prefilling locally request_id=%s error=%s", rid, result.reason)
+        return _local_prefill(ids, sampling, handle.first_token_id, result.elapsed_ms)
+
+    async def _stream(self, rid: str, plan: _Plan) -> AsyncIterator[worker_pb2.DecodeResponse]:
         first = True
         started = time.monotonic()
         async with contextlib.aclosing(
@@ -114,119 +137,17 @@ class DecodeServicer(worker_pb2_grpc.DecodeWorkerServicer):
                     resp.decode_ms = (time.monotonic() - started) * 1000
                 yield resp
 
-    async def _take_handoff(
-        self, rid: str, ids: list[int], sampling: SamplingParams, handle: common_pb2.KvHandle
-    ) -> _Plan:
-        start = time.monotonic()
-        ok, ours = False, True
-        try:
-            nbytes = await self._pull(rid, handle)
-            ok = True
-        except DuplicateRequest:
-            ours = False  # the KV is the request's already running under this id
-            raise
-        except TransferError as e:
-            log.warning("kv pull failed, prefilling locally request_id=%s error=%s", rid, e)
-            self.transfers["failed"] += 1
-        finally:
-            if ours:
-                self._release_remote(handle, consumed=ok)
-        elapsed = (time.monotonic() - start) * 1000
-        if ok:
-            self.transfers["ok"] += 1
-            self.transfers["bytes"] += nbytes
-            return _Plan(RequestMode.DECODE, ids, sampling, handle.first_token_id, elapsed, nbytes)
-        # Recompute: the first token was already streamed, so continue after it.
-        rest = (
-            dataclasses.replace(sampling, max_tokens=sampling.max_tokens - 1)
-            if sampling.max_tokens > 1
-            else None
-        )
-        if rest is None:
-            return _Plan(
-                RequestMode.GENERATE,
-                ids,
-                dataclasses.replace(sampling, max_tokens=1),
-                kv_transfer_ms=elapsed,
-            )
-        return _Plan(
-            RequestMode.GENERATE, [*ids, handle.first_token_id], rest, kv_transfer_ms=elapsed
-        )
-
-    async def _pull(self, rid: str, handle: common_pb2.KvHandle) -> int:
-        layout = layout_from_pb(handle.layout)
-        if layout != self._engine.info.layout:
-            raise TransferError(
-                f"KV layout {layout} differs from this worker's {self._engine.info.layout}"
-            )
-        try:
-            blocks = self._engine.reserve_import(rid, handle.num_tokens)
-        except ValueError as e:  # the id is running or holds KV here
-            raise DuplicateRequest(str(e)) from e
-        if blocks is None:
-            raise TransferError("no free KV blocks for the import")
-        if len(blocks) != len(handle.block_ids):
-            self._engine.release(rid)
-            raise TransferError(
-                f"handle has {len(handle.block_ids)} blocks for {handle.num_tokens} tokens, expected {len(blocks)}"
-            )
-        tracker = ChunkTracker(layout, len(blocks))
-        try:
-            async with asyncio.timeout(self._cfg.transfer_timeout_s):
-                stub = worker_pb2_grpc.PrefillWorkerStub(self._channel_for(handle.owner_address))
-                call = stub.PullKv(
-                    worker_pb2.PullKvRequest(
-                        request_id=rid, max_chunk_bytes=self._cfg.max_chunk_bytes
-                    )
-                )
-                async for chunk in call:
-                    tracker.accept(
-                        chunk.layer, chunk.first_block, chunk.num_blocks, len(chunk.k), len(chunk.v)
-                    )
-                    dst = blocks[chunk.first_block : chunk.first_block + chunk.num_blocks]
-                    self._engine.write_kv(dst, chunk.layer, chunk.k, chunk.v)
-            if not tracker.complete():
-                raise TransferError("KV stream ended before every block arrived")
-        except BaseException as e:
-            self._engine.release(rid)
-            if isinstance(e, grpc.aio.AioRpcError):
-                raise TransferError(
-                    f"PullKv from {handle.owner_address}: {e.code().name} {e.details()}"
-                ) from e
-            if isinstance(e, TimeoutError):
-                raise TransferError(
-                    f"PullKv from {handle.owner_address} exceeded {self._cfg.transfer_timeout_s}s"
-                ) from e
-            raise
-        return tracker.bytes
-
-    def _release_remote(self, handle: common_pb2.KvHandle, consumed: bool) -> None:
-        """Tells the owner to free the blocks. An unreachable owner frees them by lease (or
-        is dead and holds nothing), so its Redis handle is marked FAILED and removed here."""
-
-        async def release() -> None:
-            stub = worker_pb2_grpc.PrefillWorkerStub(self._channel_for(handle.owner_address))
-            try:
-                await stub.ReleaseKv(
-                    worker_pb2.ReleaseKvRequest(request_id=handle.request_id, consumed=consumed),
-                    timeout=5,
-                )
-            except grpc.aio.AioRpcError as e:
-                log.warning("ReleaseKv to %s failed: %s", handle.owner_address, e.code().name)
-                await self._drop_handle(handle.request_id)
-
-        task = asyncio.get_running_loop().create_task(release())
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-
-    async def _drop_handle(self, request_id: str) -> None:
-        if self._store is None:
-            return
-        try:
-            await self._store.set_kv_state(request_id, common_pb2.KV_STATE_FAILED)
-            await self._store.delete_kv_handle(request_id)
-        except Exception as e:
-            log.warning("could not drop KV handle %s: %s", request_id, e)
-
     def close(self) -> None:
         """Nothing held between requests: each Decode call frees its own blocks."""
+
+
+def _local_prefill(
+    ids: list[int], sampling: SamplingParams, first_token_id: int, elapsed_ms: float
+) -> _Plan:
+    """The fallback after a failed import: the first token was already streamed to
+    the client, so prefill the prompt + that token here and continue after it."""
+    if sampling.max_tokens <= 1:
+        one = dataclasses.replace(sampling, max_tokens=1)
+        return _Plan(RequestMode.GENERATE, ids, one, kv_transfer_ms=elapsed_ms)
+    rest = dataclasses.replace(sampling, max_tokens=sampling.max_tokens - 1)
+    return _Plan(RequestMode.GENERATE, [*ids, first_token_id], rest, kv_transfer_ms=elapsed_ms)

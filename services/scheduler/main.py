@@ -25,6 +25,7 @@ from services.scheduler.orchestrator import Orchestrator, admission_of, slo_of
 from services.scheduler.registry import WorkerRegistry
 from services.scheduler.requests import RequestFactory
 from services.scheduler.servicer import SchedulerServicer
+from services.scheduler.workers import WorkerClient
 
 log = logging.getLogger(__name__)
 
@@ -56,9 +57,11 @@ class SchedulerApp:
             registry,
             tok.tokenizer,
             tok.eos_token_ids,
-            ChannelCache(credentials=channel_credentials(tls_of(cfg))).get_channel,
+            WorkerClient(
+                ChannelCache(credentials=channel_credentials(tls_of(cfg))).get_channel,
+                cfg.worker_timeout_s,
+            ),
             cfg.max_inflight,
-            cfg.worker_timeout_s,
             self.metrics,
             admission,
         )

@@ -2,19 +2,24 @@
 
 1. Admit (in-flight cap), then decide (disagg.policy, a pure function of the
    registry snapshot): route, or reject when the predicted TTFT/ITL breaks the
-   request's SLO. Every decision goes to the decision log with its inputs.
+   request's SLO. Every decision goes to the decision log with its inputs; the
+   request's loads are reserved in the registry.
 2. Prefill on a prefill worker, in the scheduler's dispatch queue for that
-   worker (shortest expected first, with aging): first token + KV handle
-   (READY in Redis). The first token is streamed to the client at once (TTFT).
-   The observed prefill time refines the worker's cost model; the prompt's
-   blocks go to the prefix index under that worker.
-3. Hand off to a decode worker: it pulls the KV and streams the rest.
+   worker (shortest expected first, with aging): first token + an opaque KV
+   ticket (READY in Redis). The first token is streamed to the client at once
+   (TTFT). The observed prefill time refines the worker's cost model; the
+   prompt's blocks go to the prefix index under that worker.
+3. Decode: a decode worker takes the ticket, pulls the KV and streams the rest.
    Routed local (short prompt, long prefill queues), no prefill worker, or a
-   prefill worker that is unreachable: the decode worker prefills the prompt itself.
-4. Relay: incremental detokenization, stop strings, usage and timings.
+   prefill worker that is unreachable: the decode worker prefills the prompt
+   itself. A decode worker lost mid-stream: the tokens streamed so far become
+   prompt on another one (at most ``_MAX_MIGRATIONS`` times).
+4. Finish: the last event with usage, timings and the workers that served it.
+Relay throughout: incremental detokenization, stop strings, token counts.
 Cancellation at any point (client gone, stop string) cancels the worker
-calls; a handle not yet handed to a decode worker is released here, so its
-blocks do not wait for the lease.
+calls; a ticket not yet taken by a decode worker is released here, so its
+blocks do not wait for the lease. Workers are reached only through
+``services.scheduler.workers`` (no protobuf here).
 """
 
 from __future__ import annotations
@@ -25,10 +30,8 @@ import dataclasses
 import itertools
 import logging
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass, field
-
-import grpc
 
 from disagg.kvpool.hashing import prompt_hashes
 from disagg.metrics.scheduler import SchedulerMetrics, Slo
@@ -44,28 +47,29 @@ from disagg.policy.routing import (
 )
 from disagg.runtime.config import SchedulerConfig
 from disagg.tokenization.detokenizer import IncrementalDetokenizer, StopStringMatcher
-from disagg.v1 import common_pb2, worker_pb2, worker_pb2_grpc
-from disagg.wire import sampling_to_pb
 from services.scheduler.decisions import DecisionLog
 from services.scheduler.dispatch import PrefillDispatch
 from services.scheduler.registry import Reservation, WorkerRegistry
 from services.scheduler.requests import (
     GenerationEvent,
     GenerationRequest,
-    InvalidRequest,
     Overloaded,
     Timing,
     Unavailable,
+)
+from services.scheduler.workers import (
+    DecodeLost,
+    DecodeUpdate,
+    KvTicket,
+    PrefillResult,
+    PrefillUnreachable,
+    WorkerClient,
 )
 
 log = logging.getLogger(__name__)
 
 
 _MAX_MIGRATIONS = 2  # decode workers a request may lose before it fails
-
-
-class _DecodeLost(RuntimeError):
-    """The decode worker's stream broke (worker died, drained, unreachable)."""
 
 
 def _ms(since: float) -> float:
@@ -97,6 +101,42 @@ class _Relay:
 
     def tail(self) -> str:
         return self.stops.flush()
+
+
+@dataclass
+class _Flight:
+    """One admitted request as it moves through the phases."""
+
+    req: GenerationRequest
+    plan: Decision
+    hashes: list[bytes]  # the prompt's block hashes (prefix index)
+    booking: Reservation  # its loads in the registry
+    arrival: float  # monotonic
+    relay: _Relay
+    decode: WorkerView  # the decode worker now (another one after a migration)
+    timing: Timing = field(default_factory=Timing)
+    ticket: KvTicket | None = None  # prefilled KV no decode worker has taken yet
+    cached: int = 0  # prompt tokens the prefill worker's prefix cache served
+    prefill_id: str = ""  # the prefill worker; "" = prefilled on the decode worker
+    lost: list[str] = field(default_factory=list)  # decode workers lost mid-stream
+
+    @property
+    def local(self) -> bool:
+        """Prefilled on the decode worker (routed so, or the prefill worker failed)."""
+        return not self.prefill_id
+
+
+def _continuation(f: _Flight) -> GenerationRequest:
+    """What the decode worker is sent: after a migration without a ticket the tokens
+    already streamed become prompt, so the new worker recomputes their KV and
+    continues exactly where the stream stopped."""
+    done = f.relay.generated
+    if f.ticket is not None or not done:
+        return f.req
+    sampling = dataclasses.replace(f.req.sampling, max_tokens=f.req.sampling.max_tokens - len(done))
+    return dataclasses.replace(
+        f.req, prompt_token_ids=[*f.req.prompt_token_ids, *done], sampling=sampling
+    )
 
 
 @dataclass(frozen=True)
@@ -139,9 +179,8 @@ class Orchestrator:
         registry: WorkerRegistry,
         tokenizer: object,
         eos_token_ids: tuple[int, ...],
-        channel_for: Callable[[str], grpc.aio.Channel],
+        workers: WorkerClient,
         max_inflight: int,
-        worker_timeout_s: float,
         metrics: SchedulerMetrics | None = None,
         admission: Admission | None = None,
     ):
@@ -156,34 +195,19 @@ class Orchestrator:
         self._metrics = metrics or SchedulerMetrics()  # observation only: never changes a decision
         self._tok = tokenizer
         self._eos = frozenset(eos_token_ids)
-        self._channel_for = channel_for
+        self._workers = workers
         self._max_inflight = max_inflight
-        self._worker_timeout_s = worker_timeout_s
         self.inflight = 0
 
     async def generate(self, req: GenerationRequest) -> AsyncGenerator[GenerationEvent, None]:
         """Yields events; raises Unavailable / Overloaded / InvalidRequest before the first one."""
         arrival = time.monotonic()
         with self._metrics.trace(arrival) as trace:
-            if self.inflight >= self._max_inflight:
-                raise Overloaded(
-                    f"{self.inflight} requests in flight (limit {self._max_inflight})",
-                    retry_after_s=1.0,
-                )
-            rid = req.request_id
-            plan, hashes = self.route(req)
-            if plan.rejected:
-                raise Overloaded(plan.rejected, retry_after_s=plan.retry_after_s)
-            n = len(req.prompt_token_ids)
-            booking = self._registry.reserve(plan, n, req.sampling.max_tokens)
-            self.inflight += 1
-            try:
-                async for ev in self._run(rid, req, plan, arrival, booking, hashes):
+            f = self._admit(req, arrival)
+            async with self._admitted(f) as events:
+                async for ev in events:
                     trace.event(ev)
                     yield ev
-            finally:
-                self.inflight -= 1
-                self._registry.release(booking)
 
     def route(self, req: GenerationRequest) -> tuple[Decision, list[bytes]]:
         """The policy's decision for req (logged), and the prompt's block hashes."""
@@ -210,104 +234,98 @@ class Orchestrator:
         self.decisions.decision(req.request_id, reg.version, snap, rr, plan)
         return plan, hashes
 
-    async def _run(
-        self,
-        rid: str,
-        req: GenerationRequest,
-        plan: Decision,
-        arrival: float,
-        booking: Reservation,
-        hashes: list[bytes],
-    ) -> AsyncIterator[GenerationEvent]:
+    # --- phase 1: admit and decide ---------------------------------------------------------
+
+    def _admit(self, req: GenerationRequest, arrival: float) -> _Flight:
+        """The in-flight cap, the routing decision, then the loads reserved (last: no raise after)."""
+        if self.inflight >= self._max_inflight:
+            raise Overloaded(
+                f"{self.inflight} requests in flight (limit {self._max_inflight})",
+                retry_after_s=1.0,
+            )
+        plan, hashes = self.route(req)
+        if plan.rejected:
+            raise Overloaded(plan.rejected, retry_after_s=plan.retry_after_s)
         relay = _Relay(
             IncrementalDetokenizer(self._tok, req.prompt_token_ids),
             StopStringMatcher(req.stop),
             self._eos,
             req.sampling.ignore_eos,
         )
-        timing = Timing()
-        cached = 0
-        handle: common_pb2.KvHandle | None = None
-        prefill_id = ""
-        if plan.prefill is not None:
-            async with self._dispatch.slot(plan.prefill.worker_id, plan.expected_prefill_ms):
-                pre = await self._prefill(rid, req, plan.prefill, timing)
-            self._registry.prefill_done(booking)
-            if pre is not None:
-                handle, cached, prefill_id = pre.handle, pre.cached_tokens, plan.prefill.worker_id
-                self._learn(
-                    prefill_id, plan, hashes, pre.prefill_ms, cached, len(req.prompt_token_ids)
-                )
-                timing.ttft_ms = _ms(arrival)
-                yield relay.push([handle.first_token_id])
-        decode = plan.decode
-        try:
-            if handle is not None and self._done_after_first(relay, req):
-                await self._release(handle)
-                handle = None
-            else:
-                local = handle is None
-                lost: list[str] = []
-                while True:
-                    try:
-                        async for ev in self._decode(
-                            rid, req, decode, handle, relay, timing, arrival
-                        ):
-                            if handle is not None:
-                                self._metrics.kv_handed_off(handle)
-                            handle = None  # the decode worker owns the handoff now
-                            if local and booking.prefill_open and ev.token_ids:
-                                self._registry.prefill_done(booking)
-                                self._learn(
-                                    decode.worker_id, plan, hashes, timing.prefill_ms, None, 0
-                                )
-                            yield ev
-                        break
-                    except _DecodeLost as e:
-                        lost.append(decode.worker_id)
-                        if handle is not None:  # handed to a worker that is gone: free it now
-                            await asyncio.shield(self._release(handle))
-                            handle = None
-                        decode = self._migration_target(rid, lost, e)
-        finally:
-            if handle is not None:  # cancelled before the decode worker took the handoff
-                await asyncio.shield(self._release(handle))
-        timing.e2e_ms = _ms(arrival)
-        last = GenerationEvent(
-            token_ids=[],
-            text=relay.tail(),
-            finish_reason=relay.finish or "length",
-            prompt_tokens=len(req.prompt_token_ids),
-            completion_tokens=relay.completion_tokens,
-            cached_tokens=cached,
-            timing=timing,
-            prefill_worker=prefill_id or plan.decode.worker_id,
-            decode_worker=decode.worker_id,
-        )
-        yield last
+        booking = self._registry.reserve(plan, len(req.prompt_token_ids), req.sampling.max_tokens)
+        return _Flight(req, plan, hashes, booking, arrival, relay, decode=plan.decode)
 
-    def _learn(
-        self,
-        worker_id: str,
-        plan: Decision,
-        hashes: list[bytes],
-        prefill_ms: float,
-        cached: int | None,
-        prompt_len: int,
-    ) -> None:
+    @contextlib.asynccontextmanager
+    async def _admitted(self, f: _Flight) -> AsyncIterator[AsyncIterator[GenerationEvent]]:
+        """The request's events, counted in flight; leaving the block undoes its reservation."""
+        self.inflight += 1
+        try:
+            async with contextlib.aclosing(self._run(f)) as events:
+                yield events
+        finally:
+            self.inflight -= 1
+            self._registry.release(f.booking)
+
+    async def _run(self, f: _Flight) -> AsyncGenerator[GenerationEvent, None]:
+        """Phases 2-4 of an admitted request."""
+        try:
+            first = await self._prefill_phase(f)
+            if first is not None:
+                yield first
+            async with contextlib.aclosing(self._decode_phase(f)) as events:
+                async for ev in events:
+                    yield ev
+        finally:
+            await self._release(f)  # a ticket no decode worker took (cancelled, done, lost)
+        yield self._finish(f)
+
+    # --- phase 2: prefill ------------------------------------------------------------------
+
+    async def _prefill_phase(self, f: _Flight) -> GenerationEvent | None:
+        """The first token's event after a prefill on a prefill worker; None: decode prefills."""
+        worker = f.plan.prefill
+        if worker is None:
+            return None
+        async with self._dispatch.slot(worker.worker_id, f.plan.expected_prefill_ms):
+            pre = await self._prefill(f, worker)
+        self._registry.prefill_done(f.booking)
+        if pre is None:
+            return None
+        f.timing.queue_ms += pre.queue_ms
+        f.timing.prefill_ms = pre.prefill_ms
+        f.ticket, f.cached, f.prefill_id = pre.handle, pre.cached_tokens, worker.worker_id
+        self._learn(f, worker.worker_id, pre.prefill_ms, pre.cached_tokens)
+        f.timing.ttft_ms = _ms(f.arrival)
+        return f.relay.push([pre.first_token_id])
+
+    async def _prefill(self, f: _Flight, worker: WorkerView) -> PrefillResult | None:
+        """The prefill, or None when the worker failed (the decode worker prefills instead)."""
+        try:
+            return await self._workers.prefill(worker, f.req)
+        except PrefillUnreachable as e:
+            if f.req.prefill_pin:
+                raise Unavailable(f"prefill_worker {f.req.prefill_pin!r}: {e}") from e
+            log.warning(
+                "prefill on %s failed (%s); prefilling on the decode worker",
+                worker.worker_id,
+                e.code,
+            )
+            return None
+
+    def _learn(self, f: _Flight, worker_id: str, prefill_ms: float, cached: int | None) -> None:
         """Refines the worker's cost model; records the prompt's blocks as cached there.
 
         ``cached`` (a prefill worker's report) below what the index predicted means
         the worker evicted those blocks: the index forgets them there.
         """
-        reg = self._registry
+        reg, plan = self._registry, f.plan
         tokens = plan.uncached_tokens
         if cached is not None and plan.prefill is not None:
-            tokens = max(1, prompt_len - cached)
+            tokens = max(1, len(f.req.prompt_token_ids) - cached)
             if tokens > plan.uncached_tokens:
-                reg.prefix.correct(worker_id, hashes, cached // plan.prefill.block_size)
+                reg.prefix.correct(worker_id, f.hashes, cached // plan.prefill.block_size)
         reg.observe_prefill(worker_id, tokens, prefill_ms)
-        reg.record_prefix(worker_id, hashes)
+        reg.record_prefix(worker_id, f.hashes)
 
     def _done_after_first(self, relay: _Relay, req: GenerationRequest) -> bool:
         if relay.finish:
@@ -318,102 +336,67 @@ class Orchestrator:
             return True
         return False
 
-    async def _prefill(
-        self, rid: str, req: GenerationRequest, worker: WorkerView, timing: Timing
-    ) -> worker_pb2.PrefillResponse | None:
-        """The prefill response, or None when the worker is unreachable (prefill on decode instead)."""
-        stub = worker_pb2_grpc.PrefillWorkerStub(self._channel_for(worker.address))
-        msg = worker_pb2.PrefillRequest(
-            request_id=rid,
-            prompt_token_ids=req.prompt_token_ids,
-            sampling=sampling_to_pb(req.sampling),
-        )
-        with self._registry.track(worker.worker_id):
-            try:
-                resp: worker_pb2.PrefillResponse = await stub.Prefill(
-                    msg, timeout=self._worker_timeout_s
-                )
-            except grpc.aio.AioRpcError as e:
-                if e.code() == grpc.StatusCode.INVALID_ARGUMENT:
-                    raise InvalidRequest(
-                        "prompt", e.details() or "rejected by the prefill worker"
-                    ) from e
-                if req.prefill_pin:
-                    raise Unavailable(
-                        f"prefill_worker {req.prefill_pin!r}: {e.code().name} {e.details()}"
-                    ) from e
-                log.warning(
-                    "prefill on %s failed (%s); prefilling on the decode worker",
-                    worker.worker_id,
-                    e.code().name,
-                )
-                return None
-        timing.queue_ms += resp.queue_ms
-        timing.prefill_ms = resp.prefill_ms
-        return resp
+    # --- phase 3: decode, with migration ---------------------------------------------------
 
-    async def _decode(
-        self,
-        rid: str,
-        req: GenerationRequest,
-        worker: WorkerView,
-        handle: common_pb2.KvHandle | None,
-        relay: _Relay,
-        timing: Timing,
-        arrival: float,
+    async def _decode_phase(self, f: _Flight) -> AsyncGenerator[GenerationEvent, None]:
+        """The rest of the stream, unless the first token ended it; a decode worker
+        lost mid-stream: on another one."""
+        if f.ticket is not None and self._done_after_first(f.relay, f.req):
+            return
+        while True:
+            try:
+                async with self._decoding(f) as events:
+                    async for ev in events:
+                        yield ev
+                return
+            except DecodeLost as e:
+                f.lost.append(f.decode.worker_id)
+                await self._release(f)  # handed to a worker that is gone: free it now
+                f.decode = self._migration_target(f.req.request_id, f.lost, e)
+
+    @contextlib.asynccontextmanager
+    async def _decoding(self, f: _Flight) -> AsyncIterator[AsyncIterator[GenerationEvent]]:
+        """One decode worker's events; leaving the block cancels the call."""
+        updates = self._workers.decode(f.decode, _continuation(f), f.ticket)
+        async with contextlib.aclosing(updates):
+            yield self._events(f, updates)
+
+    async def _events(
+        self, f: _Flight, updates: AsyncIterator[DecodeUpdate]
     ) -> AsyncIterator[GenerationEvent]:
-        stub = worker_pb2_grpc.DecodeWorkerStub(self._channel_for(worker.address))
-        # After a migration the tokens already streamed become prompt: the new
-        # worker recomputes their KV and continues exactly where the stream stopped.
-        sampling = req.sampling
-        if relay.generated and handle is None:
-            sampling = dataclasses.replace(
-                sampling, max_tokens=sampling.max_tokens - len(relay.generated)
-            )
-        msg = worker_pb2.DecodeRequest(
-            request_id=rid,
-            prompt_token_ids=[*req.prompt_token_ids, *(relay.generated if handle is None else ())],
-            sampling=sampling_to_pb(sampling),
-            handle=handle,
-        )
-        with self._registry.track(worker.worker_id):
-            call = stub.Decode(msg)
-            try:
-                async for resp in call:
-                    yield self._on_decode(resp, relay, timing, arrival, local=handle is None)
-                    if relay.finish:
-                        return
-            except grpc.aio.AioRpcError as e:
-                if e.code() == grpc.StatusCode.INVALID_ARGUMENT:
-                    raise InvalidRequest(
-                        "prompt", e.details() or "rejected by the decode worker"
-                    ) from e
-                raise _DecodeLost(f"{worker.worker_id}: {e.code().name} {e.details()}") from e
-            finally:
-                call.cancel()
+        """Updates as client events, until the stream or the relay finishes."""
+        fresh = f.ticket is None  # this worker prefills (routed local, or after a migration)
+        async for up in updates:
+            ev = self._on_decode(f, up, fresh)
+            self._taken(f, ev)
+            yield ev
+            if f.relay.finish:
+                return
 
-    def _on_decode(
-        self,
-        resp: worker_pb2.DecodeResponse,
-        relay: _Relay,
-        timing: Timing,
-        arrival: float,
-        local: bool,
-    ) -> GenerationEvent:
-        if resp.kv_transfer_ms:
-            timing.kv_transfer_ms = resp.kv_transfer_ms
-        if local and resp.prefill_ms:
-            timing.prefill_ms, timing.queue_ms = resp.prefill_ms, timing.queue_ms + resp.queue_ms
-        if resp.token_ids and not timing.ttft_ms:
-            timing.ttft_ms = _ms(arrival)
-        ev = relay.push(list(resp.token_ids))
-        if resp.finish_reason:
-            timing.decode_ms = resp.decode_ms
-            if not relay.finish:
-                relay.finish = "error" if resp.finish_reason == "error" else resp.finish_reason
+    def _on_decode(self, f: _Flight, up: DecodeUpdate, fresh: bool) -> GenerationEvent:
+        t = f.timing
+        if up.kv_transfer_ms:
+            t.kv_transfer_ms = up.kv_transfer_ms
+        if fresh and up.prefill_ms:
+            t.prefill_ms, t.queue_ms = up.prefill_ms, t.queue_ms + up.queue_ms
+        if up.token_ids and not t.ttft_ms:
+            t.ttft_ms = _ms(f.arrival)
+        ev = f.relay.push(list(up.token_ids))
+        if up.finish_reason is not None:
+            t.decode_ms = up.decode_ms
+            f.relay.finish = f.relay.finish or up.finish_reason
         return ev
 
-    def _migration_target(self, rid: str, lost: list[str], why: _DecodeLost) -> WorkerView:
+    def _taken(self, f: _Flight, ev: GenerationEvent) -> None:
+        """The decode worker answered: it owns the handoff; a local prefill is done."""
+        if f.ticket is not None:
+            self._metrics.kv_handed_off(f.ticket.nbytes)
+            f.ticket = None
+        if f.local and f.booking.prefill_open and ev.token_ids:
+            self._registry.prefill_done(f.booking)
+            self._learn(f, f.decode.worker_id, f.timing.prefill_ms, None)
+
+    def _migration_target(self, rid: str, lost: list[str], why: DecodeLost) -> WorkerView:
         """Another decode worker for a request whose decode worker failed mid-stream."""
         live = [
             w for w in self._registry.snapshot() if w.role == "decode" and w.worker_id not in lost
@@ -427,9 +410,25 @@ class Orchestrator:
         self._metrics.migrated()
         return target
 
-    async def _release(self, handle: common_pb2.KvHandle) -> None:
-        stub = worker_pb2_grpc.PrefillWorkerStub(self._channel_for(handle.owner_address))
-        with contextlib.suppress(grpc.aio.AioRpcError):
-            await stub.ReleaseKv(
-                worker_pb2.ReleaseKvRequest(request_id=handle.request_id, consumed=False), timeout=5
-            )
+    async def _release(self, f: _Flight) -> None:
+        """Frees the flight's ticket, if it still holds one; completes even when cancelled."""
+        ticket, f.ticket = f.ticket, None
+        if ticket is not None:
+            await asyncio.shield(self._workers.release(ticket))
+
+    # --- phase 4: finish -------------------------------------------------------------------
+
+    def _finish(self, f: _Flight) -> GenerationEvent:
+        """The last event: the tail of the text, usage, timings, the workers that served it."""
+        f.timing.e2e_ms = _ms(f.arrival)
+        return GenerationEvent(
+            token_ids=[],
+            text=f.relay.tail(),
+            finish_reason=f.relay.finish or "length",
+            prompt_tokens=len(f.req.prompt_token_ids),
+            completion_tokens=f.relay.completion_tokens,
+            cached_tokens=f.cached,
+            timing=f.timing,
+            prefill_worker=f.prefill_id or f.plan.decode.worker_id,
+            decode_worker=f.decode.worker_id,
+        )

@@ -7,8 +7,8 @@
    prefills queued or running (requests, uncached tokens) and decode streams
    (requests, KV blocks). Exact and immediate, where heartbeats lag.
 3. Cost models: each observed ``prefill_ms`` refines that worker's model.
-4. Prefix index: prompts prefilled on a worker are recorded there (in memory,
-   mirrored to Redis under ``disagg:prefix:{hash}``, best effort).
+4. Prefix index: prompts prefilled on a worker are recorded there, in this
+   scheduler's memory only.
 """
 
 from __future__ import annotations
@@ -16,11 +16,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from disagg.metastore import keys
 from disagg.metastore.store import MetaStore
 from disagg.policy.cost import CostModel
 from disagg.policy.prefix import PrefixIndex
@@ -30,7 +28,6 @@ from disagg.v1 import common_pb2
 log = logging.getLogger(__name__)
 
 _ROLE = {common_pb2.WORKER_ROLE_PREFILL: "prefill", common_pb2.WORKER_ROLE_DECODE: "decode"}
-PREFIX_TTL_S = 600
 
 
 def view_of(i: common_pb2.WorkerInfo) -> WorkerView:
@@ -70,8 +67,6 @@ class WorkerRegistry:
         self._prior = prior or CostModel()
         self.prefix = PrefixIndex()
         self.on_cost: Callable[[str, CostModel], None] | None = None  # decision log hook
-        self._inflight: Counter[str] = Counter()
-        self._mirror: list[tuple[str, list[bytes]]] = []
         self._task: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
@@ -168,40 +163,8 @@ class WorkerRegistry:
     def record_prefix(self, worker_id: str, hashes: Sequence[bytes]) -> None:
         if hashes:
             self.prefix.record(worker_id, hashes)
-            self._mirror.append((worker_id, list(hashes)))
-
-    @contextlib.contextmanager
-    def track(self, worker_id: str) -> Iterator[None]:
-        """Counts a request as in flight on worker_id for the duration of the block."""
-        self._inflight[worker_id] += 1
-        try:
-            yield
-        finally:
-            self._inflight[worker_id] -= 1
-            if self._inflight[worker_id] <= 0:
-                del self._inflight[worker_id]
 
     async def _loop(self) -> None:
         while True:
             await asyncio.sleep(self._refresh_s)
             await self.refresh()
-            await self._flush_prefix()
-
-    async def _flush_prefix(self) -> None:
-        """Mirrors recorded prefixes to Redis (``disagg:prefix:{hash}`` -> worker ids)."""
-        batch, self._mirror = self._mirror, []
-        if not batch:
-            return
-        try:
-            # MetaStore has no prefix-index method yet (store.py is not this module's):
-            # its client, one pipeline, no new connection.
-            r = self._store._client
-            async with r.pipeline(transaction=False) as pipe:
-                for worker_id, hashes in batch[-256:]:
-                    for h in hashes:
-                        key = keys.prefix_key(h.hex())
-                        pipe.sadd(key, worker_id)
-                        pipe.expire(key, PREFIX_TTL_S)
-                await pipe.execute()
-        except Exception as e:
-            log.warning("prefix index mirror failed: %s", e)

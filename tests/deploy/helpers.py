@@ -6,7 +6,6 @@
 - ``image_entrypoint()``: the ENTRYPOINT of deploy/Dockerfile (exec form).
 - ``local_argv(argv)``: a container's argv as a local process (``disagg`` -> this
   interpreter's ``-m disagg.cli``).
-- ``greedy_reference(model, prompt, n)``: transformers ``generate(do_sample=False)``.
 """
 
 from __future__ import annotations
@@ -119,22 +118,6 @@ def stop_process_group(proc: subprocess.Popen[bytes], timeout_s: float = 20.0) -
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(timeout=10)
-
-
-def greedy_reference(model_dir: str, prompt: list[int], max_new_tokens: int) -> list[int]:
-    """transformers generate(do_sample=False): what every serving path must reproduce."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    out = model.generate(
-        torch.tensor([prompt]),
-        attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
-        do_sample=False,
-        max_new_tokens=max_new_tokens,
-        pad_token_id=0,
-    )
-    return list(out[0, len(prompt) :].tolist())
 
 
 def generate_ids(address: str, prompt: list[int], max_tokens: int) -> tuple[list[int], Any]:

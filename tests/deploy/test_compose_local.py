@@ -26,7 +26,7 @@ from typing import Any
 
 import pytest
 
-from disagg.engine.testing import make_tiny_llama
+from disagg.engine.testing import greedy_reference, make_tiny_llama
 from disagg.metastore.embedded import start_embedded_valkey
 from disagg.metrics.scrape import parse
 from tests.deploy.helpers import (
@@ -35,7 +35,6 @@ from tests.deploy.helpers import (
     environment,
     free_port,
     generate_ids,
-    greedy_reference,
     image_entrypoint,
     list_workers,
     load_compose,
@@ -187,7 +186,7 @@ def test_compose_services_serve_as_local_processes(compose: LocalCompose, tmp_pa
 
     model = str(tmp_path / "models" / "tiny")
     prompt = [5, 17, 42, 99, 7, 300, 12]
-    want = greedy_reference(model, prompt, 8)
+    want = greedy_reference(model)(prompt, 8)
     assert len(set(want)) > 1, "reference output not diverse"
     ids, last = generate_ids(grpc_address, prompt, 8)
     assert ids == want

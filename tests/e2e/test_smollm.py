@@ -7,9 +7,9 @@ from collections.abc import Callable, Iterator
 import pytest
 import redis
 
+from disagg.engine.testing import greedy_reference
 from disagg.metastore.embedded import EmbeddedValkey
 from tests.cluster import Cluster
-from tests.e2e.conftest import make_reference
 
 pytestmark = pytest.mark.smollm
 
@@ -33,7 +33,7 @@ def smol_cluster(smollm_path: str, valkey: EmbeddedValkey) -> Iterator[Cluster]:
 
 @pytest.fixture(scope="module")
 def smol_reference(smollm_path: str) -> Callable[[list[int], int], list[int]]:
-    return make_reference(smollm_path)
+    return greedy_reference(smollm_path)
 
 
 @pytest.mark.parametrize("prompt", PROMPTS)

@@ -25,10 +25,10 @@ KEYS = (
 )
 
 
-def test_benchmark_quick_writes_every_key(tiny_model_dir: str, tmp_path) -> None:  # type: ignore[no-untyped-def]
+def test_benchmark_quick_writes_every_key(tiny_model: str, tmp_path) -> None:  # type: ignore[no-untyped-def]
     out, prof = tmp_path / "bench.json", tmp_path / "profile.json"
     cmd = [sys.executable, os.path.join(ROOT, "benchmarks", "engine.py"), "--quick"]
-    cmd += ["--model", tiny_model_dir, "--json", str(out), "--profile-out", str(prof)]
+    cmd += ["--model", tiny_model, "--json", str(out), "--profile-out", str(prof)]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     res = json.loads(out.read_text())

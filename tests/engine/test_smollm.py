@@ -5,18 +5,15 @@ from __future__ import annotations
 import os
 
 import pytest
-import torch
 
 from disagg.engine.api import FinishReason
 from disagg.engine.model_loader import resolve_model
-from disagg.engine.testing import OutputCollector, assert_engine_empty, request
+from disagg.engine.testing import OutputCollector, assert_engine_empty, greedy_reference, request
 
 pytestmark = pytest.mark.smollm
 
 
 def test_default_model_greedy_matches_generate() -> None:
-    from transformers import AutoModelForCausalLM
-
     from disagg.engine.config import EngineConfig
     from disagg.engine.engine import LLMEngine
 
@@ -25,7 +22,7 @@ def test_default_model_greedy_matches_generate() -> None:
     assert resolve_model("") == path  # cached: no second conversion
     eng = LLMEngine(EngineConfig(num_blocks=64, threads=2))
     assert eng.info.name == "SmolLM2-135M-Instruct" and eng.info.eos_token_ids
-    ref = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    ref = greedy_reference(path)
     tok = eng.tokenizer
     prompts = [
         tok.apply_chat_template(
@@ -46,9 +43,6 @@ def test_default_model_greedy_matches_generate() -> None:
     finally:
         eng.stop()
     for r in reqs:
-        expected = ref.generate(
-            torch.tensor([r.prompt_token_ids]), do_sample=False, max_new_tokens=32
-        )[0, len(r.prompt_token_ids) :].tolist()
-        assert sink.tokens(r.request_id) == expected
+        assert sink.tokens(r.request_id) == ref(r.prompt_token_ids, 32)
         assert sink.finish(r.request_id) in (FinishReason.STOP, FinishReason.LENGTH)
     assert_engine_empty(eng)

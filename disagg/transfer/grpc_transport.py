@@ -1,0 +1,82 @@
+"""The gRPC transport: KV as protobuf chunks over the workers' own gRPC link.
+
+The fallback that runs anywhere. Both ends are here:
+- receiver side (``GrpcTransport.fetch``): ``PrefillWorker/PullKv`` on the
+  owner, each ``KvChunk`` checked (``chunks.ChunkTracker``) and written into
+  the reserved blocks; ``release`` is ``PrefillWorker/ReleaseKv``;
+- owner side (``serve``): the sender's chunk stream as ``KvChunk`` messages,
+  for the prefill servicer's ``PullKv`` to yield.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncGenerator, Callable
+
+import grpc
+
+from disagg.engine.api import Engine
+from disagg.transfer.chunks import Chunk, write_chunks
+from disagg.transfer.errors import OwnerUnreachable, TransferError
+from disagg.transfer.handle import Handle
+from disagg.transfer.sender import KvSender
+from disagg.v1 import worker_pb2, worker_pb2_grpc
+
+_RELEASE_TIMEOUT_S = 5.0
+
+
+def chunk_to_pb(chunk: Chunk) -> worker_pb2.KvChunk:
+    return worker_pb2.KvChunk(
+        layer=chunk.layer,
+        first_block=chunk.first_block,
+        num_blocks=chunk.num_blocks,
+        k=chunk.k,
+        v=chunk.v,
+    )
+
+
+def chunk_from_pb(pb: worker_pb2.KvChunk) -> Chunk:
+    return Chunk(pb.layer, pb.first_block, pb.num_blocks, pb.k, pb.v)
+
+
+async def serve(
+    sender: KvSender, request_id: str, max_chunk_bytes: int = 0
+) -> AsyncGenerator[worker_pb2.KvChunk, None]:
+    """The owner's half: ``KvSender.serve`` on the wire (its errors pass through)."""
+    async for chunk in sender.serve(request_id, max_chunk_bytes):
+        yield chunk_to_pb(chunk)
+
+
+class GrpcTransport:
+    """The receiver's half, a ``transfer.Transport``."""
+
+    def __init__(self, channel_for: Callable[[str], grpc.aio.Channel], max_chunk_bytes: int = 0):
+        """channel_for(address) -> a channel (reused); max_chunk_bytes 0: the owner's default."""
+        self._channel_for = channel_for
+        self._max_chunk_bytes = max_chunk_bytes
+
+    async def fetch(self, handle: Handle, dst_blocks: list[int], engine: Engine) -> int:
+        request = worker_pb2.PullKvRequest(
+            request_id=handle.request_id, max_chunk_bytes=self._max_chunk_bytes
+        )
+        call = self._stub(handle).PullKv(request)
+        try:
+            chunks = (chunk_from_pb(pb) async for pb in call)
+            return await write_chunks(chunks, handle.layout, dst_blocks, engine)
+        except grpc.aio.AioRpcError as e:
+            raise TransferError(
+                f"PullKv from {handle.owner_address}: {e.code().name} {e.details()}"
+            ) from e
+        finally:
+            call.cancel()  # a no-op once the stream is done; ends it on any early exit
+
+    async def release(self, handle: Handle, consumed: bool) -> None:
+        request = worker_pb2.ReleaseKvRequest(request_id=handle.request_id, consumed=consumed)
+        try:
+            await self._stub(handle).ReleaseKv(request, timeout=_RELEASE_TIMEOUT_S)
+        except grpc.aio.AioRpcError as e:
+            raise OwnerUnreachable(
+                f"ReleaseKv to {handle.owner_address} failed: {e.code().name}"
+            ) from e
+
+    def _stub(self, handle: Handle) -> worker_pb2_grpc.PrefillWorkerStub:
+        return worker_pb2_grpc.PrefillWorkerStub(self._channel_for(handle.owner_address))
