@@ -94,6 +94,13 @@ def build_parser() -> argparse.ArgumentParser:
     _engine_flags(up)
     up.add_argument("--prefill", type=int, default=1, help="prefill workers")
     up.add_argument("--decode", type=int, default=1, help="decode workers")
+    up.add_argument(
+        "--max-restarts",
+        type=int,
+        default=5,
+        help="a service that exits more often than this within 60 s stops the system "
+        "(a crash loop); fewer exits are restarted with backoff",
+    )
     up.add_argument("--port", type=int, default=50051, help="scheduler gRPC port")
     up.add_argument(
         "--http-port", type=int, default=8000, help="OpenAI-compatible HTTP port (-1 = off)"

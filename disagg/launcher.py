@@ -5,17 +5,24 @@
 2. Redis: the given --redis-url, or an embedded Valkey on a free loopback port.
 3. Spawn the scheduler, N prefill and M decode workers (`python -m disagg.cli ...`).
 4. Ready when the scheduler's health is SERVING and it sees every worker;
-   print one line with `ready`.
-5. On SIGINT/SIGTERM, or when a service dies: stop every process group, then Valkey.
+   print one line with `ready` (a service that dies before that is fatal: a
+   bad flag or model would only crash again).
+5. Serve, supervised (disagg.runtime.supervisor): a service that dies is
+   restarted with backoff while the rest keep serving; restart counts go to
+   the log and to Redis (the scheduler's /metrics). Only a crash loop or the
+   embedded Valkey's death stops the system, with a message saying which.
+6. On SIGINT/SIGTERM: stop every process group, then Valkey.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import dataclasses
 import os
 import sys
 import threading
+from collections.abc import Awaitable, Callable
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -23,9 +30,11 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from disagg.engine.config import EngineConfig
 from disagg.engine.model_loader import resolve_model
 from disagg.metastore.embedded import EmbeddedValkey, start_embedded_valkey
+from disagg.metastore.store import MetaStore
 from disagg.mock.model import make_mock_model
 from disagg.runtime.config import POLICY_FLAGS, SchedulerConfig, from_env, tls_of
 from disagg.runtime.procs import ServiceExited, ServiceGroup
+from disagg.runtime.supervisor import RestartPolicy, Supervisor
 from disagg.runtime.tls import sync_channel
 from disagg.v1 import common_pb2, scheduler_pb2, scheduler_pb2_grpc
 
@@ -72,7 +81,15 @@ class Launcher:
             redis_url = self.valkey.url
         group = ServiceGroup()
         try:
-            self._spawn(group, engine, redis_url)
+            _store_call(redis_url, lambda store: store.clear_restarts())
+            supervisor = Supervisor(
+                group,
+                RestartPolicy(max_restarts=getattr(self.args, "max_restarts", 5)),
+                on_restart=lambda name, n: _store_call(
+                    redis_url, lambda store: store.record_restart(name, n)
+                ),
+            )
+            self._spawn(supervisor, engine, redis_url)
             if not self._wait_ready(group, stop):
                 return 1
             print(
@@ -80,15 +97,7 @@ class Launcher:
                 f"prefill={self.args.prefill} decode={self.args.decode} redis={redis_url}",
                 flush=True,
             )
-            while not stop.is_set():
-                exited = group.wait_any(timeout_s=0.2)
-                if exited is not None:
-                    print(
-                        f"disagg: {exited.name} exited with code {exited.returncode}; stopping",
-                        file=sys.stderr,
-                    )
-                    return 1
-            return 0
+            return self._serve(supervisor, stop)
         except ServiceExited as e:
             print(f"disagg: {e}", file=sys.stderr)
             return 1
@@ -98,7 +107,18 @@ class Launcher:
                 self.valkey.stop()
             print("disagg stopped", file=sys.stderr, flush=True)
 
-    def _spawn(self, group: ServiceGroup, engine: EngineConfig, redis_url: str) -> None:
+    def _serve(self, supervisor: Supervisor, stop: threading.Event) -> int:
+        """Until a signal (0), a crash loop or Valkey's death (1)."""
+        while not stop.wait(0.2):
+            fatal = supervisor.poll()
+            if fatal is None and self.valkey is not None and not self.valkey.running:
+                fatal = "the embedded Valkey exited: the control plane is gone; stopping"
+            if fatal is not None:
+                print(f"disagg: {fatal}", file=sys.stderr, flush=True)
+                return 1
+        return 0
+
+    def _spawn(self, supervisor: Supervisor, engine: EngineConfig, redis_url: str) -> None:
         py = [sys.executable, "-m", "disagg.cli"]
         common = ["--host", self.host, "--redis-url", redis_url]
         n = self.args.prefill + self.args.decode
@@ -106,7 +126,7 @@ class Launcher:
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         # The key travels in the environment, not argv, so `ps` does not show it.
         sched_env = {**env, "DISAGG_API_KEY": self.api_key} if self.api_key else env
-        group.spawn(
+        supervisor.add(
             "scheduler",
             [
                 *py,
@@ -127,7 +147,7 @@ class Launcher:
                 argv = [*py, role, *common, "--port", "0", *_engine_argv(engine, threads)]
                 argv += ["--mock"] if self.mock else []
                 argv = _pinned(argv, self.cpu_affinity.get(role))
-                group.spawn(f"{role}-{i}", argv, env=env)  # each its own free port
+                supervisor.add(f"{role}-{i}", argv, env=env)  # each its own free port
 
     @property
     def cpu_affinity(self) -> dict[str, str]:
@@ -174,3 +194,19 @@ class Launcher:
         if not ok:
             print(f"disagg: not ready after {self.args.ready_timeout:g}s", file=sys.stderr)
         return ok and not stop.is_set()
+
+
+def _store_call(redis_url: str, call: Callable[[MetaStore], Awaitable[None]]) -> None:
+    """One control-plane write from the launcher's (synchronous) thread; failures are logged."""
+
+    async def run() -> None:
+        store = MetaStore(redis_url, timeout_s=1.0, retries=1)
+        try:
+            await call(store)
+        finally:
+            await store.close()
+
+    try:
+        asyncio.run(run())
+    except Exception as e:
+        print(f"disagg: control-plane write failed: {e}", file=sys.stderr, flush=True)

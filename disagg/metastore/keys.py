@@ -13,6 +13,7 @@ PREFIX = "disagg:"
 WORKER_PREFIX = PREFIX + "worker:"  # + worker_id -> WorkerInfo (TTL = heartbeat ttl)
 WORKER_INDEX = PREFIX + "workers"  # set of worker ids; pruned of expired entries on read
 KV_PREFIX = PREFIX + "kv:"  # + request_id -> KvHandle (TTL >= its lease)
+RESTARTS = PREFIX + "restarts"  # hash: service name -> times `disagg up` restarted it
 
 WORKER_PATTERN = WORKER_PREFIX + "*"
 KV_PATTERN = KV_PREFIX + "*"

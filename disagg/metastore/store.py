@@ -146,6 +146,24 @@ class MetaStore:
         infos = [common_pb2.WorkerInfo.FromString(raw) for raw in raws]
         return [i for i in infos if role is None or i.role == role]
 
+    # -- supervision -----------------------------------------------------
+
+    async def record_restart(self, service: str, count: int) -> None:
+        """``disagg up`` restarted service; count is its total this run."""
+        with _unavailable_on_error():
+            await self._client.hset(keys.RESTARTS, keys.check_id(service, "service"), count)
+
+    async def clear_restarts(self) -> None:
+        """A new ``disagg up`` run starts counting from zero."""
+        with _unavailable_on_error():
+            await self._client.delete(keys.RESTARTS)
+
+    async def restarts(self) -> dict[str, int]:
+        """Service name -> restarts this run (empty when nothing was restarted)."""
+        with _unavailable_on_error():
+            raw = await self._client.hgetall(keys.RESTARTS)
+        return {_text(k): int(v) for k, v in raw.items()}
+
     # -- KV handles ------------------------------------------------------
 
     async def put_kv_handle(self, handle: common_pb2.KvHandle, ttl_s: float) -> None:

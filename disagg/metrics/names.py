@@ -19,6 +19,7 @@ MIGRATIONS = PREFIX + "request_migrations"  # counter: streams moved off a lost 
 PREFIX_QUERIES = PREFIX + "prefix_cache_queries"  # counter (prompt tokens looked up)
 PREFIX_HITS = PREFIX + "prefix_cache_hits"  # counter (prompt tokens served from the cache)
 SLO_MET = PREFIX + "slo_met"  # counter
+SERVICE_RESTARTS = PREFIX + "service_restarts"  # counter, label service: restarts by `disagg up`
 
 RUNNING = PREFIX + "requests_running"
 WAITING = PREFIX + "requests_waiting"

@@ -22,7 +22,7 @@ from types import TracebackType
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from disagg.metrics import names
@@ -87,9 +87,15 @@ class SchedulerMetrics:
             names.MIGRATIONS, "Streams continued on another decode worker", registry=r
         )
 
-    def bind(self, running: Callable[[], int], infos: Callable[[], list[Any]]) -> None:
-        """Registers the scrape-time gauges: running requests and the workers' heartbeats."""
-        self.registry.register(_FleetCollector(running, infos))
+    def bind(
+        self,
+        running: Callable[[], int],
+        infos: Callable[[], list[Any]],
+        restarts: Callable[[], dict[str, int]] = dict,
+    ) -> None:
+        """Registers the scrape-time gauges: running requests, the workers' heartbeats,
+        and the restarts of supervised services (as last read from Redis)."""
+        self.registry.register(_FleetCollector(running, infos, restarts))
 
     def trace(self, arrival: float) -> RequestTrace:
         return RequestTrace(self, arrival)
@@ -170,11 +176,23 @@ class RequestTrace:
 
 
 class _FleetCollector(Collector):
-    def __init__(self, running: Callable[[], int], infos: Callable[[], list[Any]]):
+    def __init__(
+        self,
+        running: Callable[[], int],
+        infos: Callable[[], list[Any]],
+        restarts: Callable[[], dict[str, int]],
+    ):
         self._running = running
         self._infos = infos
+        self._restarts = restarts
 
-    def collect(self) -> Iterator[GaugeMetricFamily]:
+    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+        restarts = CounterMetricFamily(
+            names.SERVICE_RESTARTS, "Services restarted by disagg up", labels=["service"]
+        )
+        for service, n in sorted(self._restarts().items()):
+            restarts.add_metric([service], n)
+        yield restarts
         infos = self._infos()
         yield GaugeMetricFamily(
             names.RUNNING, "Requests admitted by the scheduler", value=self._running()

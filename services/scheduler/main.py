@@ -65,7 +65,9 @@ class SchedulerApp:
             self.metrics,
             admission,
         )
-        self.metrics.bind(lambda: self.orchestrator.inflight, registry.infos)
+        self.metrics.bind(
+            lambda: self.orchestrator.inflight, registry.infos, lambda: registry.restarts
+        )
         requests = RequestFactory(
             tok.tokenizer, tok.vocab_size, tok.max_context, cfg.default_max_tokens
         )

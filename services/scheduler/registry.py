@@ -27,6 +27,8 @@ from disagg.v1 import common_pb2
 
 log = logging.getLogger(__name__)
 
+RESTARTS_REFRESH_S = 2.0  # how often the supervisor's restart counts are re-read
+
 _ROLE = {common_pb2.WORKER_ROLE_PREFILL: "prefill", common_pb2.WORKER_ROLE_DECODE: "decode"}
 
 
@@ -67,6 +69,7 @@ class WorkerRegistry:
         self._prior = prior or CostModel()
         self.prefix = PrefixIndex()
         self.on_cost: Callable[[str, CostModel], None] | None = None  # decision log hook
+        self.restarts: dict[str, int] = {}  # service -> restarts by `disagg up` (for /metrics)
         self._task: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
@@ -165,6 +168,17 @@ class WorkerRegistry:
             self.prefix.record(worker_id, hashes)
 
     async def _loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        restarts_due = 0.0
         while True:
             await asyncio.sleep(self._refresh_s)
             await self.refresh()
+            if loop.time() >= restarts_due:  # a rare event: no need to read it every refresh
+                restarts_due = loop.time() + RESTARTS_REFRESH_S
+                await self._refresh_restarts()
+
+    async def _refresh_restarts(self) -> None:
+        try:
+            self.restarts = await self._store.restarts()
+        except Exception as e:
+            log.warning("reading service restarts failed: %s", e)

@@ -106,7 +106,7 @@ def _alive(p: Proc) -> bool:
 class UpProcess:
     """A running `disagg up`; stdout lines are queued, stderr (the services' logs) goes to a file."""
 
-    def __init__(self, model: str, log_path: Path) -> None:
+    def __init__(self, model: str, log_path: Path, extra: tuple[str, ...] = ()) -> None:
         self.port = _free_port()
         self.address = f"127.0.0.1:{self.port}"
         self.log_path = log_path
@@ -126,6 +126,7 @@ class UpProcess:
             "1",
             "--decode",
             "1",
+            *extra,  # later flags win: extra may override the ones above
         ]
         self.proc = subprocess.Popen(
             argv,
