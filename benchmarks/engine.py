@@ -60,9 +60,20 @@ class Workload:
     rounds: int = 2
     threads: int = 2
     block_size: int = 16
+    batch_sizes: tuple[int, ...] = (1, 64)  # decode also at these batch sizes (vs bare)
+    sweep_new_tokens: int = 64  # new tokens per request at those batch sizes
 
 
-QUICK = Workload(requests=4, prompt_len=16, new_tokens=8, prefill_len=64, chunk=32, rounds=1)
+QUICK = Workload(
+    requests=4,
+    prompt_len=16,
+    new_tokens=8,
+    prefill_len=64,
+    chunk=32,
+    rounds=1,
+    batch_sizes=(1, 6),
+    sweep_new_tokens=4,
+)
 
 
 def prompts(w: Workload, vocab: int, seed: int, n: int | None = None, length: int | None = None):
@@ -97,8 +108,9 @@ class _Sink:
 
 
 def engine_config(model: str, w: Workload, **kw: Any) -> EngineConfig:
-    per_seq = -(-(w.prompt_len + w.new_tokens) // w.block_size)
-    need = max(w.requests * per_seq, -(-(w.prefill_len + 1) // w.block_size), 1) + 8
+    per_seq = -(-(w.prompt_len + max(w.new_tokens, w.sweep_new_tokens)) // w.block_size)
+    seqs = max(w.requests, *w.batch_sizes)
+    need = max(seqs * per_seq, -(-(w.prefill_len + 1) // w.block_size), 1) + 8
     base: dict[str, Any] = {
         "model": model,
         "dtype": "float32",
@@ -106,7 +118,7 @@ def engine_config(model: str, w: Workload, **kw: Any) -> EngineConfig:
         "block_size": w.block_size,
         "num_blocks": need,
         "threads": w.threads,
-        "max_num_seqs": max(w.requests, 1),
+        "max_num_seqs": seqs,
     }
     base.update(kw)
     return EngineConfig(**base)
@@ -250,73 +262,189 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
-def run(path: str, w: Workload, log: Callable[[str], None] = print) -> dict[str, Any]:
+# Per model path of the engine: its metric keys. The native path (the default)
+# keeps the names these results always had; the old path is prefixed.
+PATH_KEYS = {
+    "native": {
+        "decode": "engine_tok_s",
+        "total": "engine_total_tok_s",
+        "prefill": "prefill_2048_tok_s",
+        "chunked": "prefill_2048_chunked_tok_s",
+        "prefix": "engine",
+    },
+    "transformers": {
+        "decode": "engine_transformers_tok_s",
+        "total": "engine_transformers_total_tok_s",
+        "prefill": "engine_transformers_prefill_2048_tok_s",
+        "chunked": "engine_transformers_prefill_2048_chunked_tok_s",
+        "prefix": "engine_transformers",
+    },
+}
+
+
+@dataclass
+class PathEngines:
+    """One model path's engines: batch decode, one-chunk prefill, chunked prefill."""
+
+    gen: LLMEngine
+    one: LLMEngine
+    chunk: LLMEngine
+
+    @classmethod
+    def start(cls, path: str, w: Workload, impl: str) -> PathEngines:
+        kw: dict[str, Any] = {"model_impl": impl, "compile_warmup_s": 3600.0}
+        engines = cls(
+            LLMEngine(engine_config(path, w, **kw)),
+            LLMEngine(
+                engine_config(path, w, max_num_batched_tokens=max(w.prefill_len, 2048), **kw)
+            ),
+            LLMEngine(engine_config(path, w, max_num_batched_tokens=w.chunk, **kw)),
+        )
+        for e in engines.all:
+            e.start()  # native: compiles every decode bucket now, not inside a timed round
+        return engines
+
+    @property
+    def all(self) -> tuple[LLMEngine, ...]:
+        return (self.gen, self.one, self.chunk)
+
+    def warm(self, w: Workload, vocab: int) -> None:
+        engine_generate(self.gen, prompts(w, vocab, seed=10_000, n=2, length=8), 4)
+        for e in (self.one, self.chunk):  # native: compiles the prefill graph
+            engine_prefill(e, prompts(w, vocab, seed=10_001, n=1, length=64)[0])
+
+    def measure(self, keys: dict[str, str], w: Workload, batch, long, add) -> None:  # type: ignore[no-untyped-def]
+        e = engine_generate(self.gen, batch, w.new_tokens)
+        add(keys["decode"], e["decode_tok_s"])
+        add(keys["total"], e["total_tok_s"])
+        add(keys["prefill"], w.prefill_len / engine_prefill(self.one, long))
+        add(keys["chunked"], w.prefill_len / engine_prefill(self.chunk, long))
+
+
+def _round(r: int, w: Workload, hf: Any, paths: dict[str, PathEngines], vocab: int, add) -> None:  # type: ignore[no-untyped-def]
+    """One round: each engine path (their order alternating by round), then transformers'."""
+    add("load_avg_1m", os.getloadavg()[0])
+    batch = prompts(w, vocab, seed=r)
+    long = prompts(w, vocab, seed=1000 + r, n=1, length=w.prefill_len)[0]
+    order = list(paths) if r % 2 == 0 else list(reversed(paths))
+    for impl in order:
+        paths[impl].measure(PATH_KEYS[impl], w, batch, long, add)
+    add("hf_generate_batch_tok_s", hf_generate_batch(hf, batch, w.new_tokens))
+    add("hf_generate_tok_s", hf_generate(hf, batch, w.new_tokens))
+    add("bare_forward_tok_s", bare_decode(hf, batch, w.new_tokens))
+    add("bare_prefill_2048_tok_s", bare_prefill(hf, long))
+    for b in w.batch_sizes:  # decode at other batch sizes, engine paths beside the bare forward
+        sweep = prompts(w, vocab, seed=2000 + 10 * r + b, n=b)
+        for impl in order:
+            decode = engine_generate(paths[impl].gen, sweep, w.sweep_new_tokens)["decode_tok_s"]
+            add(f"{PATH_KEYS[impl]['prefix']}_b{b}_tok_s", decode)
+        add(f"bare_b{b}_tok_s", bare_decode(hf, sweep, w.sweep_new_tokens))
+
+
+def run(
+    path: str, w: Workload, log: Callable[[str], None] = print, vllm: bool = False
+) -> dict[str, Any]:
     torch.set_num_threads(w.threads)
     hf = load_hf(path)
     vocab = hf.config.vocab_size
-    eng = LLMEngine(engine_config(path, w))
-    eng_one = LLMEngine(engine_config(path, w, max_num_batched_tokens=max(w.prefill_len, 2048)))
-    eng_chunk = LLMEngine(engine_config(path, w, max_num_batched_tokens=w.chunk))
-    for e in (eng, eng_one, eng_chunk):
-        e.start()
+    t0 = time.perf_counter()
+    paths = {impl: PathEngines.start(path, w, impl) for impl in PATH_KEYS}
+    startup_s = time.perf_counter() - t0
     samples: dict[str, list[float]] = {}
 
     def add(key: str, value: float) -> None:
         samples.setdefault(key, []).append(value)
 
     try:
+        for p in paths.values():
+            p.warm(w, vocab)
         warm = prompts(w, vocab, seed=10_000, n=2, length=8)
-        engine_generate(eng, warm, 4)
         hf_generate(hf, warm, 4)
         hf_generate_batch(hf, warm, 4)
         bare_decode(hf, warm, 4)
-        for e in (eng_one, eng_chunk):
-            engine_prefill(e, prompts(w, vocab, seed=10_001, n=1, length=64)[0])
         bare_prefill(hf, prompts(w, vocab, seed=10_002, n=1, length=64)[0])
         for r in range(w.rounds):
-            batch = prompts(w, vocab, seed=r)
-            long = prompts(w, vocab, seed=1000 + r, n=1, length=w.prefill_len)[0]
-            e = engine_generate(eng, batch, w.new_tokens)
-            add("engine_tok_s", e["decode_tok_s"])
-            add("engine_total_tok_s", e["total_tok_s"])
-            add("hf_generate_batch_tok_s", hf_generate_batch(hf, batch, w.new_tokens))
-            add("hf_generate_tok_s", hf_generate(hf, batch, w.new_tokens))
-            add("bare_forward_tok_s", bare_decode(hf, batch, w.new_tokens))
-            add("prefill_2048_tok_s", w.prefill_len / engine_prefill(eng_one, long))
-            add("prefill_2048_chunked_tok_s", w.prefill_len / engine_prefill(eng_chunk, long))
-            add("bare_prefill_2048_tok_s", bare_prefill(hf, long))
+            _round(r, w, hf, paths, vocab, add)
+            if vllm:
+                add("vllm_cpu_tok_s", vllm_cpu(path, prompts(w, vocab, seed=r), w))
             log(
                 f"round {r + 1}/{w.rounds}: "
                 + ", ".join(f"{k}={v[-1]:.1f}" for k, v in samples.items())
             )
             gc.collect()
     finally:
-        for e in (eng, eng_one, eng_chunk):
-            e.stop()
+        for p in paths.values():
+            for e in p.all:
+                e.stop()
+    res = summarize(samples)
+    compiler = paths["native"].gen.compiler
+    res["compile"] = {
+        "enabled": compiler.enabled,
+        "decode_buckets": list(compiler.buckets),
+        "first_step_s": {str(b): s for b, s in sorted(compiler.compiled_s.items())},
+        "engines_startup_s": startup_s,  # six engines: load + warm-up compile
+    }
+    res["peak_rss_mb"] = peak_rss_mb()
+    res["workload"] = {**w.__dict__, "batch_sizes": list(w.batch_sizes)}
+    res["model"] = path
+    res["torch"] = torch.__version__
+    return res
+
+
+def summarize(samples: dict[str, list[float]]) -> dict[str, Any]:
+    """Medians, each path's best round, and ratios: of medians, of bests, and the median
+    of same-round ratios (the fairest on a shared machine: a round's paths ran minutes apart)."""
     res: dict[str, Any] = {k: statistics.median(v) for k, v in samples.items()}
     res.update(ratios(res))
     # Other jobs only ever slow a path down, so each path's best round is its
     # least-disturbed estimate; ratios of bests are reported beside the medians.
     best = {k: max(v) for k, v in samples.items()}
     res["best"] = {**best, **ratios(best)}
-    res["peak_rss_mb"] = peak_rss_mb()
+    rounds = len(samples["engine_tok_s"])
+    per_round = [ratios({k: v[i] for k, v in samples.items() if len(v) > i}) for i in range(rounds)]
+    res["same_round"] = {k: statistics.median(r[k] for r in per_round) for k in per_round[0]}
     res["samples"] = samples
-    res["workload"] = w.__dict__
-    res["model"] = path
-    res["torch"] = torch.__version__
     return res
 
 
 def ratios(r: dict[str, float]) -> dict[str, float]:
     gb, bare_p = r["hf_generate_batch_tok_s"], r["bare_prefill_2048_tok_s"]
-    return {
-        "engine_vs_generate_batch": r["engine_total_tok_s"] / gb,
-        "engine_decode_vs_generate_batch": r["engine_tok_s"] / gb,
-        "engine_vs_generate": r["engine_total_tok_s"] / r["hf_generate_tok_s"],
-        "engine_vs_bare": r["engine_tok_s"] / r["bare_forward_tok_s"],
-        "prefill_vs_bare": r["prefill_2048_tok_s"] / bare_p,
-        "prefill_chunked_vs_bare": r["prefill_2048_chunked_tok_s"] / bare_p,
-    }
+    out = {"native_vs_transformers": r["engine_tok_s"] / r["engine_transformers_tok_s"]}
+    for impl, keys in PATH_KEYS.items():
+        pre = keys["prefix"]
+        total, decode = r[keys["total"]], r[keys["decode"]]
+        out[f"{pre}_vs_generate_batch"] = total / gb
+        out[f"{pre}_decode_vs_generate_batch"] = decode / gb
+        out[f"{pre}_vs_generate"] = total / r["hf_generate_tok_s"]
+        out[f"{pre}_vs_bare"] = decode / r["bare_forward_tok_s"]
+        pf = "" if impl == "native" else f"{pre}_"
+        out[f"{pf}prefill_vs_bare"] = r[keys["prefill"]] / bare_p
+        out[f"{pf}prefill_chunked_vs_bare"] = r[keys["chunked"]] / bare_p
+        for key in [k for k in r if k.startswith("bare_b") and k.endswith("_tok_s")]:
+            b = key[len("bare_b") : -len("_tok_s")]
+            if f"{pre}_b{b}_tok_s" in r:
+                out[f"{pre}_vs_bare_b{b}"] = r[f"{pre}_b{b}_tok_s"] / r[key]
+        if "vllm_cpu_tok_s" in r:
+            out[f"{pre}_vs_vllm_cpu"] = total / r["vllm_cpu_tok_s"]
+    return out
+
+
+def vllm_cpu(path: str, batch: list[list[int]], w: Workload) -> float:
+    """The same requests on vLLM's CPU backend (benchmarks/vllm_cpu.py, its own venv); tok/s."""
+    import subprocess
+    import tempfile
+
+    script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "vllm_cpu.py")
+    with tempfile.NamedTemporaryFile("w", suffix=".json") as f:
+        json.dump(batch, f)
+        f.flush()
+        cmd = [sys.executable, script, "--model", path, "--prompts", f.name]
+        cmd += ["--new-tokens", str(w.new_tokens), "--threads", str(w.threads)]
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=3600)
+    if out.returncode != 0:
+        raise RuntimeError(f"vllm_cpu.py failed:\n{out.stderr[-3000:]}")
+    result = [line for line in out.stdout.splitlines() if line.startswith('{"tok_s"')]
+    return float(json.loads(result[-1])["tok_s"])
 
 
 # ------------------------------------------------------------- the profile
@@ -343,6 +471,7 @@ def profile(
         num_blocks=blocks,
         max_num_batched_tokens=max(max(lens), 2048),
         max_num_seqs=max(batches),
+        compile_warmup_s=3600.0,  # every decode bucket compiled before anything is timed
     )
     eng = LLMEngine(cfg)
     eng.start()
@@ -379,35 +508,58 @@ def profile(
     return out
 
 
-def table(res: dict[str, Any]) -> str:
-    rows = [
-        ("engine decode", "engine_tok_s", "tok/s"),
-        ("engine total", "engine_total_tok_s", "tok/s"),
+def _rows(res: dict[str, Any]) -> list[tuple[str, str, str]]:
+    rows = []
+    for impl, keys in PATH_KEYS.items():
+        pre, pf = keys["prefix"], ("" if impl == "native" else f"{keys['prefix']}_")
+        rows += [
+            (f"{impl}: engine decode", keys["decode"], "tok/s"),
+            (f"{impl}: engine total", keys["total"], "tok/s"),
+            (f"{impl}: prefill (1 chunk)", keys["prefill"], "tok/s"),
+            (f"{impl}: prefill (chunked)", keys["chunked"], "tok/s"),
+            (f"{impl}: decode / bare", f"{pre}_vs_bare", "x"),
+            (f"{impl}: total / generate", f"{pre}_vs_generate", "x"),
+            (f"{impl}: total / generate_batch", f"{pre}_vs_generate_batch", "x"),
+            (f"{impl}: prefill / bare", f"{pf}prefill_vs_bare", "x"),
+            (f"{impl}: prefill chunked / bare", f"{pf}prefill_chunked_vs_bare", "x"),
+        ]
+        rows += [(f"{impl}: decode b{b} / bare b{b}", f"{pre}_vs_bare_b{b}", "x") for b in _bs(res)]
+        rows += [(f"{impl}: total / vllm-cpu", f"{pre}_vs_vllm_cpu", "x")]
+    rows += [
         ("hf generate_batch", "hf_generate_batch_tok_s", "tok/s"),
         ("hf generate (static)", "hf_generate_tok_s", "tok/s"),
         ("bare forward decode", "bare_forward_tok_s", "tok/s"),
-        ("engine prefill (1 chunk)", "prefill_2048_tok_s", "tok/s"),
-        ("engine prefill (chunked)", "prefill_2048_chunked_tok_s", "tok/s"),
         ("bare prefill", "bare_prefill_2048_tok_s", "tok/s"),
-        ("engine total / generate_batch", "engine_vs_generate_batch", "x"),
-        ("engine decode / generate_batch", "engine_decode_vs_generate_batch", "x"),
-        ("engine total / generate", "engine_vs_generate", "x"),
-        ("engine decode / bare", "engine_vs_bare", "x"),
-        ("prefill / bare", "prefill_vs_bare", "x"),
-        ("prefill chunked / bare", "prefill_chunked_vs_bare", "x"),
+        ("vllm-cpu (end to end)", "vllm_cpu_tok_s", "tok/s"),
+    ]
+    for b in _bs(res):
+        rows += [(f"decode b{b}: {p}", f"{p}_b{b}_tok_s", "tok/s") for p in ("engine", "bare")]
+        rows += [(f"decode b{b}: transformers path", f"engine_transformers_b{b}_tok_s", "tok/s")]
+    rows += [
+        ("native decode / transformers path", "native_vs_transformers", "x"),
+        ("load average (1 min)", "load_avg_1m", ""),
         ("peak RSS", "peak_rss_mb", "MiB"),
     ]
+    return [r for r in rows if r[1] in res]
+
+
+def _bs(res: dict[str, Any]) -> list[int]:
+    return list(res["workload"].get("batch_sizes", []))
+
+
+def table(res: dict[str, Any]) -> str:
     w = res["workload"]
     head = (
         f"{w['requests']} requests x {w['prompt_len']} prompt + {w['new_tokens']} new tokens, "
         f"prefill {w['prefill_len']} (chunk {w['chunk']}), {w['threads']} threads, "
-        f"median of {w['rounds']} rounds"
+        f"median of {w['rounds']} rounds; same-round = median of per-round ratios"
     )
-    best = res["best"]
-    lines = [head, f"{'metric':34} {'median':>10} {'best':>10}  unit"]
-    for name, key, unit in rows:
-        b = f"{best[key]:10.2f}" if key in best else " " * 10
-        lines.append(f"{name:34} {res[key]:10.2f} {b}  {unit}")
+    best, same = res["best"], res.get("same_round", {})
+    lines = [head, f"{'metric':40} {'median':>9} {'best':>9} {'same-round':>10}  unit"]
+    for name, key, unit in _rows(res):
+        b = f"{best[key]:9.2f}" if key in best else " " * 9
+        sr = f"{same[key]:10.2f}" if key in same else " " * 10
+        lines.append(f"{name:40} {res[key]:9.2f} {b} {sr}  {unit}")
     return "\n".join(lines)
 
 
@@ -422,6 +574,9 @@ def main(argv: list[str] | None = None) -> int:
         "--rounds", type=int, default=0, help="interleaved rounds (0 = workload default)"
     )
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = workload default)")
+    p.add_argument(
+        "--vllm", action="store_true", help="also vLLM's CPU backend each round (vllm_cpu.py)"
+    )
     a = p.parse_args(argv)
     w = QUICK if a.quick else Workload()
     if a.rounds or a.threads:
@@ -430,7 +585,7 @@ def main(argv: list[str] | None = None) -> int:
         )
     path = resolve_model(a.model)
     if not a.skip_bench:
-        res = run(path, w, log=lambda s: print(s, file=sys.stderr, flush=True))
+        res = run(path, w, log=lambda s: print(s, file=sys.stderr, flush=True), vllm=a.vllm)
         print(table(res))
         if a.json_path:
             with open(a.json_path, "w") as f:

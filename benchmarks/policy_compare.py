@@ -19,7 +19,12 @@ arrivals at ``--rate``; 50% short prompts (16-128 tokens), 30% a shared
 TTFT is measured by the client (send to first token). SLO attainment = share
 of requests with TTFT <= ``--slo-ttft-ms``.
 
-    python benchmarks/policy_compare.py --json /tmp/policies.json
+``--schedulers 1,2`` runs length_aware once per replica count (replicas share
+one port through SO_REUSEPORT and their loads through Redis; the client spreads
+its requests over several connections): the routing quality of N replicas
+against one, same trace, same workers (``p99_ttft_ratio_x2`` in the JSON).
+
+    python benchmarks/policy_compare.py --json /tmp/policies.json [--schedulers 1,2]
 """
 
 from __future__ import annotations
@@ -39,7 +44,7 @@ from typing import Any
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from scheduler import _pct, scheduler_main, workers_main
+from scheduler import CONNECTIONS, _free_port, _pct, scheduler_main, workers_main
 
 POLICIES = ("round_robin", "least_loaded", "length_aware")
 
@@ -74,10 +79,16 @@ async def replay(address: str, trace: list[Item], max_tokens: int) -> list[float
     from disagg.v1 import scheduler_pb2, scheduler_pb2_grpc
 
     ttfts: list[float] = []
-    async with grpc.aio.insecure_channel(address) as ch:
-        stub = scheduler_pb2_grpc.SchedulerStub(ch)
+    # several connections (local subchannel pools): replicas behind one port each get some
+    channels = [
+        grpc.aio.insecure_channel(address, [("grpc.use_local_subchannel_pool", 1)])
+        for _ in range(CONNECTIONS)
+    ]
+    try:
+        stubs = [scheduler_pb2_grpc.SchedulerStub(ch) for ch in channels]
 
-        async def one(item: Item, t0: float) -> None:
+        async def one(k: int, item: Item, t0: float) -> None:
+            stub = stubs[k % len(stubs)]
             await asyncio.sleep(max(0.0, t0 + item.at_s - time.monotonic()))
             sent = time.monotonic()
             req = scheduler_pb2.GenerateRequest(
@@ -90,17 +101,26 @@ async def replay(address: str, trace: list[Item], max_tokens: int) -> list[float
             ttfts.append(((first or time.monotonic()) - sent) * 1000)
 
         t0 = time.monotonic() + 0.2
-        await asyncio.gather(*(one(it, t0) for it in trace))
+        await asyncio.gather(*(one(k, it, t0) for k, it in enumerate(trace)))
+    finally:
+        for ch in channels:
+            await ch.close()
     return ttfts
 
 
 def run_policy(
-    policy: str, args: argparse.Namespace, redis_url: str, model: str, salt: int
+    policy: str,
+    args: argparse.Namespace,
+    redis_url: str,
+    model: str,
+    salt: int,
+    replicas: int = 1,
 ) -> dict[str, Any]:
     ctx = mp.get_context("spawn")
     stop, port_q, out_q = ctx.Event(), ctx.Queue(), ctx.Queue()
-    cfg: dict[str, Any] = {"redis_url": redis_url, "model": model, "port": 0, "http_port": -1,
-                           "policy": policy, "max_inflight": 4096}  # fmt: skip
+    cfg: dict[str, Any] = {"redis_url": redis_url, "model": model, "port": _free_port(),
+                           "http_port": -1, "policy": policy, "max_inflight": 4096,
+                           "reuse_port": replicas > 1}  # fmt: skip
     if policy == "length_aware":
         cfg.update(
             local_prefill_tokens=args.local_prefill_tokens,
@@ -109,18 +129,28 @@ def run_policy(
         )
     else:
         cfg.update(prefill_dispatch_depth=100_000)  # no scheduler-side queue: the engine's FIFO
-    sp = ctx.Process(target=scheduler_main, args=(cfg, port_q, stop, out_q, 0))
-    sp.start()
-    address = f"127.0.0.1:{port_q.get(timeout=120)}"
+    sps = [
+        ctx.Process(
+            target=scheduler_main,
+            args=({**cfg, "replica_id": f"scheduler-{i}"}, port_q, stop, out_q, 0),
+        )
+        for i in range(replicas)
+    ]
+    for sp in sps:
+        sp.start()
+    ports = [port_q.get(timeout=120) for _ in sps]  # one port, shared
+    address = f"127.0.0.1:{ports[0]}"
     time.sleep(1.0)
     trace = make_trace(args.requests, args.rate, args.seed, salt)
     ttfts = asyncio.run(replay(address, trace, args.max_tokens))
     stop.set()
-    out_q.get(timeout=60)
-    sp.join(30)
+    for sp in sps:
+        out_q.get(timeout=60)
+        sp.join(30)
     met = sum(t <= args.slo_ttft_ms for t in ttfts)
     return {
-        "policy": policy,
+        "policy": policy if replicas == 1 else f"{policy}_x{replicas}",
+        "schedulers": replicas,
         "requests": len(ttfts),
         "mean_ttft_ms": round(statistics.fmean(ttfts), 1),
         "p50_ttft_ms": round(_pct(ttfts, 50), 1),
@@ -142,6 +172,7 @@ def main() -> int:
     p.add_argument("--local-prefill-tokens", type=int, default=256)
     p.add_argument("--prefill-ms-per-token", type=float, default=0.05, help="mock cost model")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--schedulers", default="1", help="replica counts for length_aware, e.g. 1,2")
     p.add_argument("--json", default="")
     args = p.parse_args()
 
@@ -167,6 +198,10 @@ def main() -> int:
             raise RuntimeError("workers not ready")
         for salt, policy in enumerate(POLICIES):
             rows.append(run_policy(policy, args, valkey.url, model, salt + 1))
+        counts = [int(x) for x in args.schedulers.split(",") if x.strip()]
+        for k in (c for c in counts if c > 1):  # same lengths and arrivals, fresh prompt tokens
+            salt = len(POLICIES) + k
+            rows.append(run_policy("length_aware", args, valkey.url, model, salt, k))
         stop_w.set()
         wp.join(60)
     finally:
@@ -179,6 +214,9 @@ def main() -> int:
     for r in rows:
         for k in ("mean_ttft_ms", "p99_ttft_ms", "slo_attainment"):
             out[f"{k}_{r['policy']}"] = r[k]
+        if r["schedulers"] > 1:
+            one = out["p99_ttft_ms_length_aware"]
+            out[f"p99_ttft_ratio_x{r['schedulers']}"] = round(r["p99_ttft_ms"] / one, 3)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(out, f, indent=2)

@@ -9,6 +9,14 @@ The workers and the client share core 1, so on this 2-core machine the client is
 what limits ``admitted_rps`` and ``streamed_tok_s`` (see the printed
 ``client_cpu_s`` against the wall time).
 
+Replicas (``--schedulers 1,2``): for each count, that many scheduler processes
+share one port (SO_REUSEPORT, as ``disagg up --schedulers N``), each pinned to
+core 0; the client spreads its streams over several connections so the kernel
+spreads them over the replicas. On 2 cores the replicas share core 0 and the
+client + workers share core 1: the figures are per core, not a scale-out curve.
+CPU per request and per token: the scheduler processes' CPU time (utime + stime
+from /proc) over the run, divided by the requests and by the tokens relayed.
+
 Phases:
 - ``admit``: short prompts, ``max_tokens=1``, ``--concurrency`` streams
   until ``--admit-requests`` are done: admitted_rps = requests / wall.
@@ -18,7 +26,7 @@ Phases:
 - decision latency: the scheduler times every ``Orchestrator.route`` call
   (prefix hashing + snapshot + policy + decision log line) over both phases.
 
-    python benchmarks/scheduler.py --json /tmp/sched.json [--workers 16 256]
+    python benchmarks/scheduler.py --json /tmp/sched.json [--workers 16 256] [--schedulers 1,2]
 """
 
 from __future__ import annotations
@@ -97,9 +105,26 @@ async def _run_workers(
 
 
 def scheduler_main(
-    cfg_kwargs: dict[str, Any], port_q: Any, stop: Any, out_q: Any, core: int
+    cfg_kwargs: dict[str, Any], port_q: Any, stop: Any, out_q: Any, core: int, profile: str = ""
 ) -> None:
     _pin(core)
+    if profile:  # the whole process under cProfile; its top entries go to a text file
+        import cProfile
+        import pstats
+
+        prof = cProfile.Profile()
+        prof.enable()
+        try:
+            _scheduler(cfg_kwargs, port_q, stop, out_q)
+        finally:
+            prof.disable()
+            with open(profile, "w") as f:
+                pstats.Stats(prof, stream=f).sort_stats("tottime").print_stats(40)
+        return
+    _scheduler(cfg_kwargs, port_q, stop, out_q)
+
+
+def _scheduler(cfg_kwargs: dict[str, Any], port_q: Any, stop: Any, out_q: Any) -> None:
     import logging
 
     logging.basicConfig(level=logging.WARNING)
@@ -153,12 +178,19 @@ async def load(
 
     from disagg.v1 import scheduler_pb2, scheduler_pb2_grpc
 
-    async with grpc.aio.insecure_channel(address) as ch:
-        stub = scheduler_pb2_grpc.SchedulerStub(ch)
+    # One connection per CONNECTIONS workers, each its own (local subchannel pool):
+    # channels to one target would otherwise share a single connection, and so a
+    # single replica behind SO_REUSEPORT.
+    channels = [
+        grpc.aio.insecure_channel(address, [("grpc.use_local_subchannel_pool", 1)])
+        for _ in range(max(1, min(concurrency, CONNECTIONS)))
+    ]
+    try:
+        stubs = [scheduler_pb2_grpc.SchedulerStub(ch) for ch in channels]
         todo = iter(range(total))
         tokens, failures = 0, 0
 
-        async def worker() -> None:
+        async def worker(stub: Any) -> None:
             nonlocal tokens, failures
             for i in todo:
                 prompt = [3 + (i * 7 + j) % 4000 for j in range(prompt_len)]  # no prefix sharing
@@ -168,10 +200,28 @@ async def load(
                 except grpc.aio.AioRpcError:
                     failures += 1
 
-        await _one(stub, scheduler_pb2, [3, 4, 5], 2)  # warm the channel
+        for stub in stubs:
+            await _one(stub, scheduler_pb2, [3, 4, 5], 2)  # warm the connections
         t0 = time.monotonic()
-        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        await asyncio.gather(*(worker(stubs[k % len(stubs)]) for k in range(concurrency)))
         return time.monotonic() - t0, tokens, failures
+    finally:
+        for ch in channels:
+            await ch.close()
+
+
+CONNECTIONS = 8  # client connections: enough for the kernel to use every replica
+
+
+def _cpu_s(pids: list[int]) -> float:
+    """utime + stime of these processes so far, from /proc."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0
+    for pid in pids:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        total += int(fields[11]) + int(fields[12])  # utime, stime (fields 14, 15)
+    return total / tick
 
 
 def _pct(xs: list[float], p: float) -> float:
@@ -181,7 +231,17 @@ def _pct(xs: list[float], p: float) -> float:
     return xs[min(len(xs) - 1, int(p / 100 * len(xs)))]
 
 
-def run_one(n_workers: int, args: argparse.Namespace, redis_url: str, model: str) -> dict[str, Any]:
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def run_one(
+    n_workers: int, replicas: int, args: argparse.Namespace, redis_url: str, model: str
+) -> dict[str, Any]:
     import redis
 
     with redis.Redis.from_url(redis_url) as r:
@@ -200,18 +260,35 @@ def run_one(n_workers: int, args: argparse.Namespace, redis_url: str, model: str
     if not ready.wait(300):
         raise RuntimeError("workers not ready")
     port_q, out_q = ctx.Queue(), ctx.Queue()
-    cfg = {"redis_url": redis_url, "model": model, "port": 0, "http_port": -1, "max_inflight": 4096,
-           "local_prefill_tokens": 16}  # fmt: skip
-    sp = ctx.Process(target=scheduler_main, args=(cfg, port_q, stop_s, out_q, 0))
-    sp.start()
-    port = port_q.get(timeout=120)
-    address = f"127.0.0.1:{port}"
+    cfg = {"redis_url": redis_url, "model": model, "port": _free_port(), "http_port": -1,
+           "max_inflight": 4096, "local_prefill_tokens": 16, "reuse_port": replicas > 1}  # fmt: skip
+    sps = [
+        ctx.Process(
+            target=scheduler_main,
+            args=(
+                {**cfg, "replica_id": f"scheduler-{i}"},
+                port_q,
+                stop_s,
+                out_q,
+                0,
+                f"{args.profile}.{n_workers}w.{replicas}x.{i}" if args.profile else "",
+            ),
+        )
+        for i in range(replicas)
+    ]
+    for sp in sps:
+        sp.start()
+    ports = {port_q.get(timeout=120) for _ in sps}
+    address = f"127.0.0.1:{ports.pop()}"
     _pin(1)
     time.sleep(1.5)  # the registry sees every worker
+    pids = [sp.pid for sp in sps if sp.pid is not None]
+    s0 = _cpu_s(pids)
     c0 = resource.getrusage(resource.RUSAGE_SELF)
     admit_wall, _, admit_fail = asyncio.run(
         load(address, args.admit_requests, args.concurrency, args.prompt_len, 1)
     )
+    s_mid = _cpu_s(pids)
     stream_wall, toks, stream_fail = asyncio.run(
         load(
             address,
@@ -222,14 +299,30 @@ def run_one(n_workers: int, args: argparse.Namespace, redis_url: str, model: str
         )
     )
     c1 = resource.getrusage(resource.RUSAGE_SELF)
+    s1 = _cpu_s(pids)
+    sched_cpu = s1 - s0
+    # A request's own cost from the admit phase (one token each); what the stream
+    # phase costs beyond its requests' own cost, per relayed token.
+    per_request_s = (s_mid - s0) / args.admit_requests
+    per_token_s = max(0.0, (s1 - s_mid) - per_request_s * args.stream_requests) / max(1, toks)
     stop_s.set()
-    times = out_q.get(timeout=60)
-    sp.join(30)
+    times = [t for _ in sps for t in out_q.get(timeout=60)]
+    for sp in sps:
+        sp.join(30)
     stop_w.set()
     wp.join(60)
     durations = [d * 1000 for _, d in times]
+    requests = args.admit_requests + args.stream_requests
     return {
         "workers": n_workers,
+        "schedulers": replicas,
+        "scheduler_cpu_s": round(sched_cpu, 2),
+        "scheduler_cpu_ms_per_request": round(1000 * sched_cpu / requests, 3),
+        "scheduler_cpu_us_per_token": round(
+            1e6 * sched_cpu / max(1, toks + args.admit_requests), 2
+        ),
+        "request_cpu_ms": round(1000 * per_request_s, 3),  # a 1-token request, all in
+        "token_cpu_us": round(1e6 * per_token_s, 2),  # each further relayed token
         "decisions": len(durations),
         "decision_p50_ms": round(_pct(durations, 50), 4),
         "decision_p99_ms": round(_pct(durations, 99), 4),
@@ -247,6 +340,9 @@ def main() -> int:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     p.add_argument("--workers", type=int, nargs="+", default=[16, 256])
+    p.add_argument(
+        "--schedulers", default="1", help="replica counts to run, comma-separated (e.g. 1,2)"
+    )
     p.add_argument("--admit-requests", type=int, default=3000)
     p.add_argument("--concurrency", type=int, default=64)
     p.add_argument("--prompt-len", type=int, default=8)
@@ -255,6 +351,9 @@ def main() -> int:
     p.add_argument("--stream-tokens", type=int, default=1024)
     p.add_argument("--tokens-per-step", type=int, default=16)
     p.add_argument("--json", default="")
+    p.add_argument(
+        "--profile", default="", help="write each scheduler's cProfile top entries to PATH.*"
+    )
     args = p.parse_args()
 
     from disagg.metastore.embedded import start_embedded_valkey
@@ -263,16 +362,22 @@ def main() -> int:
     model = make_mock_model()
     valkey = start_embedded_valkey()
     try:
-        rows = [run_one(n, args, valkey.url, model) for n in args.workers]
+        counts = [int(x) for x in args.schedulers.split(",") if x.strip()]
+        rows = [run_one(n, k, args, valkey.url, model) for n in args.workers for k in counts]
     finally:
         valkey.stop()
     cols = [
         "workers",
+        "schedulers",
         "decision_p50_ms",
         "decision_p99_ms",
         "admitted_rps",
         "streamed_tok_s",
         "failures",
+        "scheduler_cpu_ms_per_request",
+        "scheduler_cpu_us_per_token",
+        "request_cpu_ms",
+        "token_cpu_us",
         "client_cpu_s",
         "wall_s",
     ]
@@ -281,8 +386,18 @@ def main() -> int:
         print(" | ".join(str(r[c]) for c in cols))
     out: dict[str, Any] = {"runs": rows, "tokens_per_step": args.tokens_per_step}
     for r in rows:
-        for k in ("decision_p50_ms", "decision_p99_ms", "admitted_rps", "streamed_tok_s"):
-            out[f"{k}_{r['workers']}"] = r[k]
+        suffix = f"{r['workers']}" + (f"_x{r['schedulers']}" if r["schedulers"] > 1 else "")
+        for k in (
+            "decision_p50_ms",
+            "decision_p99_ms",
+            "admitted_rps",
+            "streamed_tok_s",
+            "scheduler_cpu_ms_per_request",
+            "scheduler_cpu_us_per_token",
+            "request_cpu_ms",
+            "token_cpu_us",
+        ):
+            out[f"{k}_{suffix}"] = r[k]
     if args.json:
         with open(args.json, "w") as f:
             json.dump(out, f, indent=2)

@@ -5,6 +5,7 @@ disagg scheduler | prefill | decode  [flags]   # one service in this process
 disagg generate "prompt" [--address HOST:PORT] # stream a completion to the terminal
 disagg workers [--address HOST:PORT]           # the workers the scheduler sees
 disagg health [--address HOST:PORT]            # exit 0 iff the service's gRPC health is SERVING
+disagg verify --prompts FILE [--address ...]   # disaggregated vs collocated greedy; exit 1 on a mismatch
 disagg gpu [--device cuda:N]                   # NVML telemetry as JSON; exit 1 where no GPU
 disagg bench [--base-url URL] [--request-rate R] ...  # load test with goodput (disagg.bench)
 disagg replay TRACE                            # re-decide a --decision-log, compare
@@ -23,6 +24,7 @@ from collections.abc import Sequence
 
 from disagg.engine.config import EngineConfig
 from disagg.runtime.config import (
+    KV_TRANSPORTS,
     POLICY_FLAGS,
     SchedulerConfig,
     WorkerConfig,
@@ -93,7 +95,14 @@ def build_parser() -> argparse.ArgumentParser:
     _common_flags(up)
     _engine_flags(up)
     up.add_argument("--prefill", type=int, default=1, help="prefill workers")
+    _kv_transport_flag(up)
     up.add_argument("--decode", type=int, default=1, help="decode workers")
+    up.add_argument(
+        "--schedulers",
+        type=int,
+        default=1,
+        help="scheduler replicas on the same gRPC and HTTP ports (SO_REUSEPORT; default 1)",
+    )
     up.add_argument(
         "--max-restarts",
         type=int,
@@ -131,6 +140,13 @@ def build_parser() -> argparse.ArgumentParser:
     sch.add_argument("--http-port", type=int, help="HTTP port (default 8000, -1 = off)")
     sch.add_argument("--default-max-tokens", type=int)
     sch.add_argument("--max-inflight", type=int)
+    sch.add_argument("--replica-id", help="id among replicas sharing Redis (default: generated)")
+    sch.add_argument(
+        "--reuse-port",
+        action="store_true",
+        default=None,
+        help="share the gRPC and HTTP ports with other replicas on this host (SO_REUSEPORT)",
+    )
     _policy_flags(sch)
     sch.add_argument(
         "--api-key", help="require 'Bearer KEY' on HTTP and gRPC (default: $DISAGG_API_KEY, none)"
@@ -151,6 +167,7 @@ def build_parser() -> argparse.ArgumentParser:
         )
         w.add_argument("--worker-id")
         w.add_argument("--kv-lease-s", type=float, help="prefill: free unpulled KV after this long")
+        _kv_transport_flag(w)
         w.add_argument("--mock", action="store_true", default=None, help="model-free mock engine")
 
     gen = sub.add_parser("generate", help="stream a completion from a running scheduler")
@@ -162,16 +179,33 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--top-p", type=float)
     gen.add_argument("--seed", type=int)
     gen.add_argument("--stop", action="append", default=[])
-    gen.add_argument("--api-key", default=os.environ.get("DISAGG_API_KEY", ""))
+    gen.add_argument("--timeout", type=float, help="seconds for the whole call (default: none)")
+    gen.add_argument("--api-key", help="Bearer key (default: $DISAGG_API_KEY)")
 
     wk = sub.add_parser("workers", help="list the workers a running scheduler sees")
     wk.add_argument("--address", default="127.0.0.1:50051")
-    wk.add_argument("--api-key", default=os.environ.get("DISAGG_API_KEY", ""))
+    wk.add_argument("--api-key", help="Bearer key (default: $DISAGG_API_KEY)")
 
     hc = sub.add_parser("health", help="exit 0 iff a service's gRPC health is SERVING")
     hc.add_argument("--address", default="127.0.0.1:50051")
     hc.add_argument("--service", default="", help="service name to check ('' = the server)")
     hc.add_argument("--timeout", type=float, default=3.0, help="seconds")
+
+    vf = sub.add_parser(
+        "verify",
+        help="run each prompt greedy on the disaggregated and the collocated path of the same "
+        "workers; exit 1 on any difference, 2 when a comparison cannot run",
+    )
+    vf.add_argument("--address", default="127.0.0.1:50051")
+    vf.add_argument(
+        "--prompts",
+        required=True,
+        help="file: a prompt per line, or JSON objects (prompt | prompt_token_ids | messages)",
+    )
+    vf.add_argument("--max-tokens", type=int, default=32, help="tokens per run")
+    vf.add_argument("--timeout", type=float, default=120.0, help="seconds per run")
+    vf.add_argument("--show", type=int, default=5, help="mismatches to print in full")
+    vf.add_argument("--api-key", help="Bearer key (default: $DISAGG_API_KEY)")
 
     gpu = sub.add_parser("gpu", help="GPU telemetry (NVML) as JSON; exit 1 where no GPU")
     gpu.add_argument("--device", default="auto", help="cuda | cuda:N (CUDA_VISIBLE_DEVICES aware)")
@@ -210,6 +244,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "generate": _cmd_generate,
         "workers": _cmd_workers,
         "health": _cmd_health,
+        "verify": _cmd_verify,
         "gpu": _cmd_gpu,
         "bench": _cmd_bench,
         "replay": _cmd_replay,
@@ -231,6 +266,8 @@ def _cmd_scheduler(args: argparse.Namespace) -> int:
         default_max_tokens=args.default_max_tokens,
         max_inflight=args.max_inflight,
         api_key=args.api_key,
+        replica_id=args.replica_id,
+        reuse_port=args.reuse_port,
         **_policy_args(args),
     )
     run(cfg)
@@ -247,6 +284,7 @@ def _cmd_worker(args: argparse.Namespace) -> int:
         redis_url=args.redis_url,
         worker_id=args.worker_id,
         kv_lease_s=args.kv_lease_s,
+        kv_transport=args.kv_transport,
         metrics_port=args.metrics_port,
         mock=args.mock,
     )
@@ -269,11 +307,20 @@ def _advertise_host(cfg: WorkerConfig) -> str:
     return cfg.host
 
 
+def _kv_transport_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--kv-transport",
+        choices=KV_TRANSPORTS,
+        help="KV data plane: auto (NIXL where both workers have it, else gRPC; the default) "
+        "| nixl | grpc (also $DISAGG_KV_TRANSPORT)",
+    )
+
+
 def _cmd_up(args: argparse.Namespace) -> int:
     from disagg.launcher import Launcher
 
-    if args.prefill < 0 or args.decode < 1:
-        print("disagg up: need --decode >= 1 and --prefill >= 0", file=sys.stderr)
+    if args.prefill < 0 or args.decode < 1 or args.schedulers < 1:
+        print("disagg up: need --decode >= 1, --prefill >= 0, --schedulers >= 1", file=sys.stderr)
         return 2
     from disagg.launcher import parse_cpu_affinity
 
@@ -282,6 +329,8 @@ def _cmd_up(args: argparse.Namespace) -> int:
     except ValueError as e:
         print(f"disagg up: {e}", file=sys.stderr)
         return 2
+    if args.kv_transport:  # the workers read it from their environment (WorkerConfig)
+        os.environ["DISAGG_KV_TRANSPORT"] = args.kv_transport
     launcher = Launcher(args, _engine_cfg(args))
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -290,68 +339,101 @@ def _cmd_up(args: argparse.Namespace) -> int:
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
-    import grpc
+    from disagg.client import Client, ClientError
 
-    from disagg.v1 import scheduler_pb2, scheduler_pb2_grpc
-
-    req = scheduler_pb2.GenerateRequest(temperature=args.temperature, stop=args.stop)
-    if args.chat:
-        req.messages.add(role="user", content=args.prompt)
-    else:
-        req.prompt = args.prompt
-    for name in ("max_tokens", "top_p", "seed"):
-        if getattr(args, name) is not None:
-            setattr(req, name, getattr(args, name))
-    with _client_channel(args.address) as channel:
-        stub = scheduler_pb2_grpc.SchedulerStub(channel)
+    chat = [{"role": "user", "content": args.prompt}] if args.chat else None
+    with Client(args.address, api_key=args.api_key) as client:
         try:
-            for resp in stub.Generate(req, metadata=_auth(args.api_key)):
-                sys.stdout.write(resp.text)
+            for ev in client.generate(
+                None if args.chat else args.prompt,
+                messages=chat,
+                max_tokens=args.max_tokens,
+                temperature=args.temperature,
+                top_p=args.top_p,
+                seed=args.seed,
+                stop=args.stop,
+                timeout=args.timeout,
+            ):
+                sys.stdout.write(ev.text)
                 sys.stdout.flush()
-                if resp.finish_reason:
-                    u, t = resp.usage, resp.timings
+                if ev.usage is not None and ev.timings is not None:
+                    u, t = ev.usage, ev.timings
                     print(
-                        f"\n[{resp.finish_reason}] prompt={u.prompt_tokens} completion={u.completion_tokens} "
+                        f"\n[{ev.finish_reason}] prompt={u.prompt_tokens} completion={u.completion_tokens} "
                         f"ttft={t.ttft_ms:.0f}ms prefill={t.prefill_ms:.0f}ms transfer={t.kv_transfer_ms:.1f}ms "
                         f"decode={t.decode_ms:.0f}ms",
                         file=sys.stderr,
                     )
-        except grpc.RpcError as e:
-            print(f"\nerror: {e.code().name}: {e.details()}", file=sys.stderr)
+        except ClientError as e:
+            print(f"\nerror: {e.code.name}: {e.details}", file=sys.stderr)
             return 1
     return 0
 
 
 def _cmd_workers(args: argparse.Namespace) -> int:
+    import json
+
     from google.protobuf import json_format
 
-    from disagg.v1 import scheduler_pb2, scheduler_pb2_grpc
+    from disagg.client import Client, ClientError
 
-    with _client_channel(args.address) as channel:
-        resp = scheduler_pb2_grpc.SchedulerStub(channel).ListWorkers(
-            scheduler_pb2.ListWorkersRequest(), metadata=_auth(args.api_key)
-        )
-    print(json_format.MessageToJson(resp))
+    with Client(args.address, api_key=args.api_key) as client:
+        try:
+            workers = client.list_workers()
+        except ClientError as e:
+            print(f"error: {e.code.name}: {e.details}", file=sys.stderr)
+            return 1
+    print(json.dumps({"workers": [json_format.MessageToDict(w.proto) for w in workers]}, indent=2))
     return 0
 
 
 def _cmd_health(args: argparse.Namespace) -> int:
-    import grpc
-    from grpc_health.v1 import health_pb2, health_pb2_grpc
+    from disagg.client import NO_RETRY, Client, ClientError
 
-    with _client_channel(args.address) as channel:
+    with Client(args.address, retry=NO_RETRY) as client:
         try:
-            status = (
-                health_pb2_grpc.HealthStub(channel)
-                .Check(health_pb2.HealthCheckRequest(service=args.service), timeout=args.timeout)
-                .status
-            )
-        except grpc.RpcError as e:
-            print(f"{args.address}: {e.code().name}: {e.details()}", file=sys.stderr)
+            health = client.health(args.service, timeout=args.timeout)
+        except ClientError as e:
+            print(f"{args.address}: {e.code.name}: {e.details}", file=sys.stderr)
             return 1
-    name = health_pb2.HealthCheckResponse.ServingStatus.Name(status)
-    print(f"{args.address}: {name}")
-    return 0 if status == health_pb2.HealthCheckResponse.SERVING else 1
+    print(f"{args.address}: {health.status}")
+    return 0 if health.serving else 1
+
+
+def _cmd_verify(args: argparse.Namespace) -> int:
+    """Exit 0 when every prompt matches, 1 on any mismatch, 2 when a comparison cannot run."""
+    from disagg.client import Client, ClientError
+    from disagg.client.paths import compare, read_prompts
+
+    try:
+        prompts = read_prompts(args.prompts)
+    except (OSError, ValueError) as e:
+        print(f"disagg verify: {e}", file=sys.stderr)
+        return 2
+    bad = unchecked = 0
+    with Client(args.address, api_key=args.api_key) as client:
+        try:
+            for c in compare(client, prompts, args.max_tokens, args.timeout):
+                route = f"{c.prefill_worker} -> {c.decode_worker}"
+                if c.problem:
+                    unchecked += 1
+                    print(f"UNCHECKED prompt {c.index} ({route}): {c.problem}")
+                elif c.match:
+                    print(f"match     prompt {c.index}: {len(c.collocated)} tokens ({route})")
+                else:
+                    bad += 1
+                    print(
+                        f"MISMATCH  prompt {c.index} ({route}): first difference at token "
+                        f"{c.first_difference}"
+                    )
+                    if bad <= args.show:
+                        print(f"  disaggregated {list(c.disaggregated)}")
+                        print(f"  collocated    {list(c.collocated)}")
+        except (ClientError, ValueError) as e:
+            print(f"disagg verify: {e}", file=sys.stderr)
+            return 2
+    print(f"verified {len(prompts)} prompts: {bad} mismatches, {unchecked} unchecked")
+    return 1 if bad else 2 if unchecked else 0
 
 
 def _cmd_gpu(args: argparse.Namespace) -> int:
@@ -366,18 +448,6 @@ def _cmd_gpu(args: argparse.Namespace) -> int:
         print(f"no GPU telemetry: {sample.reason}", file=sys.stderr)
         return 1
     return 0
-
-
-def _client_channel(address: str):  # type: ignore[no-untyped-def]
-    """Channel to a service; TLS/mTLS from DISAGG_TLS_CA / _CERT / _KEY when set."""
-    from disagg.runtime.config import tls_of
-    from disagg.runtime.tls import sync_channel
-
-    return sync_channel(address, tls_of(from_env(SchedulerConfig)))
-
-
-def _auth(api_key: str) -> tuple[tuple[str, str], ...]:
-    return (("authorization", f"Bearer {api_key}"),) if api_key else ()
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:

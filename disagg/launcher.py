@@ -20,9 +20,11 @@ import argparse
 import asyncio
 import dataclasses
 import os
+import secrets
 import sys
 import threading
 from collections.abc import Awaitable, Callable
+from typing import TypeVar
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -32,11 +34,14 @@ from disagg.engine.model_loader import resolve_model
 from disagg.metastore.embedded import EmbeddedValkey, start_embedded_valkey
 from disagg.metastore.store import MetaStore
 from disagg.mock.model import make_mock_model
+from disagg.runtime.cluster_auth import ENV as CLUSTER_TOKEN_ENV
 from disagg.runtime.config import POLICY_FLAGS, SchedulerConfig, from_env, tls_of
 from disagg.runtime.procs import ServiceExited, ServiceGroup
 from disagg.runtime.supervisor import RestartPolicy, Supervisor
 from disagg.runtime.tls import sync_channel
 from disagg.v1 import common_pb2, scheduler_pb2, scheduler_pb2_grpc
+
+T = TypeVar("T")
 
 
 def _engine_argv(e: EngineConfig, threads: int) -> list[str]:
@@ -90,11 +95,12 @@ class Launcher:
                 ),
             )
             self._spawn(supervisor, engine, redis_url)
-            if not self._wait_ready(group, stop):
+            if not self._wait_ready(group, stop, redis_url):
                 return 1
             print(
                 f"disagg ready: grpc {self.host}:{self.args.port} http {self.host}:{self.args.http_port} "
-                f"prefill={self.args.prefill} decode={self.args.decode} redis={redis_url}",
+                f"prefill={self.args.prefill} decode={self.args.decode} "
+                f"schedulers={self.args.schedulers} redis={redis_url}",
                 flush=True,
             )
             return self._serve(supervisor, stop)
@@ -123,12 +129,16 @@ class Launcher:
         common = ["--host", self.host, "--redis-url", redis_url]
         n = self.args.prefill + self.args.decode
         threads = engine.threads or max(1, (os.cpu_count() or 1) // n)
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-        # The key travels in the environment, not argv, so `ps` does not show it.
+        # Secrets travel in the environment, not argv, so `ps` does not show them. The
+        # cluster token closes the worker methods to everything but this system's own
+        # processes: a fresh one per run unless the operator set one.
+        token = os.environ.get(CLUSTER_TOKEN_ENV) or secrets.token_urlsafe(32)
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", CLUSTER_TOKEN_ENV: token}
         sched_env = {**env, "DISAGG_API_KEY": self.api_key} if self.api_key else env
-        supervisor.add(
-            "scheduler",
-            [
+        replicas = self.args.schedulers
+        for i in range(replicas):
+            name = "scheduler" if replicas == 1 else f"scheduler-{i}"
+            argv = [
                 *py,
                 "scheduler",
                 *common,
@@ -136,12 +146,10 @@ class Launcher:
                 engine.model,
                 "--port",
                 str(self.args.port),
-                "--http-port",
-                str(self.args.http_port),
-                *self._policy_argv(),
-            ],
-            env=sched_env,
-        )
+            ]
+            argv += ["--http-port", str(self.args.http_port), *self._policy_argv()]
+            argv += ["--reuse-port", "--replica-id", name] if replicas > 1 else []
+            supervisor.add(name, argv, env=sched_env)
         for role, count in (("prefill", self.args.prefill), ("decode", self.args.decode)):
             for i in range(count):
                 argv = [*py, role, *common, "--port", "0", *_engine_argv(engine, threads)]
@@ -165,7 +173,14 @@ class Launcher:
             out += [] if value is None else [flag, str(value)]
         return out
 
-    def _wait_ready(self, group: ServiceGroup, stop: threading.Event) -> bool:
+    def _replicas_up(self, redis_url: str) -> bool:
+        """Every scheduler replica has joined (its loads record is in Redis)."""
+        if self.args.schedulers == 1:
+            return True
+        records = _store_call(redis_url, lambda store: store.list_scheduler_loads())
+        return records is not None and len(records) >= self.args.schedulers
+
+    def _wait_ready(self, group: ServiceGroup, stop: threading.Event, redis_url: str) -> bool:
         address = f"{self.host}:{self.args.port}"
         with sync_channel(address, tls_of(from_env(SchedulerConfig))) as channel:
             health = health_pb2_grpc.HealthStub(channel)
@@ -188,6 +203,7 @@ class Launcher:
                 return (
                     roles.count(common_pb2.WORKER_ROLE_PREFILL) >= self.args.prefill
                     and roles.count(common_pb2.WORKER_ROLE_DECODE) >= self.args.decode
+                    and self._replicas_up(redis_url)
                 )
 
             ok = group.wait_until(ready, timeout_s=self.args.ready_timeout, poll_s=0.2)
@@ -196,17 +212,19 @@ class Launcher:
         return ok and not stop.is_set()
 
 
-def _store_call(redis_url: str, call: Callable[[MetaStore], Awaitable[None]]) -> None:
-    """One control-plane write from the launcher's (synchronous) thread; failures are logged."""
+def _store_call(redis_url: str, call: Callable[[MetaStore], Awaitable[T]]) -> T | None:
+    """One control-plane call from the launcher's (synchronous) thread; None when it failed
+    (logged)."""
 
-    async def run() -> None:
+    async def run() -> T:
         store = MetaStore(redis_url, timeout_s=1.0, retries=1)
         try:
-            await call(store)
+            return await call(store)
         finally:
             await store.close()
 
     try:
-        asyncio.run(run())
+        return asyncio.run(run())
     except Exception as e:
-        print(f"disagg: control-plane write failed: {e}", file=sys.stderr, flush=True)
+        print(f"disagg: control-plane call failed: {e}", file=sys.stderr, flush=True)
+        return None

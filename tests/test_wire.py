@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from disagg.engine.api import KvLayout, SamplingParams
+from disagg.engine.api import MAX_TOP_K, KvLayout, SamplingParams
 from disagg.v1 import common_pb2
 from disagg.wire import layout_from_pb, layout_to_pb, sampling_from_pb, sampling_to_pb
 
@@ -18,7 +18,7 @@ sampling_params = st.builds(
     max_tokens=st.integers(1, 2**31 - 1),
     temperature=st.floats(0, 1e6, **FLOAT32),
     top_p=st.floats(0, 1, exclude_min=True, **FLOAT32),
-    top_k=st.integers(0, 2**31 - 1),
+    top_k=st.integers(0, MAX_TOP_K),
     seed=st.none() | st.integers(-(2**63), 2**63 - 1),
     ignore_eos=st.booleans(),
 )
@@ -68,6 +68,9 @@ def test_layout_round_trips(layout: KvLayout) -> None:
         ({"top_p": 1.5}, "top_p"),
         ({"top_p": -0.1}, "top_p"),
         ({"top_k": -1}, "top_k"),
+        ({"top_k": MAX_TOP_K + 1}, "top_k"),
+        ({"temperature": float("nan")}, "temperature"),
+        ({"temperature": float("inf")}, "temperature"),
     ],
 )
 def test_invalid_sampling_is_a_value_error_naming_the_field(

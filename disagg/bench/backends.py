@@ -143,45 +143,41 @@ class HttpBackend:
 
 
 class GrpcBackend:
-    """disagg.v1.Scheduler/Generate (server streaming)."""
+    """disagg.v1.Scheduler/Generate (server streaming) through disagg.client.AsyncClient.
+
+    No retries: a refused request is a failure the benchmark reports, not one it hides.
+    """
 
     def __init__(self, address: str, api_key: str, temperature: float, ignore_eos: bool):
-        import grpc
+        from disagg.client import NO_RETRY, AsyncClient
 
-        self._channel = grpc.aio.insecure_channel(address)
-        self._metadata = (("authorization", f"Bearer {api_key}"),) if api_key else ()
+        self._client = AsyncClient(address, api_key=api_key or None, retry=NO_RETRY)
         self.temperature = temperature
         self.ignore_eos = ignore_eos
 
     async def send(self, req: BenchRequest) -> RequestResult:
-        import grpc
+        from disagg.client import ClientError
 
-        from disagg.v1 import scheduler_pb2, scheduler_pb2_grpc
-
-        msg = scheduler_pb2.GenerateRequest(
-            prompt=req.prompt,
-            prompt_token_ids=req.prompt_token_ids,
-            max_tokens=req.max_tokens,
-            temperature=self.temperature,
-            ignore_eos=self.ignore_eos,
-        )
-        for m in req.messages:
-            msg.messages.add(role=m["role"], content=m["content"])
         result = RequestResult(prompt_len=req.prompt_len)
         timer = _Timer(result)
         try:
-            async for resp in scheduler_pb2_grpc.SchedulerStub(self._channel).Generate(
-                msg, metadata=self._metadata
+            async for ev in self._client.generate(
+                req.prompt or None,
+                prompt_token_ids=req.prompt_token_ids,
+                messages=req.messages,
+                max_tokens=req.max_tokens,
+                temperature=self.temperature,
+                ignore_eos=self.ignore_eos,
             ):
-                if resp.token_ids:
+                if ev.token_ids:
                     timer.token()
-                if resp.finish_reason:
-                    result.output_tokens = resp.usage.completion_tokens
-                    result.prompt_len = resp.usage.prompt_tokens or result.prompt_len
-        except grpc.aio.AioRpcError as e:
-            result.error = f"{e.code().name}: {e.details()}"
+                if ev.usage is not None:
+                    result.output_tokens = ev.usage.completion_tokens
+                    result.prompt_len = ev.usage.prompt_tokens or result.prompt_len
+        except ClientError as e:
+            result.error = f"{e.code.name}: {e.details}"
         timer.done()
         return result
 
     async def close(self) -> None:
-        await self._channel.close()
+        await self._client.close()

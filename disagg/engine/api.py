@@ -22,6 +22,7 @@ Lifecycle of a request inside an engine:
 from __future__ import annotations
 
 import enum
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -41,6 +42,9 @@ class RequestMode(str, enum.Enum):
     DECODE = "decode"  # prompt KV already imported; continue from first_token_id
 
 
+MAX_TOP_K = 1 << 20  # above any vocabulary; larger values are rejected, not clamped
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     """Per-request sampling. Validated by the scheduler before it gets here."""
@@ -55,12 +59,12 @@ class SamplingParams:
     def __post_init__(self) -> None:
         if self.max_tokens <= 0:
             raise ValueError("max_tokens must be > 0")
-        if self.temperature < 0:
-            raise ValueError("temperature must be >= 0")
-        if not 0 < self.top_p <= 1:
+        if not math.isfinite(self.temperature) or self.temperature < 0:
+            raise ValueError("temperature must be finite and >= 0")
+        if not math.isfinite(self.top_p) or not 0 < self.top_p <= 1:
             raise ValueError("top_p must be in (0, 1]")
-        if self.top_k < 0:
-            raise ValueError("top_k must be >= 0")
+        if not 0 <= self.top_k <= MAX_TOP_K:
+            raise ValueError(f"top_k must be in [0, {MAX_TOP_K}]")
 
 
 @dataclass(frozen=True)
@@ -141,6 +145,9 @@ class Engine(Protocol):
         releases held/imported KV. Idempotent; unknown ids are ignored."""
 
     def stats(self) -> EngineStats: ...
+    def cached_prefix(self) -> tuple[int, list[bytes]]:
+        """(version, content hashes of every block in the prefix cache); the version
+        changes whenever the set does, so a publisher can skip unchanged sets."""
 
     # KV transfer: export side (prefill worker).
     def held_blocks(self, request_id: str) -> tuple[list[int], int] | None:

@@ -51,7 +51,8 @@ class DecodeGroup:
 
     rows: slice | torch.Tensor  # a slice when the group is every decode row, in order
     block_tables: torch.Tensor  # long [b, max_blocks] (padded to the group's longest)
-    mask: torch.Tensor  # bool [b, 1, 1, max_blocks * block_size]: key < context length
+    context_lens: torch.Tensor  # long [b]: tokens of KV of each row, this step's included
+    mask: torch.Tensor | None  # bool [b, 1, 1, max_blocks * block_size]: key < context length
 
 
 @dataclass
@@ -95,7 +96,7 @@ def prefix_causal_mask(chunk: int, context_len: int, device: torch.device) -> to
     return torch.arange(context_len, device=device)[None, :] <= q_pos[:, None]
 
 
-def _gather(cache: torch.Tensor, block_ids: torch.Tensor) -> torch.Tensor:
+def gather_blocks(cache: torch.Tensor, block_ids: torch.Tensor) -> torch.Tensor:
     """cache[block_ids] as [..., kv_heads, blocks * block_size, d].
 
     ``index_select`` on the flattened table, not ``cache[block_ids]``: the
@@ -130,9 +131,10 @@ def paged_attention_forward(
 
     out = query.new_empty(num_tokens, num_heads, head_dim)
     for group in paged.decode_groups:
+        assert group.mask is not None  # built by the runner for this path
         q = query[0, :, group.rows].transpose(0, 1).unsqueeze(2)  # [b, H, 1, d]
-        k = _gather(k_cache, group.block_tables)  # [b, Hkv, L, d]
-        v = _gather(v_cache, group.block_tables)
+        k = gather_blocks(k_cache, group.block_tables)  # [b, Hkv, L, d]
+        v = gather_blocks(v_cache, group.block_tables)
         o = F.scaled_dot_product_attention(
             q, k, v, attn_mask=group.mask, scale=scaling, enable_gqa=True
         )
@@ -145,8 +147,8 @@ def paged_attention_forward(
                 q, k, v, is_causal=True, scale=scaling, enable_gqa=True
             )
         else:
-            k = _gather(k_cache, span.block_ids)[:, : span.context_len].unsqueeze(0)
-            v = _gather(v_cache, span.block_ids)[:, : span.context_len].unsqueeze(0)
+            k = gather_blocks(k_cache, span.block_ids)[:, : span.context_len].unsqueeze(0)
+            v = gather_blocks(v_cache, span.block_ids)[:, : span.context_len].unsqueeze(0)
             o = F.scaled_dot_product_attention(
                 q, k, v, attn_mask=span.mask, scale=scaling, enable_gqa=True
             )

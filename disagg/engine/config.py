@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+MODEL_IMPLS = ("auto", "native", "transformers")
+
 
 @dataclass(frozen=True)
 class EngineConfig:
@@ -21,6 +23,11 @@ class EngineConfig:
     max_num_batched_tokens: int = 2048  # prefill tokens per step (chunk size for long prompts)
     threads: int = 0  # torch intra-op threads; 0 = torch's default
     enable_prefix_cache: bool = True  # reuse KV blocks of identical prompt prefixes
+    # auto = the engine's own forward (engine/models) where it covers the model type, else
+    # transformers' modules (logged once); native = own forward or fail; transformers = theirs.
+    model_impl: str = "auto"
+    compile: bool = True  # torch.compile the native step (decode buckets, decode attention)
+    compile_warmup_s: float = 10.0  # start() compiles decode buckets, smallest first, this long
 
     def __post_init__(self) -> None:
         if self.block_size <= 0 or self.block_size & (self.block_size - 1):
@@ -31,3 +38,7 @@ class EngineConfig:
             raise ValueError("max_num_seqs and max_num_batched_tokens must be > 0")
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise ValueError(f"unknown dtype {self.dtype!r}")
+        if self.compile_warmup_s < 0:
+            raise ValueError("compile_warmup_s must be >= 0")
+        if self.model_impl not in MODEL_IMPLS:
+            raise ValueError(f"model_impl must be one of {', '.join(MODEL_IMPLS)}")

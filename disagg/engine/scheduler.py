@@ -182,8 +182,8 @@ class Scheduler:
             seq.cached_tokens = 0
 
     def register_full_blocks(self, seq: Sequence) -> None:
-        """Publishes seq's newly completed full blocks to the prefix cache."""
-        if not self.enable_prefix_cache:
+        """Publishes seq's newly completed full blocks to the prefix cache (never imported KV)."""
+        if not self.enable_prefix_cache or seq.kv_imported:
             return
         full = seq.num_computed // self.block_size
         for i in range(seq.num_registered, full):

@@ -42,6 +42,9 @@ class Sequence:
     prefill_ms: float = 0.0
     reported_first: bool = False  # the first TokenOutput (with timings) was sent
     aborted: bool = False  # abort arrived while the sequence was in a forward
+    # DECODE: its prompt KV came from another worker, unverifiable as the prompt's:
+    # no block of it (nor any computed on top of it) goes into the prefix cache.
+    kv_imported: bool = False
 
     @property
     def request_id(self) -> str:
@@ -73,4 +76,5 @@ class Sequence:
         self.block_ids = []
         self.num_computed = 0
         self.num_registered = 0
+        self.kv_imported = False  # recomputed here: its blocks are this worker's own
         self.status = SeqStatus.WAITING

@@ -43,27 +43,47 @@ def make_tiny_llama(path: str, seed: int = 0) -> str:
     vocab 512, 2 layers, 4 heads / 2 KV heads (GQA), head_dim 16, max context 256,
     eos id 2. Idempotent: an existing model at path is kept.
     """
+    return make_tiny_model(path, "llama", seed)
+
+
+_FAMILIES = {"llama": "LlamaConfig", "qwen2": "Qwen2Config", "mistral": "MistralConfig"}
+
+
+def make_tiny_model(path: str, family: str = "llama", seed: int = 0, **config: Any) -> str:
+    """A tiny random model of a family ("llama", "qwen2", "mistral") at path, like
+    ``make_tiny_llama``; ``config`` overrides fields of its transformers config
+    (rope_scaling, sliding_window, attention_bias, tie_word_embeddings, ...).
+
+    Every bias the model has is drawn at random too (transformers initialises
+    them to zero, which would hide a bias the forward forgets).
+    """
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    import transformers
+    from transformers import AutoModelForCausalLM
 
     if os.path.exists(os.path.join(path, "config.json")):
         return path
     os.makedirs(path, exist_ok=True)
-    cfg = LlamaConfig(
-        vocab_size=TINY_VOCAB,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=TINY_MAX_CONTEXT,
-        initializer_range=0.3,
-        bos_token_id=1,
-        eos_token_id=TINY_EOS,
-        pad_token_id=0,
-    )
+    fields: dict[str, Any] = {
+        "vocab_size": TINY_VOCAB,
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": TINY_MAX_CONTEXT,
+        "initializer_range": 0.3,
+        "bos_token_id": 1,
+        "eos_token_id": TINY_EOS,
+        "pad_token_id": 0,
+    }
+    cfg = getattr(transformers, _FAMILIES[family])(**{**fields, **config})
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(cfg)
+    model = AutoModelForCausalLM.from_config(cfg)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith(".bias"):
+                param.normal_(0.0, cfg.initializer_range)
     model.save_pretrained(path)
     _make_tokenizer(path)
     return path

@@ -37,6 +37,7 @@ class BlockAllocator:
         self._refs: dict[int, int] = {}  # allocated block -> ref count
         self._hash_of: dict[int, bytes] = {}
         self._block_of: dict[bytes, int] = {}
+        self.cache_version = 0  # bumped whenever a hash is registered or evicted
 
     @property
     def total_blocks(self) -> int:
@@ -69,6 +70,7 @@ class BlockAllocator:
         else:
             block, _ = self._evictable.popitem(last=False)
             del self._block_of[self._hash_of.pop(block)]
+            self.cache_version += 1
         self._refs[block] = 1
         return block
 
@@ -107,6 +109,11 @@ class BlockAllocator:
             return
         self._hash_of[block] = content_hash
         self._block_of[content_hash] = block
+        self.cache_version += 1
+
+    def cached_hashes(self) -> list[bytes]:
+        """The content hash of every cached block (in use or evictable), in no order."""
+        return list(self._block_of)
 
     def lookup(self, content_hash: bytes) -> int | None:
         """The block holding this content, or None. Does not take a reference."""

@@ -25,6 +25,7 @@ import time
 from collections.abc import Callable, Collection, Iterator
 
 import redis.asyncio as aioredis
+from google.protobuf.message import DecodeError
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialWithJitterBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -32,14 +33,14 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.exceptions import WatchError
 
 from disagg.metastore import keys
-from disagg.v1 import common_pb2
+from disagg.v1 import common_pb2, control_pb2
 
 log = logging.getLogger(__name__)
 
 _CAS_ATTEMPTS = 64  # WATCH conflicts tolerated before giving up on one set_kv_state
 _SCAN_COUNT = 1000
 
-# KEYS[1] = worker index set; KEYS[i+1] = record of worker ARGV[i].
+# KEYS[1] = an index set (workers, scheduler replicas); KEYS[i+1] = the record of ARGV[i].
 # Returns the records that exist; drops index entries whose record expired.
 _LIST_AND_PRUNE = """
 local out = {}
@@ -53,6 +54,9 @@ for i = 2, #KEYS do
 end
 return out
 """
+
+
+_ROLES = frozenset({common_pb2.WORKER_ROLE_PREFILL, common_pb2.WORKER_ROLE_DECODE})
 
 
 class MetaStoreError(Exception):
@@ -105,6 +109,7 @@ class MetaStore:
             retry=retry,
         )
         self._list_script = self._client.register_script(_LIST_AND_PRUNE)
+        self.bad_records = 0  # records skipped because they did not parse or made no sense
 
     async def close(self) -> None:
         await self._client.aclose()
@@ -143,8 +148,102 @@ class MetaStore:
                 return []
             worker_keys = [keys.WORKER_PREFIX + i for i in ids]
             raws = await self._list_script(keys=[keys.WORKER_INDEX, *worker_keys], args=ids)
-        infos = [common_pb2.WorkerInfo.FromString(raw) for raw in raws]
+        infos = [i for i in map(self._worker_info, raws) if i is not None]
         return [i for i in infos if role is None or i.role == role]
+
+    def _worker_info(self, raw: bytes | str) -> common_pb2.WorkerInfo | None:
+        """One registry record, or None (counted in bad_records) when it is not a usable
+        WorkerInfo: Redis is shared infrastructure, and one bad record must not hide
+        every good one."""
+        try:
+            info = common_pb2.WorkerInfo.FromString(_raw(raw))
+            keys.check_id(info.worker_id, "worker_id")
+        except (DecodeError, ValueError) as e:
+            self._bad("worker", e)
+            return None
+        if info.role not in _ROLES or not info.address or info.layout.block_size <= 0:
+            self._bad("worker", ValueError(f"incomplete record of {info.worker_id!r}"))
+            return None
+        return info
+
+    def _bad(self, kind: str, why: Exception) -> None:
+        self.bad_records += 1
+        log.warning("skipping a malformed %s record in Redis: %s", kind, why)
+
+    # -- scheduler replicas ----------------------------------------------
+
+    async def put_scheduler_loads(self, loads: control_pb2.SchedulerLoads, ttl_s: float) -> None:
+        """One replica's in-flight work per worker; it vanishes ttl_s after the last write."""
+        key = keys.scheduler_key(loads.replica_id)
+        with _unavailable_on_error():
+            async with self._client.pipeline(transaction=True) as pipe:
+                pipe.set(key, loads.SerializeToString(), px=_px(ttl_s))
+                pipe.sadd(keys.SCHEDULER_INDEX, loads.replica_id)
+                await pipe.execute()
+
+    async def remove_scheduler(self, replica_id: str) -> None:
+        with _unavailable_on_error():
+            async with self._client.pipeline(transaction=True) as pipe:
+                pipe.delete(keys.scheduler_key(replica_id))
+                pipe.srem(keys.SCHEDULER_INDEX, replica_id)
+                await pipe.execute()
+
+    async def list_scheduler_loads(self) -> list[control_pb2.SchedulerLoads]:
+        """Every live replica's record, sorted by replica id."""
+        with _unavailable_on_error():
+            ids = sorted(_text(m) for m in await self._client.smembers(keys.SCHEDULER_INDEX))
+            if not ids:
+                return []
+            record_keys = [keys.SCHEDULER_PREFIX + i for i in ids]
+            raws = await self._list_script(keys=[keys.SCHEDULER_INDEX, *record_keys], args=ids)
+        out = []
+        for raw in raws:
+            try:
+                out.append(control_pb2.SchedulerLoads.FromString(_raw(raw)))
+            except DecodeError as e:
+                self._bad("scheduler", e)
+        return out
+
+    # -- prefix index ----------------------------------------------------
+
+    async def put_prefix_set(self, prefix: control_pb2.PrefixSet, ttl_s: float) -> None:
+        """A worker's whole prefix cache, replacing the last one; gone ttl_s after the last write."""
+        key = keys.prefix_set_key(prefix.worker_id)
+        with _unavailable_on_error():
+            async with self._client.pipeline(transaction=True) as pipe:
+                pipe.hset(
+                    key, mapping={"version": prefix.version, "set": prefix.SerializeToString()}
+                )
+                pipe.pexpire(key, _px(ttl_s))
+                await pipe.execute()
+
+    async def touch_prefix_set(self, worker_id: str, ttl_s: float) -> None:
+        """Keeps an unchanged set alive (the worker is)."""
+        with _unavailable_on_error():
+            await self._client.pexpire(keys.prefix_set_key(worker_id), _px(ttl_s))
+
+    async def prefix_versions(self, worker_ids: Collection[str]) -> dict[str, int]:
+        """worker id -> version of its published set (workers with none omitted)."""
+        ids = list(worker_ids)
+        if not ids:
+            return {}
+        with _unavailable_on_error():
+            async with self._client.pipeline(transaction=False) as pipe:
+                for w in ids:
+                    pipe.hget(keys.prefix_set_key(w), "version")
+                raws = await pipe.execute()
+        return {w: int(v) for w, v in zip(ids, raws, strict=True) if v is not None}
+
+    async def get_prefix_set(self, worker_id: str) -> control_pb2.PrefixSet | None:
+        with _unavailable_on_error():
+            raw = await self._client.hget(keys.prefix_set_key(worker_id), "set")
+        if raw is None:
+            return None
+        try:
+            return control_pb2.PrefixSet.FromString(_raw(raw))
+        except DecodeError as e:
+            self._bad("prefix", e)
+            return None
 
     # -- supervision -----------------------------------------------------
 

@@ -13,12 +13,19 @@ KV_TRANSFER = PREFIX + "kv_transfer_time_seconds"
 DECODE = PREFIX + "decode_time_seconds"
 
 KV_TRANSFER_BYTES = PREFIX + "kv_transfer_bytes"  # counter; exposed with _total
+# A decode worker's own view of its KV imports, label transport (nixl | grpc):
+KV_TRANSFER_SECONDS = PREFIX + "kv_transfer_seconds"  # histogram: reserve until verified
+KV_TRANSFER_RECEIVED_BYTES = PREFIX + "kv_transfer_received_bytes"  # counter (_total)
+KV_TRANSFER_FAILURES = PREFIX + "kv_transfer_failures"  # counter (_total): fell back to local
 REQUESTS = PREFIX + "requests"  # counter, label finish_reason
 REJECTED = PREFIX + "requests_rejected"  # counter, label reason
 MIGRATIONS = PREFIX + "request_migrations"  # counter: streams moved off a lost decode worker
 PREFIX_QUERIES = PREFIX + "prefix_cache_queries"  # counter (prompt tokens looked up)
 PREFIX_HITS = PREFIX + "prefix_cache_hits"  # counter (prompt tokens served from the cache)
 SLO_MET = PREFIX + "slo_met"  # counter
+VERIFY = PREFIX + "verify"  # counter, label result: match | mismatch (online correctness checks)
+VERIFY_SKIPPED = PREFIX + "verify_skipped"  # counter, label reason: queue_full | error
+REGISTRY_BAD_RECORDS = PREFIX + "registry_bad_records"  # counter: malformed Redis records skipped
 SERVICE_RESTARTS = PREFIX + "service_restarts"  # counter, label service: restarts by `disagg up`
 
 RUNNING = PREFIX + "requests_running"

@@ -86,22 +86,41 @@ class SchedulerMetrics:
         self.migrations = Counter(
             names.MIGRATIONS, "Streams continued on another decode worker", registry=r
         )
+        self.verify = Counter(
+            names.VERIFY,
+            "Served greedy requests re-run collocated and compared, by result",
+            ["result"],
+            registry=r,
+        )
+        self.verify_skipped = Counter(
+            names.VERIFY_SKIPPED, "Sampled requests not verified, by reason", ["reason"], registry=r
+        )
+        for result in ("match", "mismatch"):  # both series exist from the start
+            self.verify.labels(result)
 
     def bind(
         self,
         running: Callable[[], int],
         infos: Callable[[], list[Any]],
         restarts: Callable[[], dict[str, int]] = dict,
+        bad_records: Callable[[], int] = int,
     ) -> None:
         """Registers the scrape-time gauges: running requests, the workers' heartbeats,
-        and the restarts of supervised services (as last read from Redis)."""
-        self.registry.register(_FleetCollector(running, infos, restarts))
+        the restarts of supervised services (as last read from Redis) and the malformed
+        Redis records the registry skipped."""
+        self.registry.register(_FleetCollector(running, infos, restarts, bad_records))
 
     def trace(self, arrival: float) -> RequestTrace:
         return RequestTrace(self, arrival)
 
     def migrated(self) -> None:
         self.migrations.inc()
+
+    def verified(self, match: bool) -> None:
+        self.verify.labels("match" if match else "mismatch").inc()
+
+    def not_verified(self, reason: str) -> None:
+        self.verify_skipped.labels(reason).inc()
 
     def kv_handed_off(self, nbytes: int) -> None:
         """Counts the KV bytes of a handoff the decode worker has taken."""
@@ -181,10 +200,12 @@ class _FleetCollector(Collector):
         running: Callable[[], int],
         infos: Callable[[], list[Any]],
         restarts: Callable[[], dict[str, int]],
+        bad_records: Callable[[], int],
     ):
         self._running = running
         self._infos = infos
         self._restarts = restarts
+        self._bad_records = bad_records
 
     def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
         restarts = CounterMetricFamily(
@@ -193,6 +214,11 @@ class _FleetCollector(Collector):
         for service, n in sorted(self._restarts().items()):
             restarts.add_metric([service], n)
         yield restarts
+        yield CounterMetricFamily(
+            names.REGISTRY_BAD_RECORDS,
+            "Malformed records in Redis the scheduler skipped",
+            value=self._bad_records(),
+        )
         infos = self._infos()
         yield GaugeMetricFamily(
             names.RUNNING, "Requests admitted by the scheduler", value=self._running()

@@ -176,6 +176,10 @@ class MockEngine:
             self._handoff.release(request_id)
         _deliver(outs)
 
+    def cached_prefix(self) -> tuple[int, list[bytes]]:
+        with self._cv:
+            return self.allocator.cache_version, self.allocator.cached_hashes()
+
     def stats(self) -> EngineStats:
         with self._cv:
             queued = sum(

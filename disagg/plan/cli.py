@@ -13,6 +13,8 @@ import sys
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from disagg.plan.front import FrontCost, front_cost
+
 if TYPE_CHECKING:
     from disagg.plan.profile import Profiles
     from disagg.plan.search import Recommendation, Slo
@@ -42,6 +44,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-sim-gpus", type=int, default=16, help="largest cell simulated whole")
     p.add_argument("--requests", type=int, default=0, help="simulated requests per probe (0: auto)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--scheduler-cost",
+        help="benchmarks/scheduler.py JSON: size the scheduler replicas from its request_cpu_ms "
+        "and token_cpu_us (default: the profile's 'scheduler' key; none: the front is not sized)",
+    )
     s = p.add_argument_group("one layout (--simulate)")
     s.add_argument("--simulate", action="store_true", help="simulate one layout at one rate")
     s.add_argument("--prefill", type=int, default=1)
@@ -85,6 +92,7 @@ class _Inputs:
     defaults: dict[str, Any]  # the profile's planner_defaults
     slo: Slo
     thresholds: list[int]  # local-prefill thresholds to try
+    front: FrontCost | None  # scheduler CPU costs; None: the front is not sized
 
 
 def _inputs(args: argparse.Namespace) -> _Inputs:
@@ -100,7 +108,12 @@ def _inputs(args: argparse.Namespace) -> _Inputs:
         args.target,
     )
     thresholds = [int(t) for t in args.thresholds.split(",") if t.strip()]
-    return _Inputs(profiles, defaults, slo, thresholds)
+    front = None
+    if args.scheduler_cost:
+        front = front_cost(_load(args.scheduler_cost), args.scheduler_cost)
+    elif "scheduler" in base:
+        front = front_cost(base["scheduler"], f"{args.profile}: scheduler")
+    return _Inputs(profiles, defaults, slo, thresholds, front)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -153,8 +166,38 @@ def _recommend_each_size(args: argparse.Namespace, inputs: _Inputs) -> list[dict
             inputs.profiles, gpus, arrivals, slo, inputs.thresholds, args.max_sim_gpus, memo=memo
         )
         print(_summary(rec, what))
-        results.append(_record(rec))
+        record = _record(rec)
+        if inputs.front is not None:
+            record["front"] = _front(inputs.front, rec, arrivals)
+            print(_front_line(record["front"]))
+        results.append(record)
     return results
+
+
+def _front(front: FrontCost, rec: Recommendation, arrivals: Any) -> dict[str, Any]:
+    """The scheduler replicas the recommended cluster's goodput needs."""
+    sample = arrivals(1.0)
+    mean_output = sum(r.output for r in sample) / max(1, len(sample))
+    rps = rec.best.goodput_rps
+    tok_s = rps * mean_output
+    return {
+        "schedulers": front.replicas(rps, tok_s),
+        "scheduler_cores": round(front.cores(rps, tok_s), 3),
+        "requests_per_s": round(rps, 1),
+        "tokens_per_s": round(tok_s, 1),
+        "request_cpu_ms": front.request_cpu_ms,
+        "token_cpu_us": front.token_cpu_us,
+        "core_budget": front.core_budget,
+        "source": front.source,
+    }
+
+
+def _front_line(f: dict[str, Any]) -> str:
+    return (
+        f"  front: {f['schedulers']} scheduler replicas ({f['requests_per_s']:g} req/s x "
+        f"{f['request_cpu_ms']:g} ms + {f['tokens_per_s']:g} tok/s x {f['token_cpu_us']:g} us "
+        f"= {f['scheduler_cores']:g} cores, each replica planned at {f['core_budget']:g} of a core)"
+    )
 
 
 def _summary(rec: Recommendation, what: str) -> str:

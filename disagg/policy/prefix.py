@@ -11,6 +11,8 @@ Lifecycle of an entry:
 3. Entries age out LRU per worker (``capacity`` blocks, the worker's pool size:
    the engine evicts at least as eagerly), and ``correct`` drops what a worker
    reported it no longer had (its ``cached_tokens`` came back short).
+4. ``replace(worker, hashes)``: the worker's own published cache (every scheduler
+   replica reads the same one) supersedes what this index guessed.
 """
 
 from __future__ import annotations
@@ -62,6 +64,11 @@ class PrefixIndex:
             if h in self._lru.get(worker_id, ()):
                 del self._lru[worker_id][h]
                 self._forget(worker_id, h)
+
+    def replace(self, worker_id: str, hashes: Sequence[bytes]) -> None:
+        """What the worker itself published as cached: its entries become exactly these."""
+        self.drop_worker(worker_id)
+        self.record(worker_id, hashes)
 
     def drop_worker(self, worker_id: str) -> None:
         for h in self._lru.pop(worker_id, OrderedDict()):

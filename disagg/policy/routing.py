@@ -244,6 +244,8 @@ def decide(snap: Snapshot, req: RouteRequest, cfg: PolicyConfig = PolicyConfig()
         if req.decode_pin
         else choose_decode(snap, req, decodes)
     )
+    if req.prefill_pin in (decode.worker_id, decode.address):  # pinned to decode: collocated
+        return _finish(cfg, snap, req, decode, local_option(snap, cfg, req, decode), "pinned local")
     if req.prefill_pin:
         pinned = find_pinned(snap.workers, "prefill", req.prefill_pin)
         return _finish(cfg, snap, req, decode, prefill_option(snap, cfg, req, pinned), "pinned")

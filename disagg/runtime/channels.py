@@ -13,6 +13,7 @@ called from a different loop than before (tests run several loops in turn).
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Sequence
 
 import grpc
 
@@ -26,18 +27,28 @@ class ChannelCache:
         self,
         max_message_bytes: int = MAX_MESSAGE_BYTES,
         credentials: grpc.ChannelCredentials | None = None,
+        interceptors: Sequence[grpc.aio.ClientInterceptor] = (),
     ) -> None:
+        """interceptors: on every channel (e.g. ``cluster_auth.send_token``)."""
         self._options = message_size_options(max_message_bytes)
         self._credentials = credentials
+        self._interceptors = list(interceptors) or None
         self._channels: dict[str, grpc.aio.Channel] = {}
 
     def get_channel(self, address: str) -> grpc.aio.Channel:
         channel = self._channels.get(address)
         if channel is None:
             if self._credentials is None:
-                channel = grpc.aio.insecure_channel(address, options=self._options)
+                channel = grpc.aio.insecure_channel(
+                    address, options=self._options, interceptors=self._interceptors
+                )
             else:
-                channel = grpc.aio.secure_channel(address, self._credentials, options=self._options)
+                channel = grpc.aio.secure_channel(
+                    address,
+                    self._credentials,
+                    options=self._options,
+                    interceptors=self._interceptors,
+                )
             self._channels[address] = channel
         return channel
 

@@ -18,6 +18,7 @@ from disagg.runtime.tls import TlsFiles
 T = TypeVar("T")
 
 ENV_PREFIX = "DISAGG_"
+KV_TRANSPORTS = ("auto", "nixl", "grpc")  # WorkerConfig.kv_transport, --kv-transport
 
 
 @dataclass(frozen=True)
@@ -38,6 +39,9 @@ class WorkerConfig:
     tls_ca: str = ""  # PEM CA: verify peers; a server with a CA requires client certificates
     metrics_port: int = -1  # Prometheus /metrics port; -1 = off, 0 = any free port
     mock: bool = False  # model-free MockEngine (disagg.mock): time per its cost model, no weights
+    kv_transport: str = "auto"  # KV data plane: auto (nixl where both ends have it) | nixl | grpc
+    # Shared secret of the deployment: required on worker methods, sent to peers ("" = off).
+    cluster_token: str = dataclasses.field(default="", repr=False)
     engine: EngineConfig = dataclasses.field(default_factory=EngineConfig)
 
     def __post_init__(self) -> None:
@@ -51,6 +55,8 @@ class WorkerConfig:
             raise ValueError("kv_lease_s and transfer_timeout_s must be > 0")
         if self.max_chunk_bytes < 4096:
             raise ValueError("max_chunk_bytes must be >= 4096")
+        if self.kv_transport not in KV_TRANSPORTS:
+            raise ValueError(f"kv_transport must be one of {', '.join(KV_TRANSPORTS)}")
 
 
 @dataclass(frozen=True)
@@ -65,6 +71,8 @@ class SchedulerConfig:
     registry_refresh_s: float = 0.25  # how often the worker list is re-read from Redis
     worker_timeout_s: float = 30.0  # deadline of a prefill call
     api_key: str = ""  # required as Bearer / authorization metadata when set
+    # Shared secret of the deployment, sent on every call to a worker ("" = none).
+    cluster_token: str = dataclasses.field(default="", repr=False)
     tls_cert: str = ""  # PEM certificate: serve gRPC over TLS (and present it to peers for mTLS)
     tls_key: str = ""  # PEM private key of tls_cert
     tls_ca: str = ""  # PEM CA: verify peers; a server with a CA requires client certificates
@@ -78,6 +86,9 @@ class SchedulerConfig:
     prefill_base_ms: float = 2.0  # cost-model prior of an unobserved worker: per prefill
     prefill_ms_per_token: float = 0.05  # ... and per uncached prompt token
     decision_log: str = ""  # JSONL file of replayable routing decisions; "" = log lines only
+    verify_fraction: float = 0.0  # greedy requests re-run collocated and compared; 0 = none
+    replica_id: str = ""  # id among replicas sharing Redis; "" = scheduler-<host>-<pid>-<hex>
+    reuse_port: bool = False  # SO_REUSEPORT: share the gRPC/HTTP ports with replicas on this host
 
     def __post_init__(self) -> None:
         if not 0 <= self.port < 65536:
@@ -90,6 +101,8 @@ class SchedulerConfig:
             raise ValueError("slo_ttft_ms, slo_itl_ms and local_prefill_tokens must be >= 0")
         if self.prefill_dispatch_depth <= 0 or self.queue_max_wait_ms <= 0:
             raise ValueError("prefill_dispatch_depth and queue_max_wait_ms must be > 0")
+        if not 0.0 <= self.verify_fraction <= 1.0:
+            raise ValueError("verify_fraction must be in [0, 1]")
 
 
 # Scheduler routing/admission flags: (flag, type, help); `up` forwards the ones given.
@@ -106,6 +119,12 @@ POLICY_FLAGS: tuple[tuple[str, type, str], ...] = (
     ("--prefill-dispatch-depth", int, "prefills in flight per prefill worker; more queue here"),
     ("--queue-max-wait-ms", float, "aging bound: a prefill waiting this long goes first"),
     ("--decision-log", str, "append every routing decision, replayable, to this JSONL file"),
+    (
+        "--verify-fraction",
+        float,
+        "fraction of greedy requests re-run collocated in the background and compared "
+        "(disagg:verify_total); 0 = off",
+    ),
 )
 
 

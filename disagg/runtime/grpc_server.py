@@ -85,15 +85,21 @@ async def create_grpc_server(
     *,
     max_message_bytes: int = MAX_MESSAGE_BYTES,
     credentials: grpc.ServerCredentials | None = None,
+    reuse_port: bool = False,
+    interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
 ) -> GrpcServer:
     """Binds a server on host:port with health (NOT_SERVING) and reflection added;
     TLS when credentials are given (see disagg.runtime.tls).
 
+    SO_REUSEPORT only when reuse_port: by default a second server on a taken port
+    must fail, not silently split its traffic. Scheduler replicas opt in (`disagg up
+    --schedulers N`): they are interchangeable, the kernel spreads new connections
+    over them, and Linux admits to the port group only sockets of the same user.
+
     Raises OSError if the address cannot be bound.
     """
-    # No SO_REUSEPORT: a second server on a taken port must fail, not split its traffic.
-    options = [*message_size_options(max_message_bytes), ("grpc.so_reuseport", 0)]
-    server = grpc.aio.server(options=options)
+    options = [*message_size_options(max_message_bytes), ("grpc.so_reuseport", int(reuse_port))]
+    server = grpc.aio.server(options=options, interceptors=list(interceptors) or None)
     health = health_aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     reflection.enable_server_reflection(

@@ -83,6 +83,7 @@ class ServiceGroup:
         self._children: list[_Child] = []
         self._out = out if out is not None else sys.stderr
         self._out_lock = threading.Lock()
+        self._out_broken = False  # our output failed once: keep draining, stop writing
 
     def spawn(
         self,
@@ -114,13 +115,21 @@ class ServiceGroup:
         return proc
 
     def _pump(self, child: _Child, stream: IO[bytes]) -> None:
+        """Copies a child's output to ours until it closes. If ours breaks (a closed
+        pipe, a full disk), the lines are still read and kept in the tail: a pump that
+        stopped reading would leave the child blocked on a full pipe."""
         with stream:
             for raw in iter(stream.readline, b""):
                 line = raw.decode(errors="replace").rstrip("\n")
                 child.tail.append(line)
+                if self._out_broken:
+                    continue
                 with self._out_lock:
-                    self._out.write(f"[{child.name}] {line}\n")
-                    self._out.flush()
+                    try:
+                        self._out.write(f"[{child.name}] {line}\n")
+                        self._out.flush()
+                    except (OSError, ValueError):  # EPIPE, ENOSPC, or closed
+                        self._out_broken = True
 
     @property
     def pids(self) -> dict[str, int]:

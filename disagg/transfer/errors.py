@@ -25,5 +25,9 @@ class OwnerUnreachable(TransferError):
     """The owner did not answer a release; it frees its blocks by lease, if it is alive."""
 
 
+class ReadInFlight(TransferError):
+    """A READ into the reserved blocks could not be stopped: they must not be reused."""
+
+
 class DuplicateRequest(Exception):
     """The request id is already running or holds KV on this worker."""

@@ -49,6 +49,9 @@ async def serve(
 class GrpcTransport:
     """The receiver's half, a ``transfer.Transport``."""
 
+    name = "grpc"
+    reads_without_owner = False  # the owner reads each chunk while it still holds the blocks
+
     def __init__(self, channel_for: Callable[[str], grpc.aio.Channel], max_chunk_bytes: int = 0):
         """channel_for(address) -> a channel (reused); max_chunk_bytes 0: the owner's default."""
         self._channel_for = channel_for
@@ -69,14 +72,22 @@ class GrpcTransport:
         finally:
             call.cancel()  # a no-op once the stream is done; ends it on any early exit
 
-    async def release(self, handle: Handle, consumed: bool) -> None:
-        request = worker_pb2.ReleaseKvRequest(request_id=handle.request_id, consumed=consumed)
-        try:
-            await self._stub(handle).ReleaseKv(request, timeout=_RELEASE_TIMEOUT_S)
-        except grpc.aio.AioRpcError as e:
-            raise OwnerUnreachable(
-                f"ReleaseKv to {handle.owner_address} failed: {e.code().name}"
-            ) from e
+    async def release(self, handle: Handle, consumed: bool) -> bool:
+        return await release_kv(self._stub(handle), handle, consumed)
 
     def _stub(self, handle: Handle) -> worker_pb2_grpc.PrefillWorkerStub:
         return worker_pb2_grpc.PrefillWorkerStub(self._channel_for(handle.owner_address))
+
+
+async def release_kv(
+    stub: worker_pb2_grpc.PrefillWorkerStub, handle: Handle, consumed: bool
+) -> bool:
+    """``PrefillWorker/ReleaseKv``: every transport ends a pull with it."""
+    request = worker_pb2.ReleaseKvRequest(request_id=handle.request_id, consumed=consumed)
+    try:
+        resp = await stub.ReleaseKv(request, timeout=_RELEASE_TIMEOUT_S)
+    except grpc.aio.AioRpcError as e:
+        raise OwnerUnreachable(
+            f"ReleaseKv to {handle.owner_address} failed: {e.code().name}"
+        ) from e
+    return bool(resp.released)

@@ -16,6 +16,22 @@ from disagg.wire import layout_from_pb, layout_to_pb
 
 
 @dataclass(frozen=True)
+class NixlPool:
+    """Where an owner's KV pool lies for NIXL READs (``common_pb2.NixlPool``).
+
+    Per layer, K and V are each one registered region of ``num_blocks`` blocks;
+    block i of layer l's K is ``block_bytes`` bytes at ``k_addrs[l] + i * block_bytes``."""
+
+    agent_name: str  # the owner's NIXL agent, unique per worker process
+    mem_type: str  # "DRAM" | "VRAM"
+    device_id: int  # CUDA device of VRAM; 0 for DRAM
+    k_addrs: tuple[int, ...]  # per layer
+    v_addrs: tuple[int, ...]
+    block_bytes: int
+    num_blocks: int
+
+
+@dataclass(frozen=True)
 class Handle:
     request_id: str  # the request whose prompt KV this is, on its owner
     owner_worker_id: str
@@ -25,6 +41,31 @@ class Handle:
     layout: KvLayout
     first_token_id: int  # sampled by the prefill worker
     lease_expires_unix_ms: int = 0  # wall clock; the owner frees the blocks then
+    nixl: NixlPool | None = None  # set when the owner serves NIXL READs too
+
+
+def nixl_pool_to_pb(pool: NixlPool) -> common_pb2.NixlPool:
+    return common_pb2.NixlPool(
+        agent_name=pool.agent_name,
+        mem_type=pool.mem_type,
+        device_id=pool.device_id,
+        k_addrs=pool.k_addrs,
+        v_addrs=pool.v_addrs,
+        block_bytes=pool.block_bytes,
+        num_blocks=pool.num_blocks,
+    )
+
+
+def nixl_pool_from_pb(pb: common_pb2.NixlPool) -> NixlPool:
+    return NixlPool(
+        agent_name=pb.agent_name,
+        mem_type=pb.mem_type,
+        device_id=pb.device_id,
+        k_addrs=tuple(pb.k_addrs),
+        v_addrs=tuple(pb.v_addrs),
+        block_bytes=pb.block_bytes,
+        num_blocks=pb.num_blocks,
+    )
 
 
 def handle_to_pb(handle: Handle, state: HandoffState) -> common_pb2.KvHandle:
@@ -38,6 +79,7 @@ def handle_to_pb(handle: Handle, state: HandoffState) -> common_pb2.KvHandle:
         state=state_to_pb(state),
         lease_expires_unix_ms=handle.lease_expires_unix_ms,
         first_token_id=handle.first_token_id,
+        nixl=nixl_pool_to_pb(handle.nixl) if handle.nixl is not None else None,
     )
 
 
@@ -52,4 +94,5 @@ def handle_from_pb(pb: common_pb2.KvHandle) -> Handle:
         layout=layout_from_pb(pb.layout),
         first_token_id=pb.first_token_id,
         lease_expires_unix_ms=pb.lease_expires_unix_ms,
+        nixl=nixl_pool_from_pb(pb.nixl) if pb.HasField("nixl") else None,
     )

@@ -3,26 +3,41 @@
 1. Reserve: blocks for the handle's tokens in the local pool, under the
    request id (refused with DuplicateRequest if the id holds KV here already:
    that KV and the handle belong to another request and are left alone).
-2. Fetch: the transport fills them, within ``timeout_s``.
-3. Verify: the bytes moved cover every layer of every block exactly.
+2. Fetch: the transport chosen for the handle (``TransportChoice``) fills
+   them, within ``timeout_s``.
+3. Verify (``verify.py``; imported KV is untrusted): the bytes moved cover
+   every layer of every block exactly, and every value is finite. A transport
+   that reads without the owner (NIXL) then has the owner release its blocks
+   as CONSUMED and commits only if they were still held (else FAILED: a lease
+   that ran out mid-READ may have handed them to another request).
 4. Commit: the reservation stays under the request id for the engine's DECODE
-   submit to adopt. Fail: the reservation is freed here, and the caller
-   prefills locally instead.
-5. Either way the owner is told to release its blocks (CONSUMED on success,
-   FAILED otherwise) in the background; if it cannot be reached, its Redis
-   record is marked FAILED and deleted here (it frees its blocks by lease).
+   submit to adopt. Fail: the reservation is zeroed and freed here, and the
+   caller prefills locally instead.
+5. Unless 3 did it, the owner is told to release its blocks (CONSUMED on
+   success, FAILED otherwise) in the background; if it cannot be reached, its
+   Redis record is marked FAILED and deleted here (it frees its blocks by lease).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from disagg.engine.api import Engine
 from disagg.metastore.store import MetaStore
-from disagg.transfer.errors import DuplicateRequest, OwnerUnreachable, TransferError
+from disagg.metrics.transfer import TransferMetrics
+from disagg.transfer import verify
+from disagg.transfer.errors import (
+    DuplicateRequest,
+    OwnerUnreachable,
+    ReadInFlight,
+    TransferAborted,
+    TransferError,
+)
 from disagg.transfer.handle import Handle
 from disagg.transfer.mirror import Background, RedisMirror
 from disagg.transfer.state import HandoffState
@@ -37,6 +52,7 @@ class FetchResult:
     reason: str = ""  # why not, when not ok
     bytes: int = 0  # K + V bytes moved
     elapsed_ms: float = 0.0  # reserve to verdict
+    transport: str = ""  # the transport that moved (or failed to move) the KV
 
 
 class KvReceiver:
@@ -46,12 +62,20 @@ class KvReceiver:
         transport: Transport,
         store: MetaStore | None = None,
         timeout_s: float = 10.0,
+        *,
+        choose: Callable[[Handle], Transport] | None = None,
+        metrics: TransferMetrics | None = None,
     ):
+        """transport: the one for every handle, unless choose(handle) picks another
+        (it may raise TransferError: that handoff fails, released through transport)."""
         self._engine = engine
         self._transport = transport
+        self._choose = choose or (lambda _handle: transport)
         self._timeout_s = timeout_s
+        self._metrics = metrics
         self._mirror = RedisMirror(store)
         self._releases = Background()
+        self._fault = os.environ.get("DISAGG_TEST_FAULT_KV", "")  # test-only, see _import
 
     async def receive(self, request_id: str, handle: Handle) -> FetchResult:
         """Imports the handle's KV under request_id; never raises a TransferError.
@@ -59,33 +83,57 @@ class KvReceiver:
         Raises DuplicateRequest (nothing reserved, the handle not released), and
         lets cancellation through after freeing the reservation and releasing."""
         start = time.monotonic()
-        ours, consumed = True, False
+        transport = self._transport
+        must_release, consumed = True, False
         try:
-            nbytes = await self._import(request_id, handle)
+            transport = self._choose(handle)
+            nbytes = await self._import(request_id, handle, transport)
             consumed = True
+            must_release = not transport.reads_without_owner  # released in _import
         except DuplicateRequest:
-            ours = False
+            must_release = False
             raise
         except TransferError as e:
-            return FetchResult(ok=False, reason=str(e), elapsed_ms=_ms_since(start))
+            return self._observe(FetchResult(False, str(e), 0, _ms_since(start), transport.name))
         finally:
-            if ours:
-                self._releases.spawn(self._release(handle, consumed))
-        return FetchResult(ok=True, bytes=nbytes, elapsed_ms=_ms_since(start))
+            if must_release:
+                self._releases.spawn(self._release(transport, handle, consumed))
+        return self._observe(FetchResult(True, "", nbytes, _ms_since(start), transport.name))
 
     async def settle(self) -> None:
         """Waits for the background releases issued so far (tests, shutdown)."""
         await self._releases.settle()
         await self._mirror.background.settle()
 
-    async def _import(self, request_id: str, handle: Handle) -> int:
+    def _observe(self, result: FetchResult) -> FetchResult:
+        if self._metrics is not None:
+            self._metrics.observe(
+                result.transport, result.ok, result.elapsed_ms / 1e3, result.bytes
+            )
+        return result
+
+    async def _import(self, request_id: str, handle: Handle, transport: Transport) -> int:
         dst = self._reserve(request_id, handle)
         try:
             async with asyncio.timeout(self._timeout_s):
-                nbytes = await self._transport.fetch(handle, dst, self._engine)
-            self._verify(handle, nbytes)
+                nbytes = await transport.fetch(handle, dst, self._engine)
+                if self._fault == "shift_block" and len(dst) > 1:  # test-only: block 0 <- block 1
+                    for layer in range(handle.layout.num_layers):  # (tests/clients/test_verify.py)
+                        k, v = self._engine.read_kv(dst[1:2], layer)
+                        self._engine.write_kv(dst[:1], layer, k, v)
+                verify.check_coverage(handle, nbytes)
+                await asyncio.to_thread(verify.check_finite, self._engine, dst)
+                if transport.reads_without_owner:
+                    await self._confirm(transport, handle)
+        except ReadInFlight:
+            log.error(
+                "kv blocks %s stay reserved under %r: a READ into them never ended", dst, request_id
+            )
+            raise
         except BaseException as e:
-            self._engine.release(request_id)  # fail: the reservation is freed here, once
+            # Fail: zeroed (no unchecked value stays in the pool), then freed here, once.
+            verify.wipe(self._engine, dst)
+            self._engine.release(request_id)
             if isinstance(e, TimeoutError):
                 raise TransferError(
                     f"KV fetch from {handle.owner_address} exceeded {self._timeout_s}s"
@@ -112,16 +160,17 @@ class KvReceiver:
         return blocks
 
     @staticmethod
-    def _verify(handle: Handle, nbytes: int) -> None:
-        """Whatever the transport, every layer of every block must have arrived."""
-        layout = handle.layout
-        want = 2 * layout.bytes_per_block_per_layer * layout.num_layers * len(handle.block_ids)
-        if nbytes != want:
-            raise TransferError(f"KV fetch moved {nbytes} bytes, expected {want}")
+    async def _confirm(transport: Transport, handle: Handle) -> None:
+        """The owner releases its blocks as CONSUMED; they must have been held until now."""
+        if not await transport.release(handle, True):
+            raise TransferAborted(
+                f"{handle.owner_address} freed the KV of {handle.request_id!r} before the "
+                "read was confirmed (lease expired or released): its bytes cannot be trusted"
+            )
 
-    async def _release(self, handle: Handle, consumed: bool) -> None:
+    async def _release(self, transport: Transport, handle: Handle, consumed: bool) -> None:
         try:
-            await self._transport.release(handle, consumed)
+            await transport.release(handle, consumed)
         except OwnerUnreachable as e:
             log.warning("%s", e)
             self._mirror.drop(handle.request_id, HandoffState.FAILED)

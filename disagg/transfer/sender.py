@@ -4,7 +4,9 @@
    (READY) and the handle is published to Redis before the caller answers.
 2. ``begin`` (or the first step of ``serve``): READY -> TRANSFERRING, one
    receiver only. ``serve`` then reads the blocks from the engine chunk by
-   chunk, checking before each read that the pull still owns them.
+   chunk, checking before each read that the pull still owns them; a NIXL
+   reader (``StartKvRead``) reads them itself and learns from ``release``
+   whether they were still held when it was done.
 3. ``release``: CONSUMED or FAILED; or the lease runs out: EXPIRED. Either way
    the engine frees the blocks once, ``freed`` counts the outcome, and Redis
    gets the final state and loses the record, in the background.
@@ -22,7 +24,7 @@ from disagg.engine.api import Engine
 from disagg.metastore.store import MetaStore
 from disagg.transfer.chunks import Chunk, plan_chunks
 from disagg.transfer.errors import HandoffNotFound, TransferAborted, TransferError
-from disagg.transfer.handle import Handle
+from disagg.transfer.handle import Handle, NixlPool
 from disagg.transfer.leases import LeaseTable
 from disagg.transfer.mirror import RedisMirror
 from disagg.transfer.state import HandoffState
@@ -42,8 +44,11 @@ class KvSender:
         address: str,
         lease_s: float,
         max_chunk_bytes: int,
+        nixl: NixlPool | None = None,
     ):
+        """nixl: this worker's registered pool, put in every handle for NIXL readers."""
         self._engine = engine
+        self._nixl = nixl
         self._worker_id = worker_id
         self._address = address
         self._lease_s = lease_s
@@ -81,6 +86,7 @@ class KvSender:
             layout=self._engine.info.layout,
             first_token_id=first_token_id,
             lease_expires_unix_ms=int((time.time() + self._lease_s) * 1000),
+            nixl=self._nixl,
         )
         try:
             await self._mirror.put(handle, HandoffState.READY, self._lease_s + _RECORD_GRACE_S)

@@ -90,7 +90,7 @@ class KvLayout(_message.Message):
     def __init__(self, num_layers: _Optional[int] = ..., num_kv_heads: _Optional[int] = ..., head_dim: _Optional[int] = ..., dtype: _Optional[str] = ..., block_size: _Optional[int] = ...) -> None: ...
 
 class KvHandle(_message.Message):
-    __slots__ = ("request_id", "owner_worker_id", "owner_address", "block_ids", "num_tokens", "layout", "state", "lease_expires_unix_ms", "first_token_id")
+    __slots__ = ("request_id", "owner_worker_id", "owner_address", "block_ids", "num_tokens", "layout", "state", "lease_expires_unix_ms", "first_token_id", "nixl")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     OWNER_WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     OWNER_ADDRESS_FIELD_NUMBER: _ClassVar[int]
@@ -100,6 +100,7 @@ class KvHandle(_message.Message):
     STATE_FIELD_NUMBER: _ClassVar[int]
     LEASE_EXPIRES_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
     FIRST_TOKEN_ID_FIELD_NUMBER: _ClassVar[int]
+    NIXL_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     owner_worker_id: str
     owner_address: str
@@ -109,7 +110,26 @@ class KvHandle(_message.Message):
     state: KvState
     lease_expires_unix_ms: int
     first_token_id: int
-    def __init__(self, request_id: _Optional[str] = ..., owner_worker_id: _Optional[str] = ..., owner_address: _Optional[str] = ..., block_ids: _Optional[_Iterable[int]] = ..., num_tokens: _Optional[int] = ..., layout: _Optional[_Union[KvLayout, _Mapping]] = ..., state: _Optional[_Union[KvState, str]] = ..., lease_expires_unix_ms: _Optional[int] = ..., first_token_id: _Optional[int] = ...) -> None: ...
+    nixl: NixlPool
+    def __init__(self, request_id: _Optional[str] = ..., owner_worker_id: _Optional[str] = ..., owner_address: _Optional[str] = ..., block_ids: _Optional[_Iterable[int]] = ..., num_tokens: _Optional[int] = ..., layout: _Optional[_Union[KvLayout, _Mapping]] = ..., state: _Optional[_Union[KvState, str]] = ..., lease_expires_unix_ms: _Optional[int] = ..., first_token_id: _Optional[int] = ..., nixl: _Optional[_Union[NixlPool, _Mapping]] = ...) -> None: ...
+
+class NixlPool(_message.Message):
+    __slots__ = ("agent_name", "mem_type", "device_id", "k_addrs", "v_addrs", "block_bytes", "num_blocks")
+    AGENT_NAME_FIELD_NUMBER: _ClassVar[int]
+    MEM_TYPE_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_ID_FIELD_NUMBER: _ClassVar[int]
+    K_ADDRS_FIELD_NUMBER: _ClassVar[int]
+    V_ADDRS_FIELD_NUMBER: _ClassVar[int]
+    BLOCK_BYTES_FIELD_NUMBER: _ClassVar[int]
+    NUM_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    agent_name: str
+    mem_type: str
+    device_id: int
+    k_addrs: _containers.RepeatedScalarFieldContainer[int]
+    v_addrs: _containers.RepeatedScalarFieldContainer[int]
+    block_bytes: int
+    num_blocks: int
+    def __init__(self, agent_name: _Optional[str] = ..., mem_type: _Optional[str] = ..., device_id: _Optional[int] = ..., k_addrs: _Optional[_Iterable[int]] = ..., v_addrs: _Optional[_Iterable[int]] = ..., block_bytes: _Optional[int] = ..., num_blocks: _Optional[int] = ...) -> None: ...
 
 class GpuTelemetry(_message.Message):
     __slots__ = ("available", "name", "utilization_pct", "memory_used_bytes", "memory_total_bytes", "sm_clock_mhz", "power_w", "unavailable_reason")
@@ -132,7 +152,7 @@ class GpuTelemetry(_message.Message):
     def __init__(self, available: _Optional[bool] = ..., name: _Optional[str] = ..., utilization_pct: _Optional[float] = ..., memory_used_bytes: _Optional[int] = ..., memory_total_bytes: _Optional[int] = ..., sm_clock_mhz: _Optional[int] = ..., power_w: _Optional[float] = ..., unavailable_reason: _Optional[str] = ...) -> None: ...
 
 class WorkerInfo(_message.Message):
-    __slots__ = ("worker_id", "role", "address", "model", "layout", "free_blocks", "total_blocks", "queued_prefill_tokens", "running_requests", "waiting_requests", "max_context", "started_unix_ms", "heartbeat_unix_ms", "gpu", "pid", "prefill_base_ms", "prefill_ms_per_token")
+    __slots__ = ("worker_id", "role", "address", "model", "layout", "free_blocks", "total_blocks", "queued_prefill_tokens", "running_requests", "waiting_requests", "max_context", "started_unix_ms", "heartbeat_unix_ms", "gpu", "pid", "prefill_base_ms", "prefill_ms_per_token", "kv_transports")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     ROLE_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
@@ -150,6 +170,7 @@ class WorkerInfo(_message.Message):
     PID_FIELD_NUMBER: _ClassVar[int]
     PREFILL_BASE_MS_FIELD_NUMBER: _ClassVar[int]
     PREFILL_MS_PER_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    KV_TRANSPORTS_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     role: WorkerRole
     address: str
@@ -167,4 +188,5 @@ class WorkerInfo(_message.Message):
     pid: int
     prefill_base_ms: float
     prefill_ms_per_token: float
-    def __init__(self, worker_id: _Optional[str] = ..., role: _Optional[_Union[WorkerRole, str]] = ..., address: _Optional[str] = ..., model: _Optional[str] = ..., layout: _Optional[_Union[KvLayout, _Mapping]] = ..., free_blocks: _Optional[int] = ..., total_blocks: _Optional[int] = ..., queued_prefill_tokens: _Optional[int] = ..., running_requests: _Optional[int] = ..., waiting_requests: _Optional[int] = ..., max_context: _Optional[int] = ..., started_unix_ms: _Optional[int] = ..., heartbeat_unix_ms: _Optional[int] = ..., gpu: _Optional[_Union[GpuTelemetry, _Mapping]] = ..., pid: _Optional[int] = ..., prefill_base_ms: _Optional[float] = ..., prefill_ms_per_token: _Optional[float] = ...) -> None: ...
+    kv_transports: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, worker_id: _Optional[str] = ..., role: _Optional[_Union[WorkerRole, str]] = ..., address: _Optional[str] = ..., model: _Optional[str] = ..., layout: _Optional[_Union[KvLayout, _Mapping]] = ..., free_blocks: _Optional[int] = ..., total_blocks: _Optional[int] = ..., queued_prefill_tokens: _Optional[int] = ..., running_requests: _Optional[int] = ..., waiting_requests: _Optional[int] = ..., max_context: _Optional[int] = ..., started_unix_ms: _Optional[int] = ..., heartbeat_unix_ms: _Optional[int] = ..., gpu: _Optional[_Union[GpuTelemetry, _Mapping]] = ..., pid: _Optional[int] = ..., prefill_base_ms: _Optional[float] = ..., prefill_ms_per_token: _Optional[float] = ..., kv_transports: _Optional[_Iterable[str]] = ...) -> None: ...

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from disagg.v1 import common_pb2 as disagg_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x64isagg/v1/scheduler.proto\x12\tdisagg.v1\x1a\x16\x64isagg/v1/common.proto\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"\xc6\x03\n\x0fGenerateRequest\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12(\n\x08messages\x18\x02 \x03(\x0b\x32\x16.disagg.v1.ChatMessage\x12\x18\n\x10prompt_token_ids\x18\x03 \x03(\x05\x12\x17\n\nmax_tokens\x18\x04 \x01(\x05H\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x05 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x06 \x01(\x02H\x02\x88\x01\x01\x12\x12\n\x05top_k\x18\x07 \x01(\x05H\x03\x88\x01\x01\x12\x11\n\x04seed\x18\x08 \x01(\x03H\x04\x88\x01\x01\x12\x0c\n\x04stop\x18\t \x03(\t\x12\x12\n\nignore_eos\x18\n \x01(\x08\x12\x12\n\nrequest_id\x18\x0b \x01(\t\x12\x16\n\x0eprefill_worker\x18\x0c \x01(\t\x12\x15\n\rdecode_worker\x18\r \x01(\t\x12\x18\n\x0bttft_slo_ms\x18\x0e \x01(\x01H\x05\x88\x01\x01\x12\x17\n\nitl_slo_ms\x18\x0f \x01(\x01H\x06\x88\x01\x01\x42\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x07\n\x05_seedB\x0e\n\x0c_ttft_slo_msB\r\n\x0b_itl_slo_ms\"\xd3\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x15\n\rfinish_reason\x18\x04 \x01(\t\x12\x1f\n\x05usage\x18\x05 \x01(\x0b\x32\x10.disagg.v1.Usage\x12#\n\x07timings\x18\x06 \x01(\x0b\x32\x12.disagg.v1.Timings\x12\x16\n\x0eprefill_worker\x18\x07 \x01(\t\x12\x15\n\rdecode_worker\x18\x08 \x01(\t\"\x14\n\x12ListWorkersRequest\"=\n\x13ListWorkersResponse\x12&\n\x07workers\x18\x01 \x03(\x0b\x32\x15.disagg.v1.WorkerInfo2\xa0\x01\n\tScheduler\x12\x45\n\x08Generate\x12\x1a.disagg.v1.GenerateRequest\x1a\x1b.disagg.v1.GenerateResponse0\x01\x12L\n\x0bListWorkers\x12\x1d.disagg.v1.ListWorkersRequest\x1a\x1e.disagg.v1.ListWorkersResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x64isagg/v1/scheduler.proto\x12\tdisagg.v1\x1a\x16\x64isagg/v1/common.proto\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"\xd6\x03\n\x0fGenerateRequest\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12(\n\x08messages\x18\x02 \x03(\x0b\x32\x16.disagg.v1.ChatMessage\x12\x18\n\x10prompt_token_ids\x18\x03 \x03(\x05\x12\x17\n\nmax_tokens\x18\x04 \x01(\x05H\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x05 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x06 \x01(\x02H\x02\x88\x01\x01\x12\x12\n\x05top_k\x18\x07 \x01(\x05H\x03\x88\x01\x01\x12\x11\n\x04seed\x18\x08 \x01(\x03H\x04\x88\x01\x01\x12\x0c\n\x04stop\x18\t \x03(\t\x12\x12\n\nignore_eos\x18\n \x01(\x08\x12\x12\n\nrequest_id\x18\x0b \x01(\t\x12\x16\n\x0eprefill_worker\x18\x0c \x01(\t\x12\x15\n\rdecode_worker\x18\r \x01(\t\x12\x18\n\x0bttft_slo_ms\x18\x0e \x01(\x01H\x05\x88\x01\x01\x12\x17\n\nitl_slo_ms\x18\x0f \x01(\x01H\x06\x88\x01\x01\x12\x0e\n\x06verify\x18\x10 \x01(\x08\x42\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x07\n\x05_seedB\x0e\n\x0c_ttft_slo_msB\r\n\x0b_itl_slo_ms\"\xd3\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x15\n\rfinish_reason\x18\x04 \x01(\t\x12\x1f\n\x05usage\x18\x05 \x01(\x0b\x32\x10.disagg.v1.Usage\x12#\n\x07timings\x18\x06 \x01(\x0b\x32\x12.disagg.v1.Timings\x12\x16\n\x0eprefill_worker\x18\x07 \x01(\t\x12\x15\n\rdecode_worker\x18\x08 \x01(\t\"\x14\n\x12ListWorkersRequest\"=\n\x13ListWorkersResponse\x12&\n\x07workers\x18\x01 \x03(\x0b\x32\x15.disagg.v1.WorkerInfo2\xa0\x01\n\tScheduler\x12\x45\n\x08Generate\x12\x1a.disagg.v1.GenerateRequest\x1a\x1b.disagg.v1.GenerateResponse0\x01\x12L\n\x0bListWorkers\x12\x1d.disagg.v1.ListWorkersRequest\x1a\x1e.disagg.v1.ListWorkersResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,13 +35,13 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_CHATMESSAGE']._serialized_start=64
   _globals['_CHATMESSAGE']._serialized_end=108
   _globals['_GENERATEREQUEST']._serialized_start=111
-  _globals['_GENERATEREQUEST']._serialized_end=565
-  _globals['_GENERATERESPONSE']._serialized_start=568
-  _globals['_GENERATERESPONSE']._serialized_end=779
-  _globals['_LISTWORKERSREQUEST']._serialized_start=781
-  _globals['_LISTWORKERSREQUEST']._serialized_end=801
-  _globals['_LISTWORKERSRESPONSE']._serialized_start=803
-  _globals['_LISTWORKERSRESPONSE']._serialized_end=864
-  _globals['_SCHEDULER']._serialized_start=867
-  _globals['_SCHEDULER']._serialized_end=1027
+  _globals['_GENERATEREQUEST']._serialized_end=581
+  _globals['_GENERATERESPONSE']._serialized_start=584
+  _globals['_GENERATERESPONSE']._serialized_end=795
+  _globals['_LISTWORKERSREQUEST']._serialized_start=797
+  _globals['_LISTWORKERSREQUEST']._serialized_end=817
+  _globals['_LISTWORKERSRESPONSE']._serialized_start=819
+  _globals['_LISTWORKERSRESPONSE']._serialized_end=880
+  _globals['_SCHEDULER']._serialized_start=883
+  _globals['_SCHEDULER']._serialized_end=1043
 # @@protoc_insertion_point(module_scope)

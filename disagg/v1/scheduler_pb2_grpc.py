@@ -26,7 +26,13 @@ if _version_not_supported:
 
 
 class SchedulerStub:
-    """Client-facing entry point of the system.
+    """Client-facing entry point of the system (gRPC on the scheduler's --port,
+    default 50051, with server reflection and grpc.health.v1).
+
+    Every RPC: UNAUTHENTICATED when the server has an API key
+    (--api-key / DISAGG_API_KEY) and the call lacks metadata
+    `authorization: Bearer <key>`. Messages are limited to 16 MiB each way.
+    docs/api.md lists every status code and when to retry.
     """
 
     def __init__(self, channel):
@@ -48,12 +54,32 @@ class SchedulerStub:
 
 
 class SchedulerServicer:
-    """Client-facing entry point of the system.
+    """Client-facing entry point of the system (gRPC on the scheduler's --port,
+    default 50051, with server reflection and grpc.health.v1).
+
+    Every RPC: UNAUTHENTICATED when the server has an API key
+    (--api-key / DISAGG_API_KEY) and the call lacks metadata
+    `authorization: Bearer <key>`. Messages are limited to 16 MiB each way.
+    docs/api.md lists every status code and when to retry.
     """
 
     def Generate(self, request, context):
         """Streams the generated tokens; the last response carries finish_reason,
         usage and timings.
+
+        Errors, all before the first response unless noted:
+        INVALID_ARGUMENT: a field below is out of range (the message names it);
+        never retry unchanged.
+        RESOURCE_EXHAUSTED: refused at admission (too many requests in flight,
+        or the predicted TTFT/ITL would break the SLO); the metadata key
+        `retry-after` (seconds, decimal; trailing and initial metadata) and the
+        message ("...; retry after 1.5s") give the wait. Safe to retry after it.
+        UNAVAILABLE: no worker can take the request now, a pinned worker is not
+        registered, or (after tokens were streamed) the decode worker was lost
+        with no other one to continue on. Retry with backoff only if no response
+        has arrived yet.
+        DEADLINE_EXCEEDED / CANCELLED: the client's deadline or cancellation; the
+        request's KV is freed on every worker.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -61,6 +87,7 @@ class SchedulerServicer:
 
     def ListWorkers(self, request, context):
         """The workers the scheduler currently sees in Redis (for debugging).
+        Errors: UNAUTHENTICATED only.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -88,7 +115,13 @@ def add_SchedulerServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class Scheduler:
-    """Client-facing entry point of the system.
+    """Client-facing entry point of the system (gRPC on the scheduler's --port,
+    default 50051, with server reflection and grpc.health.v1).
+
+    Every RPC: UNAUTHENTICATED when the server has an API key
+    (--api-key / DISAGG_API_KEY) and the call lacks metadata
+    `authorization: Bearer <key>`. Messages are limited to 16 MiB each way.
+    docs/api.md lists every status code and when to retry.
     """
 
     @staticmethod

@@ -65,6 +65,24 @@ class ReleaseKvResponse(_message.Message):
     released: bool
     def __init__(self, released: _Optional[bool] = ...) -> None: ...
 
+class StartKvReadRequest(_message.Message):
+    __slots__ = ("request_id", "include_agent_metadata")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    INCLUDE_AGENT_METADATA_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    include_agent_metadata: bool
+    def __init__(self, request_id: _Optional[str] = ..., include_agent_metadata: _Optional[bool] = ...) -> None: ...
+
+class StartKvReadResponse(_message.Message):
+    __slots__ = ("agent_name", "agent_metadata", "pool")
+    AGENT_NAME_FIELD_NUMBER: _ClassVar[int]
+    AGENT_METADATA_FIELD_NUMBER: _ClassVar[int]
+    POOL_FIELD_NUMBER: _ClassVar[int]
+    agent_name: str
+    agent_metadata: bytes
+    pool: _common_pb2.NixlPool
+    def __init__(self, agent_name: _Optional[str] = ..., agent_metadata: _Optional[bytes] = ..., pool: _Optional[_Union[_common_pb2.NixlPool, _Mapping]] = ...) -> None: ...
+
 class DecodeRequest(_message.Message):
     __slots__ = ("request_id", "prompt_token_ids", "sampling", "handle")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]

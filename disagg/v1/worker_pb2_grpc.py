@@ -50,6 +50,11 @@ class PrefillWorkerStub:
                 request_serializer=disagg_dot_v1_dot_worker__pb2.ReleaseKvRequest.SerializeToString,
                 response_deserializer=disagg_dot_v1_dot_worker__pb2.ReleaseKvResponse.FromString,
                 _registered_method=True)
+        self.StartKvRead = channel.unary_unary(
+                '/disagg.v1.PrefillWorker/StartKvRead',
+                request_serializer=disagg_dot_v1_dot_worker__pb2.StartKvReadRequest.SerializeToString,
+                response_deserializer=disagg_dot_v1_dot_worker__pb2.StartKvReadResponse.FromString,
+                _registered_method=True)
 
 
 class PrefillWorkerServicer:
@@ -81,6 +86,18 @@ class PrefillWorkerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def StartKvRead(self, request, context):
+        """NIXL transport: a decode worker that will READ the blocks itself (the
+        handle's nixl pool) marks the handle TRANSFERRING (the lease is re-armed)
+        and, when asked, gets the owner's agent metadata. NOT_FOUND when no KV is
+        ready under the id; FAILED_PRECONDITION when this worker has no NIXL agent.
+        The pull ends with ReleaseKv: its `released` answer tells the reader that
+        the blocks were still held when its READ ended.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_PrefillWorkerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -98,6 +115,11 @@ def add_PrefillWorkerServicer_to_server(servicer, server):
                     servicer.ReleaseKv,
                     request_deserializer=disagg_dot_v1_dot_worker__pb2.ReleaseKvRequest.FromString,
                     response_serializer=disagg_dot_v1_dot_worker__pb2.ReleaseKvResponse.SerializeToString,
+            ),
+            'StartKvRead': grpc.unary_unary_rpc_method_handler(
+                    servicer.StartKvRead,
+                    request_deserializer=disagg_dot_v1_dot_worker__pb2.StartKvReadRequest.FromString,
+                    response_serializer=disagg_dot_v1_dot_worker__pb2.StartKvReadResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -182,6 +204,33 @@ class PrefillWorker:
             '/disagg.v1.PrefillWorker/ReleaseKv',
             disagg_dot_v1_dot_worker__pb2.ReleaseKvRequest.SerializeToString,
             disagg_dot_v1_dot_worker__pb2.ReleaseKvResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StartKvRead(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/disagg.v1.PrefillWorker/StartKvRead',
+            disagg_dot_v1_dot_worker__pb2.StartKvReadRequest.SerializeToString,
+            disagg_dot_v1_dot_worker__pb2.StartKvReadResponse.FromString,
             options,
             channel_credentials,
             insecure,

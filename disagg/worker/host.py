@@ -1,6 +1,7 @@
 """What every worker process does around its servicer.
 
-1. Load the model and start the engine.
+1. Load the model and start the engine; make the KV data plane (``KvPlane``:
+   a NIXL agent with the whole KV pool registered, per ``kv_transport``).
 2. Bind gRPC (health + reflection, NOT_SERVING), connect to Redis, start the
    heartbeat, then SERVING.
 3. SERVING until SIGTERM/SIGINT; then drain: NOT_SERVING, leave the registry
@@ -11,11 +12,13 @@
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import os
 import signal
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import grpc
@@ -23,15 +26,20 @@ import grpc
 from disagg.engine.api import Engine
 from disagg.metastore.store import Heartbeat, MetaStore
 from disagg.metrics.http import MetricsServer
+from disagg.metrics.transfer import TransferMetrics
 from disagg.metrics.worker import worker_registry
+from disagg.runtime.cluster_auth import ENV as CLUSTER_TOKEN_ENV
+from disagg.runtime.cluster_auth import require_token
 from disagg.runtime.config import WorkerConfig, tls_of
 from disagg.runtime.grpc_server import create_grpc_server
 from disagg.runtime.ids import default_worker_id
 from disagg.runtime.telemetry import nvml_device, read_gpu_sample, read_gpu_telemetry
 from disagg.runtime.tls import server_credentials
+from disagg.transfer.nixl_transport import NixlAgent, NixlUnavailable
 from disagg.v1 import common_pb2
 from disagg.wire import layout_to_pb
 from disagg.worker.calibration import PrefillCost, calibrate_prefill
+from disagg.worker.prefix import PrefixPublisher
 
 log = logging.getLogger(__name__)
 
@@ -42,9 +50,43 @@ class Servicer(Protocol):
     def close(self) -> None: ...
 
 
+@dataclass(frozen=True)
+class KvPlane:
+    """The worker's KV data plane, made once at startup and handed to its servicer."""
+
+    agent: NixlAgent | None  # None: this worker moves KV over gRPC only
+    metrics: TransferMetrics  # the decode side's imports, on /metrics
+
+    @property
+    def transports(self) -> list[str]:
+        return ["nixl", "grpc"] if self.agent is not None else ["grpc"]
+
+
 ServicerFactory = Callable[
-    [Engine, MetaStore, str, str], tuple[Servicer, Callable[[Any, grpc.aio.Server], None]]
+    [Engine, MetaStore, str, str, KvPlane],
+    tuple[Servicer, Callable[[Any, grpc.aio.Server], None]],
 ]
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
+def make_kv_agent(cfg: WorkerConfig, engine: Engine, worker_id: str) -> NixlAgent | None:
+    """This worker's NIXL agent per cfg.kv_transport: none for grpc; for auto, none
+    when NIXL cannot run here (logged); for nixl, its absence is fatal."""
+    if cfg.kv_transport == "grpc":
+        return None
+    try:
+        return NixlAgent(engine, worker_id, loopback_only=_is_loopback(cfg.host))
+    except NixlUnavailable as e:
+        if cfg.kv_transport == "nixl":
+            raise
+        log.info("kv transport grpc only: %s", e)
+        return None
 
 
 def make_engine(cfg: WorkerConfig) -> Engine:
@@ -72,6 +114,7 @@ class WorkerHost:
         self.servicer: Servicer | None = None
         self.address = ""
         self.metrics_port = 0  # bound /metrics port once serving (cfg.metrics_port -1: stays 0)
+        self.kv = KvPlane(None, TransferMetrics())  # its NIXL agent is made at startup
 
     def request_stop(self) -> None:
         self._stop.set()
@@ -81,18 +124,31 @@ class WorkerHost:
         eng = engine if engine is not None else await asyncio.to_thread(make_engine, cfg)
         self.engine = eng
         self.cost = await asyncio.to_thread(self._calibrate, eng)
+        agent = await asyncio.to_thread(make_kv_agent, cfg, eng, self.worker_id)
+        self.kv = KvPlane(agent, TransferMetrics())
         tls = tls_of(cfg)
         server = await create_grpc_server(
-            cfg.host, cfg.port, [self._service_name], credentials=server_credentials(tls)
+            cfg.host,
+            cfg.port,
+            [self._service_name],
+            credentials=server_credentials(tls),
+            interceptors=[require_token(cfg.cluster_token, [self._service_name])],
         )
+        if not cfg.cluster_token:
+            log.warning(
+                "no cluster token (%s): anyone who reaches this port can call its methods",
+                CLUSTER_TOKEN_ENV,
+            )
         self.address = f"{cfg.advertise_host or cfg.host}:{server.port}"
         store = MetaStore(cfg.redis_url)
-        servicer, add = self._factory(eng, store, self.worker_id, self.address)
+        servicer, add = self._factory(eng, store, self.worker_id, self.address, self.kv)
         self.servicer = servicer
         add(servicer, server.server)
         await server.start()  # NOT_SERVING until registered
         heartbeat = Heartbeat(store, self._info, cfg.heartbeat_s, cfg.heartbeat_ttl_s)
         await heartbeat.start()
+        prefix = PrefixPublisher(store, eng, self.worker_id, cfg.heartbeat_s, cfg.heartbeat_ttl_s)
+        prefix.start()
         metrics = await self._start_metrics()
         await server.set_serving(True)
         log.info("%s serving worker_id=%s address=%s", cfg.role, self.worker_id, self.address)
@@ -103,10 +159,13 @@ class WorkerHost:
             log.info("%s draining worker_id=%s", cfg.role, self.worker_id)
             await server.set_serving(False)
             await heartbeat.stop()
+            await prefix.stop()
             if metrics is not None:
                 await metrics.stop()
             await server.stop(grace_s=10.0)
             servicer.close()
+            if self.kv.agent is not None:
+                self.kv.agent.close()
             eng.stop()
             await store.close()
 
@@ -114,13 +173,15 @@ class WorkerHost:
         if self.cfg.metrics_port < 0:
             return None
         engine = self.engine
+        registry = worker_registry(
+            self.worker_id,
+            lambda: engine.stats() if engine else None,
+            self.cfg.role,
+            lambda: read_gpu_sample(nvml_device(self.cfg.engine.device)),
+        )
+        self.kv.metrics.register(registry)
         server = MetricsServer(
-            worker_registry(
-                self.worker_id,
-                lambda: engine.stats() if engine else None,
-                self.cfg.role,
-                lambda: read_gpu_sample(nvml_device(self.cfg.engine.device)),
-            ),
+            registry,
             self.cfg.host,
             self.cfg.metrics_port,
         )
@@ -165,4 +226,5 @@ class WorkerHost:
             pid=os.getpid(),
             prefill_base_ms=self.cost.base_ms,
             prefill_ms_per_token=self.cost.per_token_ms,
+            kv_transports=self.kv.transports,
         )

@@ -1,8 +1,10 @@
 """gRPC DecodeWorker: take a handoff, import its KV, continue generation.
 
 1. With a handle: the receiver (``disagg.transfer.receiver``) reserves blocks,
-   fetches the KV from the prefill worker within transfer_timeout_s, verifies
-   it and has the owner release it (CONSUMED on success, FAILED otherwise).
+   fetches the KV from the prefill worker within transfer_timeout_s -- a NIXL
+   READ where both workers have NIXL (``kv_transport`` auto|nixl), gRPC chunks
+   otherwise --, verifies it and has the owner release it (CONSUMED on success,
+   FAILED otherwise).
 2. Submit to the engine in DECODE mode: it continues after the first token.
    If the import failed, the prompt (+ first token) is prefilled here instead,
    so the client still gets a correct stream.
@@ -22,14 +24,18 @@ import grpc
 
 from disagg.engine.api import Engine, FinishReason, RequestMode, SamplingParams
 from disagg.metastore.store import MetaStore
+from disagg.metrics.transfer import TransferMetrics
 from disagg.runtime.config import WorkerConfig
 from disagg.transfer.errors import DuplicateRequest
 from disagg.transfer.grpc_transport import GrpcTransport
 from disagg.transfer.handle import Handle, handle_from_pb
+from disagg.transfer.nixl_transport import NixlTransport
 from disagg.transfer.receiver import KvReceiver
+from disagg.transfer.transport import TransportChoice
 from disagg.v1 import worker_pb2, worker_pb2_grpc
 from disagg.wire import sampling_from_pb
 from disagg.worker.bridge import run_request
+from disagg.worker.host import KvPlane
 from disagg.worker.validation import validate_prompt
 
 log = logging.getLogger(__name__)
@@ -52,10 +58,20 @@ class DecodeServicer(worker_pb2_grpc.DecodeWorkerServicer):
         cfg: WorkerConfig,
         channel_for: Callable[[str], grpc.aio.Channel],
         store: MetaStore | None = None,
+        kv: KvPlane | None = None,
     ):
         self._engine = engine
-        transport = GrpcTransport(channel_for, cfg.max_chunk_bytes)
-        self._receiver = KvReceiver(engine, transport, store, cfg.transfer_timeout_s)
+        kv = kv or KvPlane(None, TransferMetrics())
+        grpc_transport = GrpcTransport(channel_for, cfg.max_chunk_bytes)
+        nixl = NixlTransport(kv.agent, channel_for) if kv.agent is not None else None
+        self._receiver = KvReceiver(
+            engine,
+            grpc_transport,
+            store,
+            cfg.transfer_timeout_s,
+            choose=TransportChoice(cfg.kv_transport, grpc_transport, nixl),
+            metrics=kv.metrics,
+        )
 
     async def Decode(
         self, request: worker_pb2.DecodeRequest, context: grpc.aio.ServicerContext

@@ -3,8 +3,11 @@
 1. Prefill: the engine runs the prompt (PREFILL_ONLY), samples the first
    token and holds the blocks; the sender leases them and publishes the
    handle to Redis as READY.
-2. PullKv: one decode worker streams the blocks (READY -> TRANSFERRING).
+2. PullKv: one decode worker streams the blocks (READY -> TRANSFERRING); or
+   StartKvRead: one decode worker READs them over NIXL itself (READY ->
+   TRANSFERRING; the agent's metadata when asked for).
 3. ReleaseKv: CONSUMED after a completed pull, FAILED on cancel; blocks freed.
+   Its answer tells a NIXL reader whether the blocks were held until then.
    A lease that runs out first frees them as EXPIRED.
 The lifecycle is ``disagg.transfer``'s; this file converts protobuf to and
 from its values and maps its errors to gRPC status codes.
@@ -21,7 +24,8 @@ from disagg.metastore.store import MetaStore
 from disagg.runtime.config import WorkerConfig
 from disagg.transfer import grpc_transport
 from disagg.transfer.errors import HandoffNotFound, TransferAborted, TransferError
-from disagg.transfer.handle import handle_to_pb
+from disagg.transfer.handle import handle_to_pb, nixl_pool_to_pb
+from disagg.transfer.nixl_transport import NixlAgent
 from disagg.transfer.sender import KvSender
 from disagg.transfer.state import HandoffState
 from disagg.v1 import worker_pb2, worker_pb2_grpc
@@ -32,9 +36,16 @@ from disagg.worker.validation import validate_prompt
 
 class PrefillServicer(worker_pb2_grpc.PrefillWorkerServicer):
     def __init__(
-        self, engine: Engine, store: MetaStore, cfg: WorkerConfig, worker_id: str, address: str
+        self,
+        engine: Engine,
+        store: MetaStore,
+        cfg: WorkerConfig,
+        worker_id: str,
+        address: str,
+        nixl: NixlAgent | None = None,
     ):
         self._engine = engine
+        self._nixl = nixl
         self._sender = KvSender(
             engine,
             store,
@@ -42,6 +53,7 @@ class PrefillServicer(worker_pb2_grpc.PrefillWorkerServicer):
             address=address,
             lease_s=cfg.kv_lease_s,
             max_chunk_bytes=cfg.max_chunk_bytes,
+            nixl=nixl.pool if nixl is not None else None,
         )
 
     @property
@@ -101,6 +113,22 @@ class PrefillServicer(worker_pb2_grpc.PrefillWorkerServicer):
             await context.abort(grpc.StatusCode.NOT_FOUND, str(e))
         except TransferAborted as e:
             await context.abort(grpc.StatusCode.ABORTED, str(e))
+
+    async def StartKvRead(
+        self, request: worker_pb2.StartKvReadRequest, context: grpc.aio.ServicerContext
+    ) -> worker_pb2.StartKvReadResponse:
+        if self._nixl is None:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "no NIXL agent here")
+            raise AssertionError  # unreachable: abort raises
+        try:
+            self._sender.begin(request.request_id)
+        except HandoffNotFound as e:
+            await context.abort(grpc.StatusCode.NOT_FOUND, str(e))
+        resp = worker_pb2.StartKvReadResponse(agent_name=self._nixl.name)
+        if request.include_agent_metadata:
+            resp.agent_metadata = self._nixl.metadata
+            resp.pool.CopyFrom(nixl_pool_to_pb(self._nixl.pool))
+        return resp
 
     async def ReleaseKv(
         self, request: worker_pb2.ReleaseKvRequest, context: grpc.aio.ServicerContext

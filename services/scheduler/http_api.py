@@ -288,6 +288,7 @@ def parse_body(body: Any, chat: bool) -> Parsed:
         ignore_eos=bool(_field(body, "ignore_eos", "boolean")),  # extension, for benchmarks
         ttft_slo_ms=_field(body, "ttft_slo_ms", "number"),  # extension: SLO admission
         itl_slo_ms=_field(body, "itl_slo_ms", "number"),
+        verify=bool(_field(body, "verify", "boolean")),  # extension: online correctness check
     )
     return Parsed(raw, _field(body, "model", "string"), stream, include_usage, param_map)
 
@@ -395,13 +396,14 @@ class HttpApi:
             app.router.add_get("/metrics", metrics_handler(self._metrics))
         return app
 
-    async def start(self, host: str, port: int) -> int:
-        """Serves on host:port (0 = a free port); returns the bound port."""
+    async def start(self, host: str, port: int, reuse_port: bool = False) -> int:
+        """Serves on host:port (0 = a free port); returns the bound port.
+        reuse_port: share the port with scheduler replicas (SO_REUSEPORT)."""
         self._runner = web.AppRunner(
             self.app(), access_log=None, handler_cancellation=True, shutdown_timeout=5.0
         )
         await self._runner.setup()
-        await web.TCPSite(self._runner, host, port).start()
+        await web.TCPSite(self._runner, host, port, reuse_port=reuse_port or None).start()
         self.port = bound_port(self._runner)
         return self.port
 

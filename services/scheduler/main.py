@@ -15,10 +15,12 @@ from disagg.engine.model_loader import resolve_model
 from disagg.metastore.store import MetaStore
 from disagg.metrics.scheduler import SchedulerMetrics
 from disagg.runtime.channels import ChannelCache
+from disagg.runtime.cluster_auth import send_token
 from disagg.runtime.config import SchedulerConfig, tls_of
 from disagg.runtime.grpc_server import GrpcServer, create_grpc_server
+from disagg.runtime.ids import default_worker_id
 from disagg.runtime.tls import channel_credentials, server_credentials
-from disagg.tokenization.loader import load_tokenizer
+from disagg.tokenization.loader import TokenizerInfo, load_tokenizer
 from disagg.v1 import scheduler_pb2, scheduler_pb2_grpc
 from services.scheduler.http_api import HttpApi, make_http_api
 from services.scheduler.orchestrator import Orchestrator, admission_of, slo_of
@@ -49,42 +51,17 @@ class SchedulerApp:
             load_tokenizer, await asyncio.to_thread(resolve_model, cfg.model)
         )
         store = MetaStore(cfg.redis_url)
-        admission = admission_of(cfg)
-        registry = WorkerRegistry(store, cfg.registry_refresh_s, admission.policy.prefill_prior)
-        await registry.start()
-        self.metrics = SchedulerMetrics(slo_of(cfg))
-        self.orchestrator = Orchestrator(
-            registry,
-            tok.tokenizer,
-            tok.eos_token_ids,
-            WorkerClient(
-                ChannelCache(credentials=channel_credentials(tls_of(cfg))).get_channel,
-                cfg.worker_timeout_s,
-            ),
-            cfg.max_inflight,
-            self.metrics,
-            admission,
-        )
-        self.metrics.bind(
-            lambda: self.orchestrator.inflight, registry.infos, lambda: registry.restarts
-        )
+        registry = await self._start_core(tok, store)
         requests = RequestFactory(
             tok.tokenizer, tok.vocab_size, tok.max_context, cfg.default_max_tokens
         )
-        servicer = SchedulerServicer(self.orchestrator, registry, requests, cfg.api_key)
-        server = await create_grpc_server(
-            cfg.host, cfg.port, [SERVICE_NAME], credentials=server_credentials(tls_of(cfg))
-        )
-        scheduler_pb2_grpc.add_SchedulerServicer_to_server(servicer, server.server)
-        await server.start()
-        http: HttpApi | None = None
-        if cfg.http_port >= 0:  # before self.port: a set port means both front ends are up
-            http = make_http_api(self.orchestrator, registry, requests, cfg, self.metrics.registry)
-            self.http_port = await http.start(cfg.host, cfg.http_port)
-        self.port = server.port
-        await server.set_serving(True)
+        server, http = await self._start_fronts(registry, requests)
         log.info(
-            "scheduler serving grpc=%s:%d http=%s", cfg.host, server.port, self.http_port or "off"
+            "scheduler serving grpc=%s:%d http=%s replica=%s",
+            cfg.host,
+            server.port,
+            self.http_port or "off",
+            registry.replica_id,
         )
         self._install_signals()
         if ready is not None:
@@ -92,13 +69,81 @@ class SchedulerApp:
         try:
             await self._stop.wait()
         finally:
-            await server.set_serving(False)
-            if http is not None:
-                await http.stop()
-            await server.stop(grace_s=10.0)
-            await registry.stop()
-            self.orchestrator.decisions.close()
-            await store.close()
+            await self._shutdown(server, http, registry, store)
+
+    async def _start_core(self, tok: TokenizerInfo, store: MetaStore) -> WorkerRegistry:
+        """The registry (started), the metrics and the orchestrator."""
+        cfg = self.cfg
+        admission = admission_of(cfg)
+        registry = WorkerRegistry(
+            store,
+            cfg.registry_refresh_s,
+            admission.policy.prefill_prior,
+            replica_id=cfg.replica_id or default_worker_id("scheduler"),
+        )
+        await registry.start()
+        self.metrics = SchedulerMetrics(slo_of(cfg))
+        channels = ChannelCache(
+            credentials=channel_credentials(tls_of(cfg)),
+            interceptors=send_token(cfg.cluster_token),
+        )
+        self.orchestrator = Orchestrator(
+            registry,
+            tok.tokenizer,
+            tok.eos_token_ids,
+            WorkerClient(channels.get_channel, cfg.worker_timeout_s),
+            cfg.max_inflight,
+            self.metrics,
+            admission,
+        )
+        self.metrics.bind(
+            lambda: self.orchestrator.inflight,
+            registry.infos,
+            lambda: registry.restarts,
+            lambda: registry.bad_records,
+        )
+        return registry
+
+    async def _start_fronts(
+        self, registry: WorkerRegistry, requests: RequestFactory
+    ) -> tuple[GrpcServer, HttpApi | None]:
+        """gRPC (and HTTP unless off), serving."""
+        cfg = self.cfg
+        servicer = SchedulerServicer(self.orchestrator, registry, requests, cfg.api_key)
+        server = await create_grpc_server(
+            cfg.host,
+            cfg.port,
+            [SERVICE_NAME],
+            credentials=server_credentials(tls_of(cfg)),
+            reuse_port=cfg.reuse_port,
+        )
+        scheduler_pb2_grpc.add_SchedulerServicer_to_server(servicer, server.server)
+        await server.start()
+        http: HttpApi | None = None
+        if cfg.http_port >= 0:  # before self.port: a set port means both front ends are up
+            http = make_http_api(self.orchestrator, registry, requests, cfg, self.metrics.registry)
+            self.http_port = await http.start(cfg.host, cfg.http_port, cfg.reuse_port)
+        self.port = server.port
+        await server.set_serving(True)
+        return server, http
+
+    async def _shutdown(
+        self,
+        server: GrpcServer,
+        http: HttpApi | None,
+        registry: WorkerRegistry,
+        store: MetaStore,
+    ) -> None:
+        """NOT_SERVING, fronts closed (streams get the grace period), then the rest."""
+        await server.set_serving(False)
+        if http is not None:
+            await http.stop()
+        await server.stop(grace_s=10.0)
+        await self.orchestrator.verifier.close()
+        await registry.stop()
+        await registry.leave()
+        self.orchestrator.decisions.close()
+        await store.close()
 
     def _install_signals(self) -> None:
         loop = asyncio.get_running_loop()

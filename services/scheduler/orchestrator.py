@@ -15,6 +15,9 @@
    itself. A decode worker lost mid-stream: the tokens streamed so far become
    prompt on another one (at most ``_MAX_MIGRATIONS`` times).
 4. Finish: the last event with usage, timings and the workers that served it.
+   A sampled greedy request (--verify-fraction, or its ``verify`` flag) that
+   finished normally is queued for a collocated re-run (services.scheduler.verify):
+   in the background, after the stream, never changing it.
 Relay throughout: incremental detokenization, stop strings, token counts.
 Cancellation at any point (client gone, stop string) cancels the worker
 calls; a ticket not yet taken by a decode worker is released here, so its
@@ -57,6 +60,7 @@ from services.scheduler.requests import (
     Timing,
     Unavailable,
 )
+from services.scheduler.verify import Verifier, VerifyJob
 from services.scheduler.workers import (
     DecodeLost,
     DecodeUpdate,
@@ -149,6 +153,7 @@ class Admission:
     queue: QueueOrder = field(default_factory=QueueOrder)
     dispatch_depth: int = 2  # prefills in flight per prefill worker; more wait in our queue
     decision_log: str = ""  # JSONL path of the replayable decision log; "" = log lines only
+    verify_fraction: float = 0.0  # greedy requests re-run collocated and compared; 0 = none
 
 
 def admission_of(cfg: SchedulerConfig) -> Admission:
@@ -164,6 +169,7 @@ def admission_of(cfg: SchedulerConfig) -> Admission:
         queue=QueueOrder(max_wait_ms=cfg.queue_max_wait_ms),
         dispatch_depth=cfg.prefill_dispatch_depth,
         decision_log=cfg.decision_log,
+        verify_fraction=cfg.verify_fraction,
     )
 
 
@@ -198,6 +204,12 @@ class Orchestrator:
         self._workers = workers
         self._max_inflight = max_inflight
         self.inflight = 0
+        self.verifier = Verifier(
+            workers,
+            lambda: [w for w in registry.snapshot() if w.role == "decode"],
+            self._metrics,
+            self.admission.verify_fraction,
+        )
 
     async def generate(self, req: GenerationRequest) -> AsyncGenerator[GenerationEvent, None]:
         """Yields events; raises Unavailable / Overloaded / InvalidRequest before the first one."""
@@ -277,7 +289,9 @@ class Orchestrator:
                     yield ev
         finally:
             await self._release(f)  # a ticket no decode worker took (cancelled, done, lost)
-        yield self._finish(f)
+        last = self._finish(f)
+        self._verify_later(f, last)
+        yield last
 
     # --- phase 2: prefill ------------------------------------------------------------------
 
@@ -417,6 +431,12 @@ class Orchestrator:
             await asyncio.shield(self._workers.release(ticket))
 
     # --- phase 4: finish -------------------------------------------------------------------
+
+    def _verify_later(self, f: _Flight, last: GenerationEvent) -> None:
+        """Queues the collocated re-run of a sampled greedy request that finished normally."""
+        if last.finish_reason in ("stop", "length") and self.verifier.wants(f.req):
+            job = VerifyJob(f.req, tuple(f.relay.generated), f.decode.worker_id, f.prefill_id)
+            self.verifier.submit(job)
 
     def _finish(self, f: _Flight) -> GenerationEvent:
         """The last event: the tail of the text, usage, timings, the workers that served it."""

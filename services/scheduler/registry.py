@@ -6,9 +6,15 @@
 2. Loads: what this scheduler has sent to each worker and not seen finish --
    prefills queued or running (requests, uncached tokens) and decode streams
    (requests, KV blocks). Exact and immediate, where heartbeats lag.
+   Replicas share them (docs/adr/0005): each refresh writes this replica's
+   loads to Redis (``SchedulerLoads``, TTL a few refreshes) and reads the
+   others'; decisions see own + peers' loads, the peers' at most about two
+   refresh periods old. A dead replica's loads vanish with its record's TTL.
 3. Cost models: each observed ``prefill_ms`` refines that worker's model.
-4. Prefix index: prompts prefilled on a worker are recorded there, in this
-   scheduler's memory only.
+4. Prefix index: prompts prefilled on a worker are recorded there at once (in
+   memory), and every ``PREFIX_REFRESH_S`` each worker's own published cache
+   (``PrefixSet`` in Redis, read only when its version changed) replaces that
+   guess, so every replica routes on the same index and evictions show.
 """
 
 from __future__ import annotations
@@ -16,18 +22,20 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable, Sequence
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from disagg.metastore.store import MetaStore
 from disagg.policy.cost import CostModel
 from disagg.policy.prefix import PrefixIndex
 from disagg.policy.routing import NO_LOAD, Decision, Load, Snapshot, WorkerView, blocks_needed
-from disagg.v1 import common_pb2
+from disagg.v1 import common_pb2, control_pb2
 
 log = logging.getLogger(__name__)
 
 RESTARTS_REFRESH_S = 2.0  # how often the supervisor's restart counts are re-read
+PREFIX_REFRESH_S = 1.0  # how often the workers' published prefix caches are checked
 
 _ROLE = {common_pb2.WORKER_ROLE_PREFILL: "prefill", common_pb2.WORKER_ROLE_DECODE: "decode"}
 
@@ -57,8 +65,30 @@ class Reservation:
     prefill_open: bool = True
 
 
+def sum_loads(records: Iterable[control_pb2.SchedulerLoads]) -> dict[str, Load]:
+    """Per worker, the loads of every record added up."""
+    out: dict[str, Load] = {}
+    for r in records:
+        out = merge_loads(out, {x.worker_id: Load(x.requests, x.tokens, x.blocks) for x in r.loads})
+    return out
+
+
+def merge_loads(a: Mapping[str, Load], b: Mapping[str, Load]) -> dict[str, Load]:
+    out = dict(a)
+    for w, x in b.items():
+        y = out.get(w, NO_LOAD)
+        out[w] = Load(x.requests + y.requests, x.tokens + y.tokens, x.blocks + y.blocks)
+    return out
+
+
 class WorkerRegistry:
-    def __init__(self, store: MetaStore, refresh_s: float, prior: CostModel | None = None):
+    def __init__(
+        self,
+        store: MetaStore,
+        refresh_s: float,
+        prior: CostModel | None = None,
+        replica_id: str = "",
+    ):
         self._store = store
         self._refresh_s = refresh_s
         self._infos: list[common_pb2.WorkerInfo] = []
@@ -70,6 +100,10 @@ class WorkerRegistry:
         self.prefix = PrefixIndex()
         self.on_cost: Callable[[str, CostModel], None] | None = None  # decision log hook
         self.restarts: dict[str, int] = {}  # service -> restarts by `disagg up` (for /metrics)
+        self.replica_id = replica_id
+        self.peers: dict[str, Load] = {}  # the other replicas' loads, summed per worker
+        self._prefix_versions: dict[str, int] = {}  # worker -> version of its set we applied
+        self.replicas = 1  # live scheduler replicas, this one included (last refresh)
         self._task: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
@@ -87,6 +121,40 @@ class WorkerRegistry:
             self.set_infos(await self._store.list_workers())
         except Exception as e:
             log.warning("worker registry refresh failed: %s", e)
+        if self.replica_id:
+            await self._share_loads()
+
+    async def _share_loads(self) -> None:
+        """Publishes this replica's loads and takes in the other replicas'."""
+        mine = control_pb2.SchedulerLoads(
+            replica_id=self.replica_id,
+            loads=[
+                control_pb2.WorkerLoad(
+                    worker_id=w, requests=x.requests, tokens=x.tokens, blocks=x.blocks
+                )
+                for w, x in self.loads.items()
+            ],
+            unix_ms=int(time.time() * 1000),
+        )
+        try:
+            await self._store.put_scheduler_loads(mine, self.loads_ttl_s)
+            records = await self._store.list_scheduler_loads()
+        except Exception as e:
+            log.warning("sharing scheduler loads failed: %s", e)
+            return
+        self.peers = sum_loads(r for r in records if r.replica_id != self.replica_id)
+        self.replicas = max(1, len(records))
+
+    @property
+    def loads_ttl_s(self) -> float:
+        """How long this replica's published loads outlive its last refresh."""
+        return max(1.0, 4 * self._refresh_s)
+
+    async def leave(self) -> None:
+        """Withdraws this replica's loads at once (a clean shutdown)."""
+        if self.replica_id:
+            with contextlib.suppress(Exception):
+                await self._store.remove_scheduler(self.replica_id)
 
     def set_infos(self, infos: list[common_pb2.WorkerInfo]) -> None:
         self._infos = infos
@@ -95,6 +163,7 @@ class WorkerRegistry:
             gone = {v.worker_id for v in self._views} - {v.worker_id for v in views}
             for w in gone:
                 self.prefix.drop_worker(w)
+                self._prefix_versions.pop(w, None)
             for v in views:
                 self.prefix.set_capacity(v.worker_id, v.total_blocks)
             for i in infos:
@@ -111,6 +180,11 @@ class WorkerRegistry:
         if self.on_cost is not None:
             self.on_cost(info.worker_id, model)
 
+    @property
+    def bad_records(self) -> int:
+        """Malformed Redis records skipped so far (they never stop a refresh)."""
+        return self._store.bad_records
+
     def infos(self) -> list[common_pb2.WorkerInfo]:
         return list(self._infos)
 
@@ -118,8 +192,9 @@ class WorkerRegistry:
         return self._views
 
     def policy_snapshot(self) -> Snapshot:
-        """The live loads and costs: decide from it before the next await."""
-        return Snapshot(self.snapshot(), self.loads, self.costs)
+        """The live loads (this replica's + its peers') and costs: decide before the next await."""
+        loads = self.loads if not self.peers else merge_loads(self.loads, self.peers)
+        return Snapshot(self.snapshot(), loads, self.costs)
 
     # --- in-flight accounting ------------------------------------------------------------
 
@@ -169,13 +244,32 @@ class WorkerRegistry:
 
     async def _loop(self) -> None:
         loop = asyncio.get_running_loop()
-        restarts_due = 0.0
+        restarts_due = prefix_due = 0.0
         while True:
             await asyncio.sleep(self._refresh_s)
             await self.refresh()
+            if loop.time() >= prefix_due:
+                prefix_due = loop.time() + PREFIX_REFRESH_S
+                await self.sync_prefix()
             if loop.time() >= restarts_due:  # a rare event: no need to read it every refresh
                 restarts_due = loop.time() + RESTARTS_REFRESH_S
                 await self._refresh_restarts()
+
+    async def sync_prefix(self) -> None:
+        """Takes in each live worker's published prefix cache whose version changed."""
+        try:
+            versions = await self._store.prefix_versions([v.worker_id for v in self._views])
+            for worker_id, version in versions.items():
+                if self._prefix_versions.get(worker_id) != version:
+                    await self._apply_prefix(worker_id)
+        except Exception as e:
+            log.warning("prefix index sync failed: %s", e)
+
+    async def _apply_prefix(self, worker_id: str) -> None:
+        record = await self._store.get_prefix_set(worker_id)
+        if record is not None:
+            self.prefix.replace(worker_id, record.block_hashes)
+            self._prefix_versions[worker_id] = record.version
 
     async def _refresh_restarts(self) -> None:
         try:

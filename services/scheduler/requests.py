@@ -48,6 +48,7 @@ class GenerationRequest:
     decode_pin: str = ""
     ttft_slo_ms: float = 0.0  # 0 = the server's default SLO
     itl_slo_ms: float = 0.0  # 0 = the server's default SLO
+    verify: bool = False  # re-run collocated after the stream and compare (greedy only)
 
 
 @dataclass
@@ -95,6 +96,7 @@ class RawRequest:
     decode_pin: str = ""
     ttft_slo_ms: float | None = None
     itl_slo_ms: float | None = None
+    verify: bool = False
 
 
 @dataclass(frozen=True)
@@ -137,15 +139,19 @@ def build_request(
         )
     else:
         max_tokens = raw.max_tokens
+    sampling = _sampling(raw, max_tokens)
+    if raw.verify and sampling.temperature != 0:
+        raise InvalidRequest("verify", "only greedy requests can be verified: set temperature to 0")
     return GenerationRequest(
         request_id=raw.request_id or new_request_id(),
         prompt_token_ids=ids,
-        sampling=_sampling(raw, max_tokens),
+        sampling=sampling,
         stop=_stops(raw.stop),
         prefill_pin=raw.prefill_pin,
         decode_pin=raw.decode_pin,
         ttft_slo_ms=_slo("ttft_slo_ms", raw.ttft_slo_ms),
         itl_slo_ms=_slo("itl_slo_ms", raw.itl_slo_ms),
+        verify=raw.verify,
     )
 
 

@@ -43,6 +43,7 @@ def raw_from_pb(req: scheduler_pb2.GenerateRequest) -> RawRequest:
         decode_pin=req.decode_worker,
         ttft_slo_ms=opt("ttft_slo_ms"),
         itl_slo_ms=opt("itl_slo_ms"),
+        verify=req.verify,
     )
 
 
@@ -70,6 +71,9 @@ def event_to_pb(rid: str, ev: GenerationEvent) -> scheduler_pb2.GenerateResponse
         )
         resp.prefill_worker, resp.decode_worker = ev.prefill_worker, ev.decode_worker
     return resp
+
+
+RETRY_AFTER = "retry-after"  # metadata key of the retry hint (seconds, decimal)
 
 
 class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
@@ -102,6 +106,7 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
             return
         code, message = None, ""
+        trailing: tuple[tuple[str, str], ...] = ()
         try:
             async with contextlib.aclosing(self._orch.generate(req)) as events:
                 async for ev in events:
@@ -109,7 +114,11 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
         except InvalidRequest as e:
             code, message = grpc.StatusCode.INVALID_ARGUMENT, str(e)
         except Overloaded as e:
-            await context.send_initial_metadata((("retry-after", f"{e.retry_after_s:g}"),))
+            # The hint, in seconds, three ways: initial metadata (older clients read it),
+            # trailing metadata (what disagg.client reads first) and the message.
+            hint = ((RETRY_AFTER, f"{e.retry_after_s:g}"),)
+            await context.send_initial_metadata(hint)
+            trailing = hint
             code, message = (
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
                 f"{e}; retry after {e.retry_after_s:g}s",
@@ -117,7 +126,7 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
         except Unavailable as e:
             code, message = grpc.StatusCode.UNAVAILABLE, str(e)
         if code is not None:
-            await context.abort(code, message)
+            await context.abort(code, message, trailing_metadata=trailing)
 
     async def ListWorkers(
         self, request: scheduler_pb2.ListWorkersRequest, context: grpc.aio.ServicerContext

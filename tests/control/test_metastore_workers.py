@@ -6,6 +6,7 @@ import asyncio
 import time
 
 import pytest
+import redis
 
 from disagg.metastore import keys
 from disagg.metastore.embedded import EmbeddedValkey
@@ -189,6 +190,35 @@ def test_heartbeat_stop_is_prompt_while_beating(valkey_url: str) -> None:
                 await asyncio.sleep(0.001 * (i % 5))
                 await asyncio.wait_for(hb.stop(), 2)
                 assert await store.list_workers() == []
+        finally:
+            await store.close()
+
+    run_async(scenario())
+
+
+def test_malformed_records_are_skipped_and_counted(valkey_url: str) -> None:
+    """Redis is shared: garbage under a worker key, or a record that makes no sense,
+    is skipped and counted; every good record is still listed."""
+
+    async def scenario() -> None:
+        store = MetaStore(valkey_url)
+        try:
+            await store.register_worker(make_worker("good"), ttl_s=30)
+            no_address = make_worker("no-address")
+            no_address.address = ""
+            bad = {
+                "garbage": b"\xff\xfe not a protobuf",
+                "no-address": no_address.SerializeToString(),
+                "no-role": make_worker("no-role", role=0).SerializeToString(),  # type: ignore[arg-type]
+            }
+            client = redis.Redis.from_url(valkey_url)
+            for wid, value in bad.items():
+                client.set(keys.worker_key(wid), value)
+                client.sadd(keys.WORKER_INDEX, wid)
+            client.close()
+            listed = await store.list_workers()
+            assert [w.worker_id for w in listed] == ["good"]
+            assert store.bad_records == 3
         finally:
             await store.close()
 

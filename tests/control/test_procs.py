@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import sys
@@ -76,3 +77,20 @@ def test_death_is_noticed_with_output() -> None:
         assert "bad config" in str(info.value)
         assert group.wait_any(timeout_s=0.1) is None  # each exit is reported once
     assert group.running() == []
+
+
+def test_children_keep_running_when_our_output_breaks() -> None:
+    """A launcher whose stderr pipe was closed must keep draining its children's output:
+    a child writing more than a pipe buffer would otherwise block forever."""
+    r, w = os.pipe()
+    os.close(r)  # nobody reads our output: every write fails with EPIPE
+    broken = os.fdopen(w, "w")
+    chatty = "import sys\nfor i in range(20000): print('line', i)\nprint('done')"
+    with ServiceGroup(out=broken) as group:
+        proc = group.spawn("chatty", [sys.executable, "-c", chatty])
+        assert proc.wait(timeout=30) == 0
+        exited = group.wait_any(timeout_s=5)
+        assert exited is not None and exited.returncode == 0
+        assert group.tail("chatty")[-1] == "done"
+    with contextlib.suppress(OSError):
+        broken.close()

@@ -6,6 +6,7 @@
 - ``image_entrypoint()``: the ENTRYPOINT of deploy/Dockerfile (exec form).
 - ``local_argv(argv)``: a container's argv as a local process (``disagg`` -> this
   interpreter's ``-m disagg.cli``).
+- ``generate_ids``, ``list_workers``, ``grpc_health_serving``: gRPC calls on what runs.
 """
 
 from __future__ import annotations
@@ -120,7 +121,13 @@ def stop_process_group(proc: subprocess.Popen[bytes], timeout_s: float = 20.0) -
         proc.wait(timeout=10)
 
 
-def generate_ids(address: str, prompt: list[int], max_tokens: int) -> tuple[list[int], Any]:
+def _auth(api_key: str) -> tuple[tuple[str, str], ...]:
+    return (("authorization", f"Bearer {api_key}"),) if api_key else ()
+
+
+def generate_ids(
+    address: str, prompt: list[int], max_tokens: int, api_key: str = ""
+) -> tuple[list[int], Any]:
     """Token ids and the last message of one greedy gRPC Generate through the scheduler."""
     import grpc
 
@@ -133,14 +140,14 @@ def generate_ids(address: str, prompt: list[int], max_tokens: int) -> tuple[list
         req = scheduler_pb2.GenerateRequest(
             prompt_token_ids=prompt, max_tokens=max_tokens, temperature=0
         )
-        for resp in stub.Generate(req, timeout=60):
+        for resp in stub.Generate(req, timeout=60, metadata=_auth(api_key)):
             ids.extend(resp.token_ids)
             last = resp
     assert last is not None and last.finish_reason
     return ids, last
 
 
-def list_workers(address: str) -> list[Any]:
+def list_workers(address: str, api_key: str = "") -> list[Any]:
     import grpc
 
     from disagg.v1 import scheduler_pb2, scheduler_pb2_grpc
@@ -148,6 +155,21 @@ def list_workers(address: str) -> list[Any]:
     with grpc.insecure_channel(address) as channel:
         stub = scheduler_pb2_grpc.SchedulerStub(channel)
         try:
-            return list(stub.ListWorkers(scheduler_pb2.ListWorkersRequest(), timeout=2).workers)
+            req = scheduler_pb2.ListWorkersRequest()
+            return list(stub.ListWorkers(req, timeout=2, metadata=_auth(api_key)).workers)
         except grpc.RpcError:
             return []
+
+
+def grpc_health_serving(address: str, service: str = "") -> bool:
+    """grpc.health.v1 Check says SERVING: what a Kubernetes `grpc:` probe asks."""
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    with grpc.insecure_channel(address) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        try:
+            resp = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=2)
+        except grpc.RpcError:
+            return False
+    return bool(resp.status == health_pb2.HealthCheckResponse.SERVING)

@@ -1,19 +1,38 @@
-"""End to end through the scheduler: greedy equivalence, concurrency, KV lifecycle."""
+"""End to end through the scheduler: greedy equivalence, concurrency, KV lifecycle.
+
+The handoff tests run once per KV transport (``cluster``: NIXL READs, gRPC chunks)."""
 
 from __future__ import annotations
 
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 import pytest
 
 from disagg.engine.testing import TINY_MAX_CONTEXT, TINY_VOCAB
+from disagg.metastore.embedded import EmbeddedValkey
 from disagg.v1 import common_pb2, worker_pb2, worker_pb2_grpc
 from tests.cluster import Cluster
+from tests.faults.conftest import flush
 
 BLOCK = 16  # EngineConfig's default block_size
+
+
+@pytest.fixture(scope="module", params=["nixl", "grpc"])
+def cluster(
+    request: pytest.FixtureRequest, tiny_model: str, valkey: EmbeddedValkey
+) -> Iterator[Cluster]:
+    """A cluster whose workers move KV over one transport (``kv_transport``)."""
+    flush(valkey.url)
+    c = Cluster(tiny_model, valkey.url, worker={"kv_transport": request.param}).start()
+    yield c
+    c.stop()
+
+
+def _transport_of(cluster: Cluster) -> str:
+    return cluster.decode_hosts[0].cfg.kv_transport
 
 
 def _prompt(n: int, seed: int) -> list[int]:
@@ -45,7 +64,7 @@ CASES = [
 
 @pytest.mark.parametrize(("n_prompt", "n_new"), CASES)
 def test_greedy_equals_generate(
-    tiny_cluster: Cluster,
+    cluster: Cluster,
     tiny_reference: Callable[[list[int], int], list[int]],
     n_prompt: int,
     n_new: int,
@@ -56,7 +75,7 @@ def test_greedy_equals_generate(
         assert len(set(want)) >= 4, (
             "reference output is not diverse: the comparison would prove nothing"
         )
-    ids, _, last = tiny_cluster.generate(prompt_token_ids=prompt, max_tokens=n_new, temperature=0)
+    ids, _, last = cluster.generate(prompt_token_ids=prompt, max_tokens=n_new, temperature=0)
     assert ids == want
     assert last.usage.prompt_tokens == n_prompt
     assert last.usage.completion_tokens == len(want)
@@ -64,7 +83,9 @@ def test_greedy_equals_generate(
     assert last.prefill_worker.startswith("prefill-") and last.decode_worker.startswith("decode-")
     if n_new > 1:
         assert last.timings.kv_transfer_ms > 0  # the KV really moved between workers
-    tiny_cluster.wait_no_leaks()
+        imports = cluster.decode_hosts[0].kv.metrics.totals()
+        assert list(imports) == [_transport_of(cluster)] and imports[_transport_of(cluster)][1] == 0
+    cluster.wait_no_leaks()
 
 
 def test_sixteen_concurrent_streams(
@@ -92,10 +113,10 @@ def test_text_prompt_and_ignore_eos(
     assert text.split() == [f"t{i}" for i in ids if i > 2]
 
 
-def test_kv_handle_lifecycle_in_redis(tiny_cluster: Cluster) -> None:
+def test_kv_handle_lifecycle_in_redis(cluster: Cluster) -> None:
     """Prefill publishes a READY handle; a pull + release (CONSUMED) removes it and frees the blocks."""
-    prefill = tiny_cluster.prefill_hosts[0]
-    decode = tiny_cluster.decode_hosts[0]
+    prefill = cluster.prefill_hosts[0]
+    decode = cluster.decode_hosts[0]
     total = prefill.engine.stats().total_blocks
     prompt = _prompt(40, seed=7)
     with grpc.insecure_channel(prefill.address) as ch:
@@ -104,7 +125,7 @@ def test_kv_handle_lifecycle_in_redis(tiny_cluster: Cluster) -> None:
         handle = resp.handle
         assert handle.state == common_pb2.KV_STATE_READY and handle.num_tokens == 40
         assert len(handle.block_ids) == 3
-        assert tiny_cluster.kv_keys() == 1
+        assert cluster.kv_keys() == 1
         assert prefill.engine.stats().free_blocks == total - 3
         with grpc.insecure_channel(decode.address) as dch:
             tokens = []
@@ -120,12 +141,12 @@ def test_kv_handle_lifecycle_in_redis(tiny_cluster: Cluster) -> None:
         assert 1 <= len(tokens) <= 7
         # Already consumed: a second release finds nothing.
         assert not stub.ReleaseKv(worker_pb2.ReleaseKvRequest(request_id="lifecycle-1")).released
-    tiny_cluster.wait_no_leaks()
+    cluster.wait_no_leaks()
 
 
-def test_prefill_of_a_request_id_that_holds_kv_is_refused(tiny_cluster: Cluster) -> None:
+def test_prefill_of_a_request_id_that_holds_kv_is_refused(cluster: Cluster) -> None:
     """A second Prefill under a held id: ALREADY_EXISTS, the first KV kept, nothing leaked."""
-    prefill = tiny_cluster.prefill_hosts[0]
+    prefill = cluster.prefill_hosts[0]
     total = prefill.engine.stats().total_blocks
     req = _prefill_request("twice-1", _prompt(40, 11))
     with grpc.insecure_channel(prefill.address) as ch:
@@ -145,14 +166,14 @@ def test_prefill_of_a_request_id_that_holds_kv_is_refused(tiny_cluster: Cluster)
         assert stub.ReleaseKv(
             worker_pb2.ReleaseKvRequest(request_id="twice-1", consumed=False)
         ).released
-    tiny_cluster.wait_no_leaks()
+    cluster.wait_no_leaks()
 
 
-def test_decode_of_a_request_id_that_holds_kv_is_refused(tiny_cluster: Cluster) -> None:
+def test_decode_of_a_request_id_that_holds_kv_is_refused(cluster: Cluster) -> None:
     """A Decode whose id already holds KV on the decode worker: ALREADY_EXISTS, and the
     handle it carried is left to its owner (not released on the other request's behalf);
     a handle that does not cover the prompt: INVALID_ARGUMENT."""
-    prefill, decode = tiny_cluster.prefill_hosts[0], tiny_cluster.decode_hosts[0]
+    prefill, decode = cluster.prefill_hosts[0], cluster.decode_hosts[0]
     prompt = _prompt(40, 12)
     assert decode.engine.reserve_import("dup-1", 40) is not None  # the other "dup-1"
     with grpc.insecure_channel(prefill.address) as ch:
@@ -185,17 +206,17 @@ def test_decode_of_a_request_id_that_holds_kv_is_refused(tiny_cluster: Cluster) 
             worker_pb2.ReleaseKvRequest(request_id="dup-1", consumed=False)
         ).released
     assert decode.engine.release("dup-1")
-    tiny_cluster.wait_no_leaks()
+    cluster.wait_no_leaks()
 
 
-def test_kv_handle_visible_while_in_flight(tiny_cluster: Cluster) -> None:
+def test_kv_handle_visible_while_in_flight(cluster: Cluster) -> None:
     """Between Prefill and the decode worker's pull the handle is in Redis, then gone."""
-    prefill = tiny_cluster.prefill_hosts[0]
+    prefill = cluster.prefill_hosts[0]
     with grpc.insecure_channel(prefill.address) as ch:
         stub = worker_pb2_grpc.PrefillWorkerStub(ch)
         stub.Prefill(_prefill_request("held-1", _prompt(20, 3)))
-        assert tiny_cluster.kv_keys() == 1
+        assert cluster.kv_keys() == 1
         assert stub.ReleaseKv(
             worker_pb2.ReleaseKvRequest(request_id="held-1", consumed=False)
         ).released
-    tiny_cluster.wait_no_leaks()
+    cluster.wait_no_leaks()

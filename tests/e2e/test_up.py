@@ -29,6 +29,7 @@ from typing import Any
 import grpc
 import pytest
 
+from disagg.engine.testing import GreedyReference, prompt_of
 from disagg.v1 import scheduler_pb2, scheduler_pb2_grpc
 
 READY_TIMEOUT_S = 120.0
@@ -181,8 +182,11 @@ class UpProcess:
 
 
 @pytest.fixture()
-def up(tiny_model: str, tmp_path: Path) -> Iterator[UpProcess]:
-    server = UpProcess(tiny_model, tmp_path / "up.log")
+def up(tiny_model: str, tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[UpProcess]:
+    """`disagg up`; parametrized indirectly with a KV transport, `--kv-transport` that."""
+    transport = getattr(request, "param", None)
+    extra = ("--kv-transport", transport) if transport else ()
+    server = UpProcess(tiny_model, tmp_path / "up.log", extra=extra)
     yield server
     server.kill_everything(system_procs(server.proc.pid, server.port))
 
@@ -200,6 +204,20 @@ def _generate(address: str, **fields: Any) -> tuple[list[int], str, scheduler_pb
             last = resp
     assert last is not None
     return ids, text, last
+
+
+def _check_greedy_handoffs(up: UpProcess, reference: GreedyReference, transport: str) -> None:
+    for n in (20, 70):
+        prompt = prompt_of(n, seed=n)
+        want = reference(prompt, 16)
+        assert len(set(want)) >= 4, "reference output not diverse"
+        ids, _, last = _generate(up.address, prompt_token_ids=prompt, max_tokens=16, temperature=0)
+        assert ids == want
+        assert last.prefill_worker.startswith("prefill-")  # disaggregated: a real handoff
+        assert last.timings.kv_transfer_ms > 0
+    logs = up.log_path.read_text(errors="replace")
+    assert f"kv transport {transport} from owner=prefill-" in logs, logs[-3000:]
+    assert "kv pull failed" not in logs
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess[str]:
@@ -227,10 +245,19 @@ def _check_cli(address: str) -> None:
     assert roles == ["WORKER_ROLE_DECODE", "WORKER_ROLE_PREFILL"]
 
 
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
-def test_up_serves_and_stops_clean(up: UpProcess, sig: signal.Signals) -> None:
+@pytest.mark.parametrize(
+    ("sig", "up"),
+    [(signal.SIGINT, "nixl"), (signal.SIGTERM, "grpc")],
+    ids=["SIGINT-nixl", "SIGTERM-grpc"],
+    indirect=["up"],
+)
+def test_up_serves_and_stops_clean(
+    up: UpProcess, sig: signal.Signals, tiny_reference: GreedyReference
+) -> None:
+    """Each stop signal once, each KV transport once (greedy-equal through the handoff)."""
     line = up.wait_ready(READY_TIMEOUT_S)
     assert up.address in line
+    _check_greedy_handoffs(up, tiny_reference, "nixl" if sig == signal.SIGINT else "grpc")
 
     ids, _, last = _generate(up.address, prompt_token_ids=[5, 6, 7], max_tokens=5, temperature=0)
     assert len(ids) == 5

@@ -14,13 +14,21 @@ def reference(tiny_reference: GreedyReference) -> GreedyReference:
     return tiny_reference
 
 
+@pytest.fixture(params=["native", "transformers"])
+def model_impl(request: pytest.FixtureRequest) -> str:
+    """Every engine test runs on both model paths: the engine's own forward (the
+    default, compiled) and transformers' modules behind the paged attention interface."""
+    return str(request.param)
+
+
 @pytest.fixture
-def make_engine(tiny_model: str) -> Iterator:  # type: ignore[type-arg]
+def make_engine(tiny_model: str, model_impl: str) -> Iterator:  # type: ignore[type-arg]
     """make_engine(**EngineConfig overrides) -> started LLMEngine; asserts empty pools at teardown."""
     engines: list[LLMEngine] = []
 
     def factory(**kw) -> LLMEngine:  # type: ignore[no-untyped-def]
-        eng = LLMEngine(engine_config(tiny_model, **kw))
+        eng = LLMEngine(engine_config(tiny_model, **{"model_impl": model_impl, **kw}))
+        assert eng.model_impl == kw.get("model_impl", model_impl)
         eng.start()
         engines.append(eng)
         return eng

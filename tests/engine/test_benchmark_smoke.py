@@ -22,6 +22,18 @@ KEYS = (
     "engine_vs_bare",
     "prefill_vs_bare",
     "peak_rss_mb",
+    # the old (transformers modules) path beside the native one, same run
+    "engine_transformers_tok_s",
+    "engine_transformers_total_tok_s",
+    "engine_transformers_prefill_2048_tok_s",
+    "engine_transformers_vs_bare",
+    "engine_transformers_vs_generate",
+    "native_vs_transformers",
+    # decode at batch 1 against the bare forward at batch 1
+    "engine_b1_tok_s",
+    "engine_transformers_b1_tok_s",
+    "bare_b1_tok_s",
+    "engine_vs_bare_b1",
 )
 
 
@@ -34,7 +46,9 @@ def test_benchmark_quick_writes_every_key(tiny_model: str, tmp_path) -> None:  #
     res = json.loads(out.read_text())
     for key in KEYS:
         assert isinstance(res[key], float) and res[key] > 0, key
-    assert "engine decode" in proc.stdout  # the table
+    assert "native: engine decode" in proc.stdout  # the table
+    assert res["compile"]["enabled"] and res["compile"]["first_step_s"]
+    assert set(res["same_round"]) >= {"engine_vs_bare", "engine_transformers_vs_bare"}
     p = json.loads(prof.read_text())
     assert p["kv_bytes_per_token"] > 0
     assert p["prefill"] and all(r["tokens"] > 0 and r["ms"] > 0 for r in p["prefill"])

@@ -132,3 +132,41 @@ def test_decode_side_preemption_recomputes_imported_prompt(make_engine, referenc
     assert b.num_preemptions > 0
     for rid, prompt in prompts.items():
         assert [firsts[rid], *sink2.tokens(rid)] == reference(prompt, 40)
+
+
+def test_handoff_between_model_paths(tiny_model, reference) -> None:  # type: ignore[no-untyped-def]
+    """The pool layout is the same on both paths: KV prefilled by one decodes on the other."""
+    from disagg.engine.engine import LLMEngine
+    from disagg.engine.testing import assert_engine_empty, engine_config
+
+    engines = {
+        impl: LLMEngine(engine_config(tiny_model, model_impl=impl))
+        for impl in ("native", "transformers")
+    }
+    for eng in engines.values():
+        eng.start()
+    try:
+        for src, dst in (("native", "transformers"), ("transformers", "native")):
+            a, b = engines[src], engines[dst]
+            prompt, rid, sink = prompt_of(37, 7), f"{src}-to-{dst}", OutputCollector()
+            a.submit(request(prompt, sink, rid=rid, mode=RequestMode.PREFILL_ONLY, max_tokens=16))
+            sink.wait([rid])
+            first = sink.tokens(rid)[0]
+            _transfer(a, b, rid)
+            sink2 = OutputCollector()
+            b.submit(
+                request(
+                    prompt,
+                    sink2,
+                    rid=rid,
+                    mode=RequestMode.DECODE,
+                    first_token_id=first,
+                    max_tokens=16,
+                )
+            )
+            sink2.wait([rid])
+            assert [first, *sink2.tokens(rid)] == reference(prompt, 16)
+    finally:
+        for eng in engines.values():
+            eng.stop()
+            assert_engine_empty(eng)

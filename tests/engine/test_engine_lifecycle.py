@@ -8,11 +8,11 @@ from disagg.engine.api import FinishReason, RequestMode
 from disagg.engine.testing import OutputCollector, assert_engine_empty, prompt_of, request
 
 
-def test_abort_waiting_request(tiny_model) -> None:
+def test_abort_waiting_request(tiny_model, model_impl) -> None:
     from disagg.engine.engine import LLMEngine
     from disagg.engine.testing import engine_config
 
-    eng = LLMEngine(engine_config(tiny_model))  # not started: stays waiting
+    eng = LLMEngine(engine_config(tiny_model, model_impl=model_impl))  # not started: waits
     sink = OutputCollector()
     eng.submit(request(prompt_of(20), sink, rid="w", max_tokens=5))
     assert eng.stats().waiting == 1

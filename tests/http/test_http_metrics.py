@@ -75,7 +75,15 @@ def test_rejections_are_counted(http_cluster: HttpCluster, monkeypatch: pytest.M
 
 
 def test_worker_metrics(http_cluster: HttpCluster) -> None:
+    http_cluster.generate(prompt_token_ids=list(range(3, 40)), max_tokens=3, temperature=0)
     http_cluster.wait_no_leaks()
+    for host in http_cluster.decode_hosts:  # KV imports, per transport (auto: NIXL here)
+        samples = http_cluster.metrics(host.metrics_port)
+        imports, failures = host.kv.metrics.totals()["nixl"]
+        assert imports >= 1
+        assert total(samples, names.KV_TRANSFER_SECONDS + "_count", transport="nixl") == imports
+        assert total(samples, names.KV_TRANSFER_FAILURES + "_total", transport="nixl") == failures
+        assert total(samples, names.KV_TRANSFER_RECEIVED_BYTES + "_total", transport="nixl") > 0
     for host in http_cluster.hosts:
         assert host.metrics_port > 0
         samples = http_cluster.metrics(host.metrics_port)

@@ -26,6 +26,9 @@ PER_BLOCK_BYTES = MockEngine(MockConfig(num_blocks=1)).info.layout.bytes_per_blo
 class LocalTransport:
     """A Transport to senders of this process, keyed by owner address."""
 
+    name = "local"
+    reads_without_owner = False
+
     def __init__(self, *senders: tuple[str, KvSender], max_chunk_bytes: int = CHUNK_BYTES):
         self.senders = dict(senders)
         self.max_chunk_bytes = max_chunk_bytes
@@ -37,9 +40,9 @@ class LocalTransport:
         chunks = self._sender(handle).serve(handle.request_id, self.max_chunk_bytes)
         return await write_chunks(chunks, handle.layout, dst_blocks, engine)
 
-    async def release(self, handle: Handle, consumed: bool) -> None:
+    async def release(self, handle: Handle, consumed: bool) -> bool:
         self.released.append((handle.request_id, consumed))
-        self._sender(handle).release(handle.request_id, consumed)
+        return self._sender(handle).release(handle.request_id, consumed)
 
     def _sender(self, handle: Handle) -> KvSender:
         sender = self.senders.get(handle.owner_address)

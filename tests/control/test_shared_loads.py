@@ -1,0 +1,114 @@
+"""Scheduler replicas share their in-flight loads through a real Valkey.
+
+Two registries (two replicas) on one server: what replica A books on a worker
+reaches replica B's routing snapshot after one refresh of each, and leaves it
+when A finishes the request, leaves, or dies (its record's TTL).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+from disagg.metastore.store import MetaStore
+from disagg.policy.routing import Decision, Load, RouteRequest, decide
+from disagg.v1 import common_pb2
+from services.scheduler.registry import WorkerRegistry
+
+LAYOUT = common_pb2.KvLayout(
+    num_layers=2, num_kv_heads=1, head_dim=8, dtype="float32", block_size=16
+)
+
+
+def _info(worker_id: str, role: int) -> common_pb2.WorkerInfo:
+    return common_pb2.WorkerInfo(
+        worker_id=worker_id,
+        role=role,
+        address=f"127.0.0.1:{1000 + len(worker_id)}",
+        layout=LAYOUT,
+        free_blocks=100,
+        total_blocks=100,
+    )
+
+
+async def _cluster(url: str) -> tuple[MetaStore, WorkerRegistry, WorkerRegistry]:
+    store = MetaStore(url)
+    for worker_id, role in (
+        ("prefill-a", common_pb2.WORKER_ROLE_PREFILL),
+        ("prefill-b", common_pb2.WORKER_ROLE_PREFILL),
+        ("decode-a", common_pb2.WORKER_ROLE_DECODE),
+    ):
+        await store.register_worker(_info(worker_id, role), ttl_s=30)
+    a = WorkerRegistry(MetaStore(url), refresh_s=0.25, replica_id="replica-a")
+    b = WorkerRegistry(MetaStore(url), refresh_s=0.25, replica_id="replica-b")
+    await a.refresh()
+    await b.refresh()
+    return store, a, b
+
+
+def _book(reg: WorkerRegistry, prefill: str, tokens: int) -> Decision:
+    views = {v.worker_id: v for v in reg.snapshot()}
+    return Decision(views[prefill], views["decode-a"], "test", uncached_tokens=tokens)
+
+
+def test_a_replicas_bookings_reach_the_other(valkey_url: str) -> None:
+    async def body() -> None:
+        store, a, b = await _cluster(valkey_url)
+        booking = a.reserve(_book(a, "prefill-a", 4000), prompt_tokens=4000, max_tokens=16)
+        assert b.policy_snapshot().loads == {}  # not published yet
+        await a.refresh()
+        await b.refresh()
+        assert b.replicas == 2 and a.replicas == 2
+        seen = b.policy_snapshot().loads
+        assert seen["prefill-a"] == Load(requests=1, tokens=4000)
+        assert seen["decode-a"].requests == 1 and seen["decode-a"].blocks == 251
+        assert a.policy_snapshot().loads == a.loads  # a does not count itself twice
+
+        # B routes a new prompt around A's 4,000 queued tokens.
+        req = RouteRequest(prompt_tokens=500, max_tokens=16)
+        assert decide(b.policy_snapshot(), req).prefill.worker_id == "prefill-b"  # type: ignore[union-attr]
+
+        a.release(booking)
+        await a.refresh()
+        await b.refresh()
+        assert b.policy_snapshot().loads == {}
+        for reg in (a, b):
+            await reg.leave()
+        await store.close()
+
+    asyncio.run(body())
+
+
+def test_a_dead_replicas_loads_expire(valkey_url: str) -> None:
+    async def body() -> None:
+        store, a, b = await _cluster(valkey_url)
+        a.reserve(_book(a, "prefill-b", 900), prompt_tokens=900, max_tokens=16)
+        await a.refresh()
+        await b.refresh()
+        assert b.policy_snapshot().loads["prefill-b"].tokens == 900
+        # a stops refreshing (dies): its record outlives it by loads_ttl_s at most
+        died = time.monotonic()
+        while b.peers:
+            await asyncio.sleep(0.1)
+            await b.refresh()
+            assert time.monotonic() - died < a.loads_ttl_s + 1.0
+        assert b.replicas == 1 and b.policy_snapshot().loads == {}
+        await b.leave()
+        await store.close()
+
+    asyncio.run(body())
+
+
+def test_leaving_withdraws_at_once(valkey_url: str) -> None:
+    async def body() -> None:
+        store, a, b = await _cluster(valkey_url)
+        a.reserve(_book(a, "prefill-a", 10), prompt_tokens=10, max_tokens=16)
+        await a.refresh()
+        await a.leave()
+        await b.refresh()
+        assert b.peers == {} and b.replicas == 1
+        await b.leave()
+        assert await store.list_scheduler_loads() == []
+        await store.close()
+
+    asyncio.run(body())
