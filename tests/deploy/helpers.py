@@ -88,8 +88,10 @@ def environment(service: dict[str, Any]) -> dict[str, str]:
 
 
 def base_env() -> dict[str, str]:
-    """This process's environment without DISAGG_* (a developer's settings must not leak in)."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("DISAGG_")}
+    """This process's environment without DISAGG_* (a developer's settings must not leak in)
+    and without UCX_* (an in-process worker of an earlier test pins UCX to ``lo`` in this
+    process; a worker on another host inherits that and NIXL cannot reach its peers)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("DISAGG_", "UCX_"))}
     return {**env, "PYTHONUNBUFFERED": "1"}
 
 
