@@ -34,6 +34,11 @@ CONFIGS = {
     "qwen2-bias-tied": ("qwen2", {"tie_word_embeddings": True}),
     # Mistral-shaped, sliding window honoured: prompts + output exceed 24 tokens.
     "mistral-window": ("mistral", {"sliding_window": 24}),
+    # Qwen2 with the window on its upper layer only (layer_types: full, sliding).
+    "qwen2-window-layer": (
+        "qwen2",
+        {"use_sliding_window": True, "sliding_window": 24, "max_window_layers": 1},
+    ),
     "llama3-rope": ("llama", {"rope_parameters": LLAMA3_ROPE}),
     "linear-rope-biases": (
         "llama",

@@ -5,8 +5,8 @@ Python state read inside them) and to reproduce ``transformers``' arithmetic
 (RMSNorm in float32, RoPE from the same inverse frequencies).
 
 Linear layers on CPU keep their weights prepacked for oneDNN (the blocked
-layout its GEMM kernels read): measured on this machine 1.3-2.8x the MKL
-``F.linear`` of the same fp32 weights at 1-64 rows (docs/adr/0006). Inside a
+layout its GEMM kernels read): measured on this machine 1.3-1.7x the MKL
+``F.linear`` of the same fp32 weights at 32-64 rows (docs/adr/0006). Inside a
 compiled graph a prepacked weight cannot be an input (its layout is opaque),
 so the graph sees a small *key* tensor and calls ``disagg::linear``, a custom
 op that looks the packed weight up by that key.
