@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -72,15 +73,30 @@ def _profiles(args: argparse.Namespace, base: dict[str, Any]) -> Any:
     return Profiles(one(args.prefill_profile), one(args.decode_profile), one(args.colloc_profile))
 
 
-def _requests(args: argparse.Namespace, defaults: dict[str, Any], n: int) -> Any:
+def _load_trace(path: str) -> list[Any]:
+    """The trace's requests; OSError / ValueError (with the line) for a bad file."""
+    from disagg.plan import workload
+
+    recs = []
+    with open(path) as f:
+        for i, line in enumerate(f, 1):
+            if line.strip():
+                try:
+                    recs.append(json.loads(line))
+                except ValueError as e:
+                    raise ValueError(f"{path}:{i}: not a JSON object ({e})") from None
+    requests = workload.from_trace(recs)
+    workload.at_rate(requests, 1.0)  # a trace that cannot be rescaled fails here, not mid-search
+    return requests
+
+
+def _requests(args: argparse.Namespace, inputs: _Inputs, n: int) -> Any:
     """(arrivals at a rate, description)."""
     from disagg.plan import search, workload
 
-    if args.trace:
-        with open(args.trace) as f:
-            recs = [json.loads(line) for line in f if line.strip()]
-        return search.trace_arrivals(workload.from_trace(recs)), f"trace {args.trace}"
-    mix = args.mix or defaults.get("mix") or "0.5:1350-1650:8-24,0.5:32-96:96-160"
+    if inputs.trace is not None:
+        return search.trace_arrivals(inputs.trace), f"trace {args.trace}"
+    mix = args.mix or inputs.defaults.get("mix") or "0.5:1350-1650:8-24,0.5:32-96:96-160"
     return search.mix_arrivals(workload.parse_mix(mix), n, args.seed), f"mix {mix}"
 
 
@@ -93,6 +109,7 @@ class _Inputs:
     slo: Slo
     thresholds: list[int]  # local-prefill thresholds to try
     front: FrontCost | None  # scheduler CPU costs; None: the front is not sized
+    trace: list[Any] | None  # --trace's requests; None: the mix
 
 
 def _inputs(args: argparse.Namespace) -> _Inputs:
@@ -102,18 +119,21 @@ def _inputs(args: argparse.Namespace) -> _Inputs:
     base = _load(args.profile)
     defaults = dict(base.get("planner_defaults") or {})
     profiles = _profiles(args, base)
-    slo = search.Slo(
-        args.slo_ttft_ms or float(defaults.get("slo_ttft_ms", 0)),
-        args.slo_tpot_ms or float(defaults.get("slo_tpot_ms", 0)),
-        args.target,
-    )
+    ttft = args.slo_ttft_ms or float(defaults.get("slo_ttft_ms", 0))
+    tpot = args.slo_tpot_ms or float(defaults.get("slo_tpot_ms", 0))
+    if not ttft or not tpot:
+        raise ValueError(
+            f"{args.profile} has no planner_defaults SLO: give --slo-ttft-ms and --slo-tpot-ms"
+        )
+    slo = search.Slo(ttft, tpot, args.target)
     thresholds = [int(t) for t in args.thresholds.split(",") if t.strip()]
     front = None
     if args.scheduler_cost:
         front = front_cost(_load(args.scheduler_cost), args.scheduler_cost)
     elif "scheduler" in base:
         front = front_cost(base["scheduler"], f"{args.profile}: scheduler")
-    return _Inputs(profiles, defaults, slo, thresholds, front)
+    trace = _load_trace(args.trace) if args.trace else None
+    return _Inputs(profiles, defaults, slo, thresholds, front, trace)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -137,7 +157,7 @@ def _simulate_one(args: argparse.Namespace, inputs: _Inputs) -> dict[str, Any]:
     from disagg.plan.sim import Cluster, simulate
 
     cluster = Cluster(args.prefill, args.decode, args.local_prefill_tokens)
-    arrivals, what = _requests(args, inputs.defaults, args.requests or 500)
+    arrivals, what = _requests(args, inputs, args.requests or 500)
     res = simulate(inputs.profiles, cluster, arrivals(args.rate))
     return {
         "layout": cluster.label(),
@@ -161,13 +181,13 @@ def _recommend_each_size(args: argparse.Namespace, inputs: _Inputs) -> list[dict
     results = []
     for gpus in args.gpus:
         cell = min(gpus, args.max_sim_gpus)
-        arrivals, what = _requests(args, inputs.defaults, args.requests or max(400, 100 * cell))
+        arrivals, what = _requests(args, inputs, args.requests or max(400, 100 * cell))
         rec = search.recommend(
             inputs.profiles, gpus, arrivals, slo, inputs.thresholds, args.max_sim_gpus, memo=memo
         )
         print(_summary(rec, what))
         record = _record(rec)
-        if inputs.front is not None:
+        if inputs.front is not None and math.isfinite(rec.best.goodput_rps):
             record["front"] = _front(inputs.front, rec, arrivals)
             print(_front_line(record["front"]))
         results.append(record)
@@ -200,15 +220,27 @@ def _front_line(f: dict[str, Any]) -> str:
     )
 
 
+def _rate(rps: float, per_gpu: float) -> str:
+    if math.isinf(rps):
+        return "unbounded (the SLO holds with every request at once)"
+    return f"{rps:.1f} req/s ({per_gpu:.2f} per GPU)"
+
+
 def _summary(rec: Recommendation, what: str) -> str:
     b, c = rec.best, rec.collocated
-    return (
+    line = (
         f"{rec.gpus} GPUs ({what}; simulated as cells of {rec.cell_gpus}): "
         f"recommend {b.cluster.prefill} prefill : {b.cluster.decode} decode, local-prefill "
-        f"threshold {b.cluster.local_prefill_tokens} tokens -> goodput {b.goodput_rps:.1f} req/s "
-        f"({b.per_gpu:.2f} per GPU); collocated {c.goodput_rps:.1f} req/s "
-        f"({c.per_gpu:.2f} per GPU), x{b.goodput_rps / c.goodput_rps if c.goodput_rps else float('inf'):.2f}"
+        f"threshold {b.cluster.local_prefill_tokens} tokens -> goodput "
+        f"{_rate(b.goodput_rps, b.per_gpu)}; collocated {_rate(c.goodput_rps, c.per_gpu)}"
     )
+    if b.goodput_rps == 0:
+        return line + ": no layout meets the SLO even at a trickle; loosen it or add GPUs"
+    if math.isinf(b.goodput_rps):
+        return line + ": the rate does not bind; tighten the SLO or raise --requests"
+    if c.goodput_rps > 0 and math.isfinite(c.goodput_rps):
+        return line + f", x{b.goodput_rps / c.goodput_rps:.2f}"
+    return line
 
 
 def _record(rec: Recommendation) -> dict[str, Any]:
@@ -219,13 +251,20 @@ def _record(rec: Recommendation) -> dict[str, Any]:
         "prefill": b.cluster.prefill,
         "decode": b.cluster.decode,
         "local_prefill_tokens": b.cluster.local_prefill_tokens,
-        "goodput_rps": b.goodput_rps,
-        "goodput_per_gpu": b.per_gpu,
-        "collocated_goodput_rps": c.goodput_rps,
+        "goodput_rps": _finite(b.goodput_rps),
+        "goodput_per_gpu": _finite(b.per_gpu),
+        "collocated_goodput_rps": _finite(c.goodput_rps),
+        "unbounded": math.isinf(b.goodput_rps),  # goodput null: the SLO never binds
         "candidates": [
-            {"layout": x.cluster.label(), "goodput_rps": x.goodput_rps} for x in rec.candidates
+            {"layout": x.cluster.label(), "goodput_rps": _finite(x.goodput_rps)}
+            for x in rec.candidates
         ],
     }
+
+
+def _finite(x: float) -> float | None:
+    """JSON has no infinity: an unbounded goodput is null (and "unbounded": true)."""
+    return x if math.isfinite(x) else None
 
 
 def _write(path: str | None, data: dict[str, Any]) -> None:

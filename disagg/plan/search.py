@@ -14,6 +14,7 @@ the search seconds long at 512 GPUs.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -58,7 +59,9 @@ def goodput(
     guess: float = 1.0,
     rel_tol: float = 0.05,
 ) -> float:
-    """Highest rate (req/s) meeting the SLO for this cluster; 0.0 if even a trickle misses it."""
+    """Highest rate (req/s) meeting the SLO for this cluster; 0.0 if even a trickle misses it;
+    ``math.inf`` if the rate never binds: the SLO holds even with every simulated request
+    arriving at once (a loose SLO or too few ``--requests``), so no finite rate is the answer."""
 
     def ok(rate: float) -> bool:
         return meets(simulate(profiles, cluster, arrivals(rate)), slo)
@@ -67,7 +70,7 @@ def goodput(
     while ok(hi):
         lo, hi = hi, hi * 2
         if hi > 1e7:
-            return lo
+            return math.inf
     if lo == 0.0:  # walk down until something passes
         while hi > 1e-4 and not ok(hi / 2):
             hi /= 2

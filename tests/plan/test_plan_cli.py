@@ -69,3 +69,30 @@ def test_plan_simulates_one_layout(tmp_path) -> None:  # type: ignore[no-untyped
 def test_plan_refuses_a_missing_profile() -> None:
     r = _plan("--profile", "/nonexistent.json")
     assert r.returncode == 2 and "disagg plan" in r.stderr
+
+
+def test_plan_reports_bad_traces_and_a_missing_slo_without_a_traceback(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    profile = os.path.join(ROOT, "benchmarks", "results", "profile-smollm2-cpu2.json")
+    r = _plan("--profile", profile, "--gpus", "2")  # this profile carries no default SLO
+    assert r.returncode == 2 and "--slo-ttft-ms" in r.stderr and "Traceback" not in r.stderr
+    slo = ("--slo-ttft-ms", "2000", "--slo-tpot-ms", "200")
+    r = _plan("--profile", profile, *slo, "--trace", str(tmp_path / "missing.jsonl"))
+    assert r.returncode == 2 and "missing.jsonl" in r.stderr and "Traceback" not in r.stderr
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"input_len": 10, "output_len": 5, "timestamp": 0}\nnot json\n')
+    r = _plan("--profile", profile, *slo, "--trace", str(bad))
+    assert r.returncode == 2 and "bad.jsonl:2" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_plan_says_when_the_rate_never_binds(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """An SLO so loose that every request may arrive at once: no finite rate is reported
+    (the search's upper bound used to leak out as 8388608 req/s)."""
+    profile = sorted(glob.glob(os.path.join(ROOT, "benchmarks", "profiles", "h100_*.json")))[0]
+    out = tmp_path / "plan.json"
+    loose = ("--slo-ttft-ms", "1e9", "--slo-tpot-ms", "1e9", "--thresholds", "0")
+    r = _plan("--profile", profile, "--gpus", "4", "--max-sim-gpus", "4", "--requests", "50",
+              *loose, "--json", str(out))  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert "unbounded" in r.stdout and "8388608" not in r.stdout
+    rec = json.loads(out.read_text())["recommendations"][0]
+    assert rec["unbounded"] is True and rec["goodput_rps"] is None
