@@ -12,6 +12,12 @@ from disagg.engine.testing import GreedyReference, greedy_reference, make_tiny_l
 from disagg.metastore.embedded import EmbeddedValkey, start_embedded_valkey
 from tests.cluster import Cluster
 
+# The service processes the tests start (`disagg up`, `disagg prefill`, the benchmarks) run
+# their engines eagerly: compiling each process's decode buckets (ADR 0006) cost seconds per
+# process, most of the suite's time. The compiled step is proven in-process (tests/engine and
+# the engines of tests/cluster.py compile: EngineConfig's default) and through `disagg up` by
+# tests/clients/test_up_clients.py, which turns it back on.
+os.environ.setdefault("DISAGG_COMPILE", "0")
 
 @pytest.fixture(scope="session")
 def valkey() -> Iterator[EmbeddedValkey]:

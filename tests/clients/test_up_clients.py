@@ -69,7 +69,9 @@ def up(tiny_model: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Up
     http_port = _free_port()
     extra = ("--verify-fraction", "1.0", "--http-port", str(http_port))
     log = tmp_path_factory.mktemp("up-clients") / "up.log"
-    proc = UpProcess(tiny_model, log, extra=extra)
+    # The engines compile their step (the product's default; tests/conftest.py turns it off
+    # for the other service processes the suite starts): the compiled path through `disagg up`.
+    proc = UpProcess(tiny_model, log, extra=extra, env={"DISAGG_COMPILE": "1"})
     try:
         yield Up(proc, http_port, proc.wait_ready(READY_TIMEOUT_S))
     finally:

@@ -107,7 +107,13 @@ def _alive(p: Proc) -> bool:
 class UpProcess:
     """A running `disagg up`; stdout lines are queued, stderr (the services' logs) goes to a file."""
 
-    def __init__(self, model: str, log_path: Path, extra: tuple[str, ...] = ()) -> None:
+    def __init__(
+        self,
+        model: str,
+        log_path: Path,
+        extra: tuple[str, ...] = (),
+        env: dict[str, str] | None = None,
+    ) -> None:
         self.port = _free_port()
         self.address = f"127.0.0.1:{self.port}"
         self.log_path = log_path
@@ -137,7 +143,7 @@ class UpProcess:
             stderr=self._log,
             text=True,
             start_new_session=True,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
         )
         self.lines: queue.Queue[str | None] = queue.Queue()
         threading.Thread(target=self._pump, daemon=True).start()
