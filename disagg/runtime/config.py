@@ -27,7 +27,9 @@ class WorkerConfig:
     host: str = "127.0.0.1"  # bind address
     port: int = 0  # gRPC port; 0 = any free port
     advertise_host: str = ""  # host others use to reach this worker; "" = host
-    redis_url: str = "redis://127.0.0.1:6379/0"  # control plane
+    # Control plane URL; it may hold a password, so it stays out of repr.
+    redis_url: str = dataclasses.field(default="redis://127.0.0.1:6379/0", repr=False)
+    namespace: str = "disagg"  # deployment: prefix of every Redis key ("<namespace>:...")
     worker_id: str = ""  # "" = <role>-<hostname>-<pid>
     heartbeat_s: float = 1.0  # heartbeat period
     heartbeat_ttl_s: float = 3.0  # a worker silent this long vanishes from the registry
@@ -40,6 +42,7 @@ class WorkerConfig:
     metrics_port: int = -1  # Prometheus /metrics port; -1 = off, 0 = any free port
     mock: bool = False  # model-free MockEngine (disagg.mock): time per its cost model, no weights
     kv_transport: str = "auto"  # KV data plane: auto (nixl where both ends have it) | nixl | grpc
+    max_concurrent_rpcs: int = 1024  # gRPC calls served at once; more get RESOURCE_EXHAUSTED
     # Shared secret of the deployment: required on worker methods, sent to peers ("" = off).
     cluster_token: str = dataclasses.field(default="", repr=False)
     engine: EngineConfig = dataclasses.field(default_factory=EngineConfig)
@@ -57,6 +60,8 @@ class WorkerConfig:
             raise ValueError("max_chunk_bytes must be >= 4096")
         if self.kv_transport not in KV_TRANSPORTS:
             raise ValueError(f"kv_transport must be one of {', '.join(KV_TRANSPORTS)}")
+        if self.max_concurrent_rpcs < 1:
+            raise ValueError("max_concurrent_rpcs must be >= 1")
 
 
 @dataclass(frozen=True)
@@ -64,10 +69,15 @@ class SchedulerConfig:
     host: str = "127.0.0.1"  # bind address
     port: int = 50051  # gRPC port
     http_port: int = 8000  # OpenAI-compatible HTTP port; -1 = off
-    redis_url: str = "redis://127.0.0.1:6379/0"  # control plane
+    # Control plane URL; it may hold a password, so it stays out of repr.
+    redis_url: str = dataclasses.field(default="redis://127.0.0.1:6379/0", repr=False)
+    namespace: str = "disagg"  # deployment: prefix of every Redis key ("<namespace>:...")
     model: str = ""  # model dir for the tokenizer; "" = the default SmolLM2
     default_max_tokens: int = 256  # max_tokens when a request sets none
     max_inflight: int = 256  # admitted requests at once; more get RESOURCE_EXHAUSTED
+    # gRPC calls at once; more: RESOURCE_EXHAUSTED. 0 = max(1024, 2 x max_inflight); set,
+    # it must exceed max_inflight (admission answers first, with a retry hint)
+    max_concurrent_rpcs: int = 0
     registry_refresh_s: float = 0.25  # how often the worker list is re-read from Redis
     worker_timeout_s: float = 30.0  # deadline of a prefill call
     api_key: str = ""  # required as Bearer / authorization metadata when set
@@ -89,12 +99,23 @@ class SchedulerConfig:
     verify_fraction: float = 0.0  # greedy requests re-run collocated and compared; 0 = none
     replica_id: str = ""  # id among replicas sharing Redis; "" = scheduler-<host>-<pid>-<hex>
     reuse_port: bool = False  # SO_REUSEPORT: share the gRPC/HTTP ports with replicas on this host
+    max_body_bytes: int = 1 << 20  # largest HTTP body (else 413) / gRPC message accepted
+    max_inflight_per_client: int = 0  # per client (API key, else peer address); 0 = no own cap
+    client_timeout_s: float = 30.0  # client silent this long (body unsent, stream unread): dropped
+    http_keepalive_s: float = 75.0  # an idle HTTP keep-alive connection is closed after this
+
+    @property
+    def rpc_limit(self) -> int:
+        """The gRPC server's maximum_concurrent_rpcs (max_concurrent_rpcs, 0 resolved)."""
+        return self.max_concurrent_rpcs or max(1024, 2 * self.max_inflight)
 
     def __post_init__(self) -> None:
         if not 0 <= self.port < 65536:
             raise ValueError("port out of range")
         if self.default_max_tokens <= 0 or self.max_inflight <= 0:
             raise ValueError("default_max_tokens and max_inflight must be > 0")
+        if self.max_concurrent_rpcs < 0 or 0 < self.max_concurrent_rpcs <= self.max_inflight:
+            raise ValueError("max_concurrent_rpcs must exceed max_inflight (0: derived from it)")
         if self.policy not in ("length_aware", "least_loaded", "round_robin"):
             raise ValueError(f"unknown policy {self.policy!r}")
         if self.slo_ttft_ms < 0 or self.slo_itl_ms < 0 or self.local_prefill_tokens < 0:
@@ -103,6 +124,10 @@ class SchedulerConfig:
             raise ValueError("prefill_dispatch_depth and queue_max_wait_ms must be > 0")
         if not 0.0 <= self.verify_fraction <= 1.0:
             raise ValueError("verify_fraction must be in [0, 1]")
+        if self.max_body_bytes < 1024 or self.max_inflight_per_client < 0:
+            raise ValueError("max_body_bytes must be >= 1024 and max_inflight_per_client >= 0")
+        if self.client_timeout_s <= 0 or self.http_keepalive_s <= 0:
+            raise ValueError("client_timeout_s and http_keepalive_s must be > 0")
 
 
 # Scheduler routing/admission flags: (flag, type, help); `up` forwards the ones given.
@@ -125,6 +150,24 @@ POLICY_FLAGS: tuple[tuple[str, type, str], ...] = (
         "fraction of greedy requests re-run collocated in the background and compared "
         "(disagg:verify_total); 0 = off",
     ),
+    (
+        "--max-body-bytes",
+        int,
+        "largest HTTP body (larger: 413) and gRPC message (larger: RESOURCE_EXHAUSTED); 1 MiB",
+    ),
+    (
+        "--max-inflight-per-client",
+        int,
+        "requests one client (its API key, else its address) may have in flight; more get "
+        "429 / RESOURCE_EXHAUSTED at once (0 = no per-client cap, the default)",
+    ),
+    (
+        "--client-timeout-s",
+        float,
+        "a client that sends no more of its body, or reads none of its stream, for this long "
+        "is dropped: its request cancelled, its slot and KV freed (default 30)",
+    ),
+    ("--http-keepalive-s", float, "idle HTTP keep-alive connections close after this (75)"),
 )
 
 

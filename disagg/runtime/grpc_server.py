@@ -14,6 +14,11 @@ Lifecycle:
 
 Reflection lists the given services plus grpc.health.v1.Health and the
 reflection service itself, so ``grpcurl`` works against every process.
+Every server caps the RPCs it runs at once (``max_concurrent_rpcs``, health
+checks and streams included): one more is answered RESOURCE_EXHAUSTED at once
+by gRPC itself, before any handler runs, so a flood of calls cannot pile up
+unbounded work. The scheduler's own admission cap (``max_inflight``) sits below
+it and answers first, with a retry hint.
 Must be called with an event loop running (grpc.aio binds to it).
 """
 
@@ -27,6 +32,7 @@ from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 
 MAX_MESSAGE_BYTES = 16 << 20  # KV transfer chunks stay well under this
+MAX_CONCURRENT_RPCS = 1024  # RPCs one server runs at once; more get RESOURCE_EXHAUSTED
 
 
 def message_size_options(max_bytes: int = MAX_MESSAGE_BYTES) -> list[tuple[str, int]]:
@@ -87,9 +93,11 @@ async def create_grpc_server(
     credentials: grpc.ServerCredentials | None = None,
     reuse_port: bool = False,
     interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
+    max_concurrent_rpcs: int = MAX_CONCURRENT_RPCS,
 ) -> GrpcServer:
     """Binds a server on host:port with health (NOT_SERVING) and reflection added;
-    TLS when credentials are given (see disagg.runtime.tls).
+    TLS when credentials are given (see disagg.runtime.tls); at most
+    max_concurrent_rpcs RPCs at once (>= 1).
 
     SO_REUSEPORT only when reuse_port: by default a second server on a taken port
     must fail, not silently split its traffic. Scheduler replicas opt in (`disagg up
@@ -98,8 +106,14 @@ async def create_grpc_server(
 
     Raises OSError if the address cannot be bound.
     """
+    if max_concurrent_rpcs < 1:
+        raise ValueError(f"max_concurrent_rpcs must be >= 1, got {max_concurrent_rpcs}")
     options = [*message_size_options(max_message_bytes), ("grpc.so_reuseport", int(reuse_port))]
-    server = grpc.aio.server(options=options, interceptors=list(interceptors) or None)
+    server = grpc.aio.server(
+        options=options,
+        interceptors=list(interceptors) or None,
+        maximum_concurrent_rpcs=max_concurrent_rpcs,
+    )
     health = health_aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     reflection.enable_server_reflection(

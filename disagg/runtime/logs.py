@@ -3,8 +3,10 @@
 ``setup_logging(service)`` configures the root logger once per process
 (calling it again replaces its own handler, not anyone else's). Extra fields
 come from ``log.info("msg", extra={"request_id": rid})``; values containing
-spaces, quotes or '=' are quoted. Exceptions are appended as one
-``exc="..."`` field with newlines escaped, so every record stays one line.
+spaces, quotes, '=' or control characters are quoted (``quote``: use it too
+for an outside value formatted into a message's own key=value text, so it
+cannot forge a field). Exceptions are appended as one ``exc="..."`` field with
+newlines escaped, so every record stays one line.
 Level: the argument, else ``DISAGG_LOG_LEVEL``, else INFO.
 """
 
@@ -25,12 +27,24 @@ _STANDARD_ATTRS = frozenset(
 )
 
 
-def _quote(value: object) -> str:
+def quote(value: object) -> str:
+    """value as one key=value token: bare when safe, else double-quoted with
+    backslash escapes (control characters as Python writes them: \\n, \\x1b ...)."""
     text = str(value)
-    if text and not any(c in text for c in ' "=\n\r\t'):
+    if text and not any(c in text for c in ' "=\\') and text.isprintable():
         return text
-    escaped = text.replace("\\", "\\\\").replace('"', '\\"')
-    return '"' + escaped.replace("\n", "\\n").replace("\r", "\\r").replace("\t", "\\t") + '"'
+    return '"' + "".join(_escape(c) for c in text) + '"'
+
+
+_ESCAPES = {"\\": "\\\\", '"': '\\"', "\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
+def _escape(c: str) -> str:
+    if c in _ESCAPES:
+        return _ESCAPES[c]
+    if c.isprintable():
+        return c
+    return ascii(c)[1:-1]  # \xNN, \uNNNN or \UNNNNNNNN
 
 
 class OneLineFormatter(logging.Formatter):
@@ -43,13 +57,13 @@ class OneLineFormatter(logging.Formatter):
         return f"{stamp}.{int(record.msecs):03d}Z"
 
     def format(self, record: logging.LogRecord) -> str:
-        message = record.getMessage().replace("\n", "\\n")
+        message = record.getMessage().replace("\n", "\\n").replace("\r", "\\r")
         parts = [self.formatTime(record), record.levelname, self.service, message]
         extras = {k: v for k, v in record.__dict__.items() if k not in _STANDARD_ATTRS}
-        parts += [f"{k}={_quote(v)}" for k, v in extras.items()]
+        parts += [f"{k}={quote(v)}" for k, v in extras.items()]
         parts.append(f"logger={record.name}")
         if record.exc_info:
-            parts.append(f"exc={_quote(self.formatException(record.exc_info))}")
+            parts.append(f"exc={quote(self.formatException(record.exc_info))}")
         return " ".join(parts)
 
 

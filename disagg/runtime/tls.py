@@ -4,6 +4,14 @@ One set of PEM files per process serves both directions: ``cert``/``key``
 identify this process as a server and, for mTLS, as a client; ``ca`` verifies
 peers. A server given ``ca`` requires client certificates (mTLS). Nothing set:
 plaintext (the default, for loopback).
+
+Roles under mTLS. One CA may sign clients' certificates too, so "signed by the
+CA" does not make a caller a member of the cluster. A scheduler's or a
+worker's certificate carries its role as a URI SAN -- ``SCHEDULER_URI`` or
+``WORKER_URI`` -- and worker methods require one of them
+(``required_peer_uris``, checked by ``cluster_auth.require_token``). A
+client's certificate carries neither (any other SAN is fine). The scheduler's
+own methods accept any certificate from the CA.
 """
 
 from __future__ import annotations
@@ -12,6 +20,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
+
+SCHEDULER_URI = "spiffe://disagg/scheduler"  # URI SAN of a scheduler's certificate
+WORKER_URI = "spiffe://disagg/worker"  # URI SAN of a prefill or decode worker's certificate
+CLUSTER_URIS = (SCHEDULER_URI, WORKER_URI)  # the identities worker methods accept under mTLS
 
 
 @dataclass(frozen=True)
@@ -50,6 +62,12 @@ def server_credentials(tls: TlsFiles) -> grpc.ServerCredentials | None:
         root_certificates=ca,
         require_client_auth=ca is not None,
     )
+
+
+def required_peer_uris(tls: TlsFiles) -> tuple[str, ...]:
+    """URI SANs a caller of worker methods must present: the cluster roles under mTLS
+    (a certificate and a CA), none otherwise (no client certificate to read)."""
+    return CLUSTER_URIS if tls.server_enabled and tls.client_enabled else ()
 
 
 def channel_credentials(tls: TlsFiles) -> grpc.ChannelCredentials | None:

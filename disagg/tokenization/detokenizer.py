@@ -3,6 +3,14 @@
 Text is re-decoded over a short window of recent tokens, so characters built
 from several tokens (multi-byte UTF-8, merged pieces, leading spaces) come out
 whole: a delta is released only once it no longer ends in U+FFFD.
+The window is bounded, so a long output costs linear time: tokens that release
+no text would otherwise grow it without end. Special tokens the decode skips
+(``ignore_eos`` runs of EOS) never enter it -- the decode is the same without
+them, and the context keeps tokens that have text. Bytes that never form a
+character (a model emitting garbage) are cut off: past ``_MAX_WINDOW``
+tokens, the text up to the last ``_HOLD`` tokens is released as it stands (a
+UTF-8 character is at most 4 bytes, so no character still being completed
+starts before them), and the window restarts from there.
 Stop strings are matched on the text; the tail that could still begin a stop
 string is held back, so no part of a stop string is ever emitted.
 """
@@ -12,29 +20,64 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-_WINDOW = 6  # prompt tokens of context for the first decode (leading-space rules)
+_WINDOW = 6  # tokens of context for a decode (prompt tokens at first: leading-space rules)
+_MAX_WINDOW = 32  # a window this long releases its settled text whatever its end
+_HOLD = 4  # tokens kept unreleased by that: a character still being completed lies in them
 
 
 class IncrementalDetokenizer:
+    """Token ids in, final text out; the deltas concatenate to the decode of the whole output.
+
+    Lifecycle of the window ``ids[prefix:]``: ``ids[prefix:read]`` is context whose
+    text was already given out; ``ids[read:]`` is pending. ``add`` decodes the
+    window; if the text grew and ends in a whole character, the new text is
+    released and the window restarts at the old ``read``. Cost per token: one
+    decode of at most ``_MAX_WINDOW`` tokens plus the chunk added.
+    """
+
     def __init__(self, tokenizer: Any, prompt_ids: Sequence[int], skip_special_tokens: bool = True):
         self._tok = tokenizer
         self._skip = skip_special_tokens
-        self._ids: list[int] = list(prompt_ids[-_WINDOW:])
+        self._skipped = _skipped_ids(tokenizer) if skip_special_tokens else frozenset()
+        self._ids: list[int] = [t for t in prompt_ids if t not in self._skipped][-_WINDOW:]
         self._prefix = 0
         self._read = len(self._ids)
 
     def add(self, token_ids: Sequence[int]) -> str:
         """Appends tokens; returns the text that became final."""
-        self._ids.extend(token_ids)
+        kept = [t for t in token_ids if t not in self._skipped]
+        if not kept:
+            return ""
+        self._ids.extend(kept)
         prefix_text = self._decode(self._ids[self._prefix : self._read])
         full_text = self._decode(self._ids[self._prefix :])
-        if len(full_text) <= len(prefix_text) or full_text.endswith("\ufffd"):
-            return ""
-        self._prefix, self._read = self._read, len(self._ids)
-        return full_text[len(prefix_text) :]
+        if len(full_text) > len(prefix_text) and not full_text.endswith("\ufffd"):
+            self._move(self._read, len(self._ids))
+            return full_text[len(prefix_text) :]
+        if len(self._ids) - self._prefix > _MAX_WINDOW:
+            return self._release_settled(prefix_text)
+        return ""
+
+    def _release_settled(self, prefix_text: str) -> str:
+        """The text up to the last _HOLD tokens, released as it is (bounds the window)."""
+        cut = max(self._read, len(self._ids) - _HOLD)  # never back over text given out
+        settled = self._decode(self._ids[self._prefix : cut])
+        self._move(max(self._prefix, cut - _WINDOW), cut)
+        return settled[len(prefix_text) :] if len(settled) > len(prefix_text) else ""
+
+    def _move(self, prefix: int, read: int) -> None:
+        """The window now starts at prefix with text given out up to read; older ids dropped."""
+        del self._ids[:prefix]
+        self._prefix, self._read = 0, read - prefix
 
     def _decode(self, ids: Sequence[int]) -> str:
         return str(self._tok.decode(ids, skip_special_tokens=self._skip))
+
+
+def _skipped_ids(tokenizer: Any) -> frozenset[int]:
+    """The ids a decode with skip_special_tokens drops: the special added tokens."""
+    added = getattr(tokenizer, "added_tokens_decoder", None) or {}
+    return frozenset(i for i, t in added.items() if getattr(t, "special", False))
 
 
 class StopStringMatcher:

@@ -1,5 +1,8 @@
 """The decode side of a handoff: reserve, fetch, verify, then commit or fail.
 
+0. Trust the owner (``owners.RegisteredOwners``): a handle whose owner is not a
+   registered prefill worker fails at once (ForeignOwner), before anything is
+   reserved and without contacting that owner -- not even to release.
 1. Reserve: blocks for the handle's tokens in the local pool, under the
    request id (refused with DuplicateRequest if the id holds KV here already:
    that KV and the handle belong to another request and are left alone).
@@ -24,7 +27,7 @@ import asyncio
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from disagg.engine.api import Engine
@@ -65,10 +68,14 @@ class KvReceiver:
         *,
         choose: Callable[[Handle], Transport] | None = None,
         metrics: TransferMetrics | None = None,
+        check_owner: Callable[[Handle], Awaitable[None]] | None = None,
     ):
         """transport: the one for every handle, unless choose(handle) picks another
-        (it may raise TransferError: that handoff fails, released through transport)."""
+        (it may raise TransferError: that handoff fails, released through transport).
+        check_owner(handle) raises TransferError for an owner this worker must not
+        contact (``RegisteredOwners.check``); None: every owner is contacted."""
         self._engine = engine
+        self._check_owner = check_owner
         self._transport = transport
         self._choose = choose or (lambda _handle: transport)
         self._timeout_s = timeout_s
@@ -83,6 +90,9 @@ class KvReceiver:
         Raises DuplicateRequest (nothing reserved, the handle not released), and
         lets cancellation through after freeing the reservation and releasing."""
         start = time.monotonic()
+        refused = await self._refusal(handle)
+        if refused is not None:
+            return self._observe(FetchResult(False, refused, 0, _ms_since(start), "refused"))
         transport = self._transport
         must_release, consumed = True, False
         try:
@@ -99,6 +109,17 @@ class KvReceiver:
             if must_release:
                 self._releases.spawn(self._release(transport, handle, consumed))
         return self._observe(FetchResult(True, "", nbytes, _ms_since(start), transport.name))
+
+    async def _refusal(self, handle: Handle) -> str | None:
+        """Why handle's owner must not be contacted at all, or None."""
+        if self._check_owner is None:
+            return None
+        try:
+            await self._check_owner(handle)
+        except TransferError as e:
+            log.warning("kv handle refused request_id=%r: %s", handle.request_id, e)
+            return str(e)
+        return None
 
     async def settle(self) -> None:
         """Waits for the background releases issued so far (tests, shutdown)."""

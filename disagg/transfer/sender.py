@@ -1,7 +1,9 @@
 """The prefill side of a handoff: hold, lease, serve, release.
 
 1. ``hold``: after a PREFILL_ONLY request, its held blocks go under a lease
-   (READY) and the handle is published to Redis before the caller answers.
+   (READY) and the handle is published to Redis in the background: the
+   caller answers at once, whatever state Redis is in (the decode worker gets
+   the handle in the request, not from Redis).
 2. ``begin`` (or the first step of ``serve``): READY -> TRANSFERRING, one
    receiver only. ``serve`` then reads the blocks from the engine chunk by
    chunk, checking before each read that the pull still owns them; a NIXL
@@ -15,7 +17,6 @@ The lease table is the truth; Redis mirrors it (``mirror.RedisMirror``).
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from collections.abc import AsyncGenerator
@@ -68,11 +69,10 @@ class KvSender:
         return self._engine.held_blocks(request_id) is not None
 
     async def hold(self, request_id: str, first_token_id: int) -> Handle:
-        """Leases the engine's held blocks of a finished prefill and publishes the handle.
+        """Leases the engine's held blocks of a finished prefill and publishes the handle
+        in the background. Does not wait on Redis (nor on anything else).
 
-        Raises TransferError when the engine holds nothing under the id. If the
-        caller is cancelled while publishing, the blocks are freed (FAILED):
-        nobody will learn the handle, so nobody would pull or release it."""
+        Raises TransferError when the engine holds nothing under the id."""
         held = self._engine.held_blocks(request_id)
         if held is None:
             raise TransferError(f"prefill of {request_id!r} finished but holds no KV")
@@ -88,11 +88,7 @@ class KvSender:
             lease_expires_unix_ms=int((time.time() + self._lease_s) * 1000),
             nixl=self._nixl,
         )
-        try:
-            await self._mirror.put(handle, HandoffState.READY, self._lease_s + _RECORD_GRACE_S)
-        except asyncio.CancelledError:
-            self._leases.finish(request_id, consumed=False)
-            raise
+        self._mirror.put(handle, HandoffState.READY, self._lease_s + _RECORD_GRACE_S)
         return handle
 
     def begin(self, request_id: str) -> list[int]:
@@ -133,6 +129,7 @@ class KvSender:
     def close(self) -> None:
         """Frees every held handoff as FAILED (the worker is going away)."""
         self._leases.close()
+        self._mirror.close()
 
     async def settle(self) -> None:
         """Waits for the background Redis writes issued so far (tests, shutdown)."""

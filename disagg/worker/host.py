@@ -34,7 +34,7 @@ from disagg.runtime.config import WorkerConfig, tls_of
 from disagg.runtime.grpc_server import create_grpc_server
 from disagg.runtime.ids import default_worker_id
 from disagg.runtime.telemetry import nvml_device, read_gpu_sample, read_gpu_telemetry
-from disagg.runtime.tls import server_credentials
+from disagg.runtime.tls import required_peer_uris, server_credentials
 from disagg.transfer.nixl_transport import NixlAgent, NixlUnavailable
 from disagg.v1 import common_pb2
 from disagg.wire import layout_to_pb
@@ -91,9 +91,14 @@ def make_kv_agent(cfg: WorkerConfig, engine: Engine, worker_id: str) -> NixlAgen
 
 def make_engine(cfg: WorkerConfig) -> Engine:
     if cfg.mock:  # model-free: time per a cost model (disagg.mock)
+        from disagg.engine.model_loader import served_name
         from disagg.mock.engine import mock_engine_for
+        from disagg.mock.model import default_mock_dir
 
-        return mock_engine_for(cfg.engine)
+        # Named after the model directory the scheduler tokenizes with (by default
+        # the mock one), as a real worker is: a scheduler routes only to workers
+        # that serve its own model.
+        return mock_engine_for(cfg.engine, served_name(cfg.engine.model or default_mock_dir()))
     from disagg.engine.engine import LLMEngine
 
     engine = LLMEngine(cfg.engine)
@@ -132,7 +137,10 @@ class WorkerHost:
             cfg.port,
             [self._service_name],
             credentials=server_credentials(tls),
-            interceptors=[require_token(cfg.cluster_token, [self._service_name])],
+            interceptors=[
+                require_token(cfg.cluster_token, [self._service_name], required_peer_uris(tls))
+            ],
+            max_concurrent_rpcs=cfg.max_concurrent_rpcs,
         )
         if not cfg.cluster_token:
             log.warning(
@@ -140,7 +148,7 @@ class WorkerHost:
                 CLUSTER_TOKEN_ENV,
             )
         self.address = f"{cfg.advertise_host or cfg.host}:{server.port}"
-        store = MetaStore(cfg.redis_url)
+        store = MetaStore(cfg.redis_url, namespace=cfg.namespace)
         servicer, add = self._factory(eng, store, self.worker_id, self.address, self.kv)
         self.servicer = servicer
         add(servicer, server.server)

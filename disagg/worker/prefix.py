@@ -4,8 +4,9 @@
    hashes and their version (bumped by the allocator on every register or
    eviction).
 2. A new version: the whole set is written (``PrefixSet`` under
-   ``disagg:prefix:{worker_id}``, with the heartbeat's TTL). The same version:
-   only the TTL is renewed.
+   ``<namespace>:prefix:{worker_id}``, with the heartbeat's TTL). The same
+   version: only the TTL is renewed, unless the set is gone (it expired while
+   Redis was unreachable, or Redis restarted empty): then it is written again.
 3. The worker dies or restarts: the set expires with the TTL; a restarted worker
    has a new worker id, so no stale entry can ever be read as its own.
 Schedulers read a worker's set only when its version changed
@@ -40,8 +41,9 @@ class PrefixPublisher:
     async def publish(self) -> None:
         """Writes the set if it changed since the last write, else renews its TTL."""
         version, hashes = self._engine.cached_prefix()
-        if version == self._published:
-            await self._store.touch_prefix_set(self._worker_id, self._ttl_s)
+        if version == self._published and await self._store.touch_prefix_set(
+            self._worker_id, self._ttl_s
+        ):
             return
         record = control_pb2.PrefixSet(
             worker_id=self._worker_id, version=version, block_hashes=hashes
@@ -61,7 +63,10 @@ class PrefixPublisher:
     async def _run(self) -> None:
         while True:
             try:
-                await self.publish()
+                # A publish stuck on a black-holed Redis is dropped after a TTL: the next
+                # one tries afresh rather than waiting out every socket timeout and retry.
+                async with asyncio.timeout(self._ttl_s):
+                    await self.publish()
             except Exception as e:
-                log.warning("prefix cache publish failed: %s", e)
+                log.warning("prefix cache publish failed: %s", e or type(e).__name__)
             await asyncio.sleep(self._period_s)

@@ -1,6 +1,10 @@
 """gRPC DecodeWorker: take a handoff, import its KV, continue generation.
 
-1. With a handle: the receiver (``disagg.transfer.receiver``) reserves blocks,
+1. With a handle: it must be for this request (its request id is the call's)
+   and its owner a registered prefill worker (``transfer.owners``), else the
+   handle is refused without contacting anyone and the prompt is prefilled
+   here (as after a failed pull). Then the receiver
+   (``disagg.transfer.receiver``) reserves blocks,
    fetches the KV from the prefill worker within transfer_timeout_s -- a NIXL
    READ where both workers have NIXL (``kv_transport`` auto|nixl), gRPC chunks
    otherwise --, verifies it and has the owner release it (CONSUMED on success,
@@ -30,6 +34,7 @@ from disagg.transfer.errors import DuplicateRequest
 from disagg.transfer.grpc_transport import GrpcTransport
 from disagg.transfer.handle import Handle, handle_from_pb
 from disagg.transfer.nixl_transport import NixlTransport
+from disagg.transfer.owners import RegisteredOwners, prefill_workers
 from disagg.transfer.receiver import KvReceiver
 from disagg.transfer.transport import TransportChoice
 from disagg.v1 import worker_pb2, worker_pb2_grpc
@@ -64,6 +69,8 @@ class DecodeServicer(worker_pb2_grpc.DecodeWorkerServicer):
         kv = kv or KvPlane(None, TransferMetrics())
         grpc_transport = GrpcTransport(channel_for, cfg.max_chunk_bytes)
         nixl = NixlTransport(kv.agent, channel_for) if kv.agent is not None else None
+        # No registry (a worker built alone, in tests): nothing to check owners against.
+        self._owners = RegisteredOwners(prefill_workers(store)) if store is not None else None
         self._receiver = KvReceiver(
             engine,
             grpc_transport,
@@ -71,6 +78,7 @@ class DecodeServicer(worker_pb2_grpc.DecodeWorkerServicer):
             cfg.transfer_timeout_s,
             choose=TransportChoice(cfg.kv_transport, grpc_transport, nixl),
             metrics=kv.metrics,
+            check_owner=self._owners.check if self._owners is not None else None,
         )
 
     async def Decode(
@@ -118,6 +126,11 @@ class DecodeServicer(worker_pb2_grpc.DecodeWorkerServicer):
     async def _take_handoff(
         self, rid: str, ids: list[int], sampling: SamplingParams, handle: Handle
     ) -> _Plan:
+        if handle.request_id != rid:  # another request's KV: neither read nor released
+            log.warning(
+                "kv handle refused request_id=%r: it is the handle of %r", rid, handle.request_id
+            )
+            return _local_prefill(ids, sampling, handle.first_token_id, 0.0)
         result = await self._receiver.receive(rid, handle)
         if result.ok:
             return _Plan(
@@ -154,7 +167,10 @@ class DecodeServicer(worker_pb2_grpc.DecodeWorkerServicer):
                 yield resp
 
     def close(self) -> None:
-        """Nothing held between requests: each Decode call frees its own blocks."""
+        """Nothing held between requests (each Decode call frees its own blocks) but
+        a registry listing in flight, stopped here."""
+        if self._owners is not None:
+            self._owners.close()
 
 
 def _local_prefill(

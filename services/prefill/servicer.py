@@ -2,7 +2,8 @@
 
 1. Prefill: the engine runs the prompt (PREFILL_ONLY), samples the first
    token and holds the blocks; the sender leases them and publishes the
-   handle to Redis as READY.
+   handle to Redis as READY in the background: the answer never waits on
+   Redis (the handle travels in it).
 2. PullKv: one decode worker streams the blocks (READY -> TRANSFERRING); or
    StartKvRead: one decode worker READs them over NIXL itself (READY ->
    TRANSFERRING; the agent's metadata when asked for).
@@ -135,6 +136,10 @@ class PrefillServicer(worker_pb2_grpc.PrefillWorkerServicer):
     ) -> worker_pb2.ReleaseKvResponse:
         released = self._sender.release(request.request_id, request.consumed)
         return worker_pb2.ReleaseKvResponse(released=released)
+
+    async def settle(self) -> None:
+        """Waits for the Redis writes issued so far (tests, shutdown): never on a request."""
+        await self._sender.settle()
 
     def close(self) -> None:
         self._sender.close()

@@ -4,25 +4,34 @@ A request's way through it:
 1. Middleware: API key (Bearer; /health and /metrics stay open), then any
    ``ApiError`` becomes an OpenAI error body
    ``{"error": {"message", "type", "param", "code"}}``.
-2. Parse the JSON into a ``RawRequest`` (types checked per field; what this
+2. The client's slot (services.scheduler.limits: none left is a 429 at once),
+   then the body: over ``max_body_bytes`` is a 413, one that stops arriving
+   for ``client_timeout_s`` a 408.
+3. Parse the JSON into a ``RawRequest`` (types checked per field; what this
    server does not do -- n > 1, logprobs, tools, ... -- is a 400 naming it).
-3. ``RequestFactory.build`` (the same as gRPC, so greedy text is the same) and
-   ``Orchestrator.generate``. The first event is awaited before any byte is
-   sent, so 429 / 503 / 400 from admission are real HTTP statuses.
-4. Non-streaming: collect the events into one body. Streaming: one SSE chunk
+4. ``build_off_loop`` (the same as gRPC, so greedy text is the same: a prompt
+   too long for the context by its length alone is a 400 untokenized, a long
+   one is tokenized in a thread) and ``Orchestrator.generate``. The first event
+   is awaited before any byte is sent, so 429 / 503 / 400 from admission are
+   real HTTP statuses.
+5. Non-streaming: collect the events into one body. Streaming: one SSE chunk
    per event, a usage chunk when asked, then ``data: [DONE]``.
 A client that goes away cancels the handler (handler_cancellation), which
-closes the orchestrator's generator, which cancels the worker RPCs.
+closes the orchestrator's generator, which cancels the worker RPCs. So does a
+client that stays but reads nothing of its stream for ``client_timeout_s``
+(a write that does not drain in that time drops the connection).
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import logging
 import math
+import socket
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -33,6 +42,14 @@ from disagg.engine.model_loader import default_cache_dir, served_name
 from disagg.metrics.http import bound_port, metrics_handler
 from disagg.tokenization.prompts import ChatTurn
 from services.scheduler.auth import OPEN_HTTP_PATHS, bearer_ok
+from services.scheduler.limits import (
+    RETRY_AFTER_S,
+    ClientSlots,
+    FrontLimits,
+    bearer_token,
+    build_off_loop,
+    client_key,
+)
 from services.scheduler.orchestrator import Orchestrator
 from services.scheduler.registry import WorkerRegistry
 from services.scheduler.requests import (
@@ -46,7 +63,11 @@ from services.scheduler.requests import (
 
 log = logging.getLogger(__name__)
 
-MAX_BODY_BYTES = 32 << 20
+OFF_LOOP_JSON_BYTES = 64 << 10  # bodies larger than this are parsed in a thread
+# Kernel send buffer of an SSE stream (Linux doubles it). A token stream needs little,
+# and the kernel's autotuning would let a client that stops reading park megabytes
+# before a write blocks, so its client_timeout_s would start only that much later.
+STREAM_SNDBUF = 64 << 10
 
 
 class ApiError(Exception):
@@ -374,6 +395,8 @@ class HttpApi:
         model_name: str,
         api_key: str = "",
         metrics: CollectorRegistry | None = None,
+        limits: FrontLimits | None = None,
+        slots: ClientSlots | None = None,
     ):
         self._orch = orchestrator
         self._registry = registry
@@ -381,12 +404,16 @@ class HttpApi:
         self.model_name = model_name
         self._api_key = api_key
         self._metrics = metrics
+        self._limits = limits or FrontLimits()
+        self._slots = slots or ClientSlots(0)
         self._created = int(time.time())
         self._runner: web.AppRunner | None = None
         self.port = 0
 
     def app(self) -> web.Application:
-        app = web.Application(middlewares=[self._middleware], client_max_size=MAX_BODY_BYTES)
+        app = web.Application(
+            middlewares=[self._middleware], client_max_size=self._limits.max_body_bytes
+        )
         app.router.add_get("/health", self._health)
         app.router.add_get("/v1/models", self._models)
         app.router.add_get("/v1/models/{model}", self._model)
@@ -400,7 +427,11 @@ class HttpApi:
         """Serves on host:port (0 = a free port); returns the bound port.
         reuse_port: share the port with scheduler replicas (SO_REUSEPORT)."""
         self._runner = web.AppRunner(
-            self.app(), access_log=None, handler_cancellation=True, shutdown_timeout=5.0
+            self.app(),
+            access_log=None,
+            handler_cancellation=True,
+            shutdown_timeout=5.0,
+            keepalive_timeout=self._limits.keepalive_s,  # aiohttp's own default is an hour
         )
         await self._runner.setup()
         await web.TCPSite(self._runner, host, port, reuse_port=reuse_port or None).start()
@@ -428,10 +459,17 @@ class HttpApi:
         except web.HTTPException as e:
             if e.status < 400:
                 raise
-            code = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}.get(
-                e.status
-            )
+            if e.status == 413:
+                return self._too_large().response()
+            code = {404: "not_found", 405: "method_not_allowed"}.get(e.status)
             return ApiError(e.status, e.reason, code=code).response()
+
+    def _too_large(self) -> ApiError:
+        return ApiError(
+            413,
+            f"the request body exceeds this server's limit of {self._limits.max_body_bytes} bytes",
+            code="request_too_large",
+        )
 
     async def _health(self, _: web.Request) -> web.Response:
         infos = self._registry.infos()
@@ -472,15 +510,45 @@ class HttpApi:
     async def _chat(self, request: web.Request) -> web.StreamResponse:
         return await self._generate(request, chat=True)
 
+    def _client(self, request: web.Request) -> str:
+        token = bearer_token(request.headers.get("Authorization"))
+        return client_key(self._api_key, token, request.remote or "")
+
     async def _generate(self, request: web.Request, chat: bool) -> web.StreamResponse:
+        client = self._client(request)
+        if not self._slots.try_acquire(client):
+            raise error_for(Overloaded(self._slots.refusal(), retry_after_s=RETRY_AFTER_S))
         try:
-            body = json.loads(await request.read())
+            return await self._generate_in_slot(request, chat)
+        finally:
+            self._slots.release(client)
+
+    async def _body(self, request: web.Request) -> Any:
+        """The JSON body: 413 when too large (by its Content-Length before any read), 408
+        when it stops arriving, parsed in a thread when large."""
+        if (request.content_length or 0) > self._limits.max_body_bytes:
+            raise self._too_large()
+        try:
+            async with asyncio.timeout(self._limits.client_timeout_s):
+                data = await request.read()
+        except TimeoutError as e:
+            raise ApiError(
+                408,
+                f"the request body did not arrive within {self._limits.client_timeout_s:g}s",
+                code="request_timeout",
+            ) from e
+        try:
+            if len(data) > OFF_LOOP_JSON_BYTES:
+                return await asyncio.to_thread(json.loads, data)
+            return json.loads(data)
         except (ValueError, UnicodeDecodeError) as e:
             raise _bad(None, f"the request body is not valid JSON: {e}", "invalid_json") from e
-        parsed = parse_body(body, chat)
+
+    async def _generate_in_slot(self, request: web.Request, chat: bool) -> web.StreamResponse:
+        parsed = parse_body(await self._body(request), chat)
         self._check_model(parsed.model)
         try:
-            req = self._requests.build(parsed.raw)
+            req = await build_off_loop(self._requests, parsed.raw)
         except InvalidRequest as e:
             raise error_for(e, parsed.param_map) from e
         shape = _Shape(
@@ -528,29 +596,56 @@ class HttpApi:
             headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
         )
         await resp.prepare(request)
+        _bound_send_buffer(request)
         ev: GenerationEvent | None = first
         is_first = True
         try:
             while ev is not None:
                 if ev.finish_reason == "error":
                     _check_finish(ev)
-                await resp.write(
-                    _sse(shape.chunk(ev.text, ev.finish_reason, is_first, parsed.include_usage))
-                )
+                chunk = shape.chunk(ev.text, ev.finish_reason, is_first, parsed.include_usage)
+                await self._bounded(request, resp.write(_sse(chunk)))
                 is_first = False
                 if ev.finish_reason is not None:
                     if parsed.include_usage:
-                        await resp.write(_sse(shape.usage_chunk(ev)))
+                        await self._bounded(request, resp.write(_sse(shape.usage_chunk(ev))))
                     break
                 ev = await anext(events, None)
-        except ConnectionResetError:  # the client left; leaving closes the generation
+            end = b"data: [DONE]\n\n"
+        except ConnectionResetError:  # the client left (or stalled): leaving closes the generation
             return resp
         except (InvalidRequest, Overloaded, Unavailable, ApiError) as e:
             err = e if isinstance(e, ApiError) else error_for(e, parsed.param_map)
-            await resp.write(_sse(err.body()))
-        await resp.write(b"data: [DONE]\n\n")
-        await resp.write_eof()
+            end = _sse(err.body()) + b"data: [DONE]\n\n"
+        with contextlib.suppress(ConnectionResetError):
+            await self._bounded(request, resp.write(end))
+            await self._bounded(request, resp.write_eof())
         return resp
+
+    async def _bounded(self, request: web.Request, write: Awaitable[None]) -> None:
+        """A write of the stream, bounded: a client that takes none of it within
+        client_timeout_s (its socket buffers full, so the write cannot drain) is dropped."""
+        try:
+            async with asyncio.timeout(self._limits.client_timeout_s):
+                await write
+        except TimeoutError:
+            log.info(
+                "stream dropped: the client read nothing for %gs", self._limits.client_timeout_s
+            )
+            if request.transport is not None:
+                request.transport.abort()
+            raise _ClientStalled from None
+
+
+def _bound_send_buffer(request: web.Request) -> None:
+    sock = request.transport.get_extra_info("socket") if request.transport else None
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, STREAM_SNDBUF)
+
+
+class _ClientStalled(ConnectionResetError):
+    """A streaming client read nothing for client_timeout_s; its connection is closed."""
 
 
 def make_http_api(
@@ -559,8 +654,10 @@ def make_http_api(
     requests: RequestFactory,
     cfg: Any,
     metrics: CollectorRegistry | None,
+    slots: ClientSlots | None = None,
 ) -> HttpApi:
-    """The HTTP front end for a scheduler; cfg is its SchedulerConfig."""
+    """The HTTP front end for a scheduler; cfg is its SchedulerConfig; slots, the per-client
+    counts it shares with the gRPC front end."""
     return HttpApi(
         orchestrator,
         registry,
@@ -568,4 +665,6 @@ def make_http_api(
         served_name(cfg.model or default_cache_dir()),
         cfg.api_key,
         metrics,
+        FrontLimits.of(cfg),
+        slots,
     )

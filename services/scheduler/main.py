@@ -3,6 +3,8 @@
 Startup: tokenizer (no weights) -> Redis -> worker registry -> gRPC with
 health + reflection -> SERVING. SIGTERM/SIGINT: NOT_SERVING, in-flight
 streams finish within the grace period, then exit.
+Both front ends apply the client limits (services.scheduler.limits) and share
+one table of per-client slots: a client is one client over HTTP and gRPC.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ import asyncio
 import logging
 import signal
 
-from disagg.engine.model_loader import resolve_model
+from disagg.engine.model_loader import default_cache_dir, resolve_model, served_name
 from disagg.metastore.store import MetaStore
 from disagg.metrics.scheduler import SchedulerMetrics
 from disagg.runtime.channels import ChannelCache
@@ -22,7 +24,9 @@ from disagg.runtime.ids import default_worker_id
 from disagg.runtime.tls import channel_credentials, server_credentials
 from disagg.tokenization.loader import TokenizerInfo, load_tokenizer
 from disagg.v1 import scheduler_pb2, scheduler_pb2_grpc
+from services.scheduler.grpc_limits import ClientLimits
 from services.scheduler.http_api import HttpApi, make_http_api
+from services.scheduler.limits import ClientSlots
 from services.scheduler.orchestrator import Orchestrator, admission_of, slo_of
 from services.scheduler.registry import WorkerRegistry
 from services.scheduler.requests import RequestFactory
@@ -41,6 +45,7 @@ class SchedulerApp:
         self.http_port = 0  # the bound HTTP port once serving (cfg.http_port -1: stays 0)
         self._stop = asyncio.Event()
         self._server: GrpcServer | None = None
+        self.slots = ClientSlots(cfg.max_inflight_per_client)  # both front ends' clients
 
     def request_stop(self) -> None:
         self._stop.set()
@@ -50,7 +55,7 @@ class SchedulerApp:
         tok = await asyncio.to_thread(
             load_tokenizer, await asyncio.to_thread(resolve_model, cfg.model)
         )
-        store = MetaStore(cfg.redis_url)
+        store = MetaStore(cfg.redis_url, namespace=cfg.namespace)
         registry = await self._start_core(tok, store)
         requests = RequestFactory(
             tok.tokenizer, tok.vocab_size, tok.max_context, cfg.default_max_tokens
@@ -80,6 +85,7 @@ class SchedulerApp:
             cfg.registry_refresh_s,
             admission.policy.prefill_prior,
             replica_id=cfg.replica_id or default_worker_id("scheduler"),
+            model=served_name(cfg.model or default_cache_dir()),
         )
         await registry.start()
         self.metrics = SchedulerMetrics(slo_of(cfg))
@@ -114,14 +120,21 @@ class SchedulerApp:
             cfg.host,
             cfg.port,
             [SERVICE_NAME],
+            max_message_bytes=cfg.max_body_bytes,  # larger: RESOURCE_EXHAUSTED from grpc itself
             credentials=server_credentials(tls_of(cfg)),
             reuse_port=cfg.reuse_port,
+            max_concurrent_rpcs=cfg.rpc_limit,
+            interceptors=[
+                ClientLimits(self.slots, cfg.api_key, cfg.client_timeout_s, SERVICE_NAME)
+            ],
         )
         scheduler_pb2_grpc.add_SchedulerServicer_to_server(servicer, server.server)
         await server.start()
         http: HttpApi | None = None
         if cfg.http_port >= 0:  # before self.port: a set port means both front ends are up
-            http = make_http_api(self.orchestrator, registry, requests, cfg, self.metrics.registry)
+            http = make_http_api(
+                self.orchestrator, registry, requests, cfg, self.metrics.registry, self.slots
+            )
             self.http_port = await http.start(cfg.host, cfg.http_port, cfg.reuse_port)
         self.port = server.port
         await server.set_serving(True)

@@ -21,7 +21,11 @@
 Relay throughout: incremental detokenization, stop strings, token counts.
 Cancellation at any point (client gone, stop string) cancels the worker
 calls; a ticket not yet taken by a decode worker is released here, so its
-blocks do not wait for the lease. Workers are reached only through
+blocks do not wait for the lease. Identity: a flight is keyed by its internal
+id (``req.request_id``, made by ``requests.build_request``), which no client
+chooses; its worker calls and its ticket belong to it alone, so a cancellation
+(the client's stream ending) can reach nothing but its own request, whatever
+id another client sends. Workers are reached only through
 ``services.scheduler.workers`` (no protobuf here).
 """
 
@@ -192,13 +196,15 @@ class Orchestrator:
     ):
         self._registry = registry
         self.admission = admission or Admission()
-        self.decisions = DecisionLog(self.admission.policy, self.admission.decision_log)
+        self._metrics = metrics or SchedulerMetrics()  # observation only: never changes a decision
+        self.decisions = DecisionLog(
+            self.admission.policy, self.admission.decision_log, self._metrics.registry
+        )
         registry.on_cost = self.decisions.cost
         for worker_id, model in registry.costs.items():  # seeded before the hook existed
             self.decisions.cost(worker_id, model)
         self._dispatch = PrefillDispatch(self.admission.queue, self.admission.dispatch_depth)
         self._seq = itertools.count()
-        self._metrics = metrics or SchedulerMetrics()  # observation only: never changes a decision
         self._tok = tokenizer
         self._eos = frozenset(eos_token_ids)
         self._workers = workers
@@ -238,12 +244,13 @@ class Orchestrator:
             seq=next(self._seq),
         )
         snap = reg.policy_snapshot()
+        rid, client_rid = req.request_id, req.client_request_id
         try:
             plan = decide(snap, rr, self.admission.policy)
         except NoWorker as e:
-            self.decisions.decision(req.request_id, reg.version, snap, rr, None, str(e))
+            self.decisions.decision(rid, reg.version, snap, rr, None, str(e), client_rid)
             raise Unavailable(str(e)) from e
-        self.decisions.decision(req.request_id, reg.version, snap, rr, plan)
+        self.decisions.decision(rid, reg.version, snap, rr, plan, client_rid=client_rid)
         return plan, hashes
 
     # --- phase 1: admit and decide ---------------------------------------------------------

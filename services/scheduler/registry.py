@@ -3,6 +3,14 @@
 1. Heartbeats: every ``refresh_s`` the worker records are re-read from Redis and
    turned into policy ``WorkerView``s once (not per request); a change bumps
    ``version`` so the decision log writes the views only when they change.
+   Only workers that can serve this scheduler's requests are kept
+   (``routable``): its model, and one KV layout for all of them (the one given,
+   else the one most of them share), so any prefill can hand off to any
+   decode. Others are skipped, logged once and counted in ``bad_records``.
+   Every Redis call has a deadline (``call_timeout_s``); when one fails the
+   last view stays, and for ``outage_grace_s`` after an outage a worker whose
+   record expired meanwhile is kept (it could not heartbeat either) until it
+   re-registers. Redis is never on a request's path: requests read the views.
 2. Loads: what this scheduler has sent to each worker and not seen finish --
    prefills queued or running (requests, uncached tokens) and decode streams
    (requests, KV blocks). Exact and immediate, where heartbeats lag.
@@ -10,7 +18,8 @@
    loads to Redis (``SchedulerLoads``, TTL a few refreshes) and reads the
    others'; decisions see own + peers' loads, the peers' at most about two
    refresh periods old. A dead replica's loads vanish with its record's TTL.
-3. Cost models: each observed ``prefill_ms`` refines that worker's model.
+3. Cost models: each observed ``prefill_ms`` refines that worker's model; the
+   models of workers no longer in the view are dropped.
 4. Prefix index: prompts prefilled on a worker are recorded there at once (in
    memory), and every ``PREFIX_REFRESH_S`` each worker's own published cache
    (``PrefixSet`` in Redis, read only when its version changed) replaces that
@@ -36,6 +45,7 @@ log = logging.getLogger(__name__)
 
 RESTARTS_REFRESH_S = 2.0  # how often the supervisor's restart counts are re-read
 PREFIX_REFRESH_S = 1.0  # how often the workers' published prefix caches are checked
+OUTAGE_GRACE_S = 5.0  # after Redis was unreachable, vanished workers are kept this long
 
 _ROLE = {common_pb2.WORKER_ROLE_PREFILL: "prefill", common_pb2.WORKER_ROLE_DECODE: "decode"}
 
@@ -52,6 +62,54 @@ def view_of(i: common_pb2.WorkerInfo) -> WorkerView:
         running=i.running_requests,
         waiting=i.waiting_requests,
     )
+
+
+def _layout_text(layout: common_pb2.KvLayout) -> str:
+    x = layout
+    return (
+        f"{x.num_layers}x{x.num_kv_heads}x{x.head_dim} {x.dtype or '?'} block_size={x.block_size}"
+    )
+
+
+def common_layout(infos: Sequence[common_pb2.WorkerInfo]) -> common_pb2.KvLayout | None:
+    """The layout most of infos share; on a tie, the longest-running worker's."""
+    groups: dict[bytes, list[common_pb2.WorkerInfo]] = {}
+    for i in infos:
+        groups.setdefault(i.layout.SerializeToString(deterministic=True), []).append(i)
+    if not groups:
+        return None
+    best = min(
+        groups.values(),
+        key=lambda g: (-len(g), min((i.started_unix_ms, i.worker_id) for i in g)),
+    )
+    return best[0].layout
+
+
+def routable(
+    infos: Sequence[common_pb2.WorkerInfo], model: str, layout: common_pb2.KvLayout | None
+) -> tuple[list[common_pb2.WorkerInfo], dict[str, str]]:
+    """The workers a scheduler of model ("" = any) can route to, and why each other is not.
+
+    A worker of another model would answer with the wrong vocabulary; one whose KV
+    layout differs from the others' cannot hand KV to them. layout None: the layout
+    most workers of the model share (``common_layout``)."""
+    skipped: dict[str, str] = {}
+    same_model = []
+    for i in infos:
+        if model and i.model != model:
+            skipped[i.worker_id] = f"model {i.model!r}, this scheduler serves {model!r}"
+        else:
+            same_model.append(i)
+    want = layout if layout is not None else common_layout(same_model)
+    out = []
+    for i in same_model:
+        if want is not None and i.layout != want:
+            skipped[i.worker_id] = (
+                f"KV layout {_layout_text(i.layout)}, the deployment's is {_layout_text(want)}"
+            )
+        else:
+            out.append(i)
+    return out, skipped
 
 
 @dataclass
@@ -88,9 +146,22 @@ class WorkerRegistry:
         refresh_s: float,
         prior: CostModel | None = None,
         replica_id: str = "",
+        *,
+        model: str = "",
+        layout: common_pb2.KvLayout | None = None,
+        outage_grace_s: float = OUTAGE_GRACE_S,
     ):
+        """model: the served model name workers must report ("" = any); layout: the KV
+        layout they must have (None = the one most of them share)."""
         self._store = store
         self._refresh_s = refresh_s
+        self.model = model
+        self._layout = layout
+        self._outage_grace_s = outage_grace_s
+        self._failed_at: float | None = None  # monotonic time of the last failed worker read
+        self._records: list[common_pb2.WorkerInfo] = []  # the last records read, unfiltered
+        self.mismatched: dict[str, str] = {}  # worker id -> why it is not routed to (now)
+        self.mismatched_total = 0  # workers found not routable, each counted when first seen
         self._infos: list[common_pb2.WorkerInfo] = []
         self._views: list[WorkerView] = []
         self.version = 0
@@ -116,13 +187,35 @@ class WorkerRegistry:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
 
+    @property
+    def call_timeout_s(self) -> float:
+        """Deadline of each Redis call: a hung one (Redis black-holed) must not stall the
+        refreshes for the socket timeout times the retries."""
+        return max(1.0, 4 * self._refresh_s)
+
     async def refresh(self) -> None:
         try:
-            self.set_infos(await self._store.list_workers())
+            async with asyncio.timeout(self.call_timeout_s):
+                records = await self._store.list_workers()
         except Exception as e:
-            log.warning("worker registry refresh failed: %s", e)
+            self._failed_at = time.monotonic()
+            log.warning("worker registry refresh failed: %s", e or type(e).__name__)
+        else:
+            self.set_infos(self._through_outage(records))
         if self.replica_id:
             await self._share_loads()
+
+    def _through_outage(self, records: list[common_pb2.WorkerInfo]) -> list[common_pb2.WorkerInfo]:
+        """records, plus, shortly after Redis was unreachable, the workers last seen
+        whose records expired meanwhile: their heartbeats could not land either, and
+        until they re-register they are as alive as before the outage."""
+        if self._failed_at is None:
+            return records
+        if time.monotonic() - self._failed_at > self._outage_grace_s:
+            self._failed_at = None
+            return records
+        have = {i.worker_id for i in records}
+        return [*records, *(i for i in self._records if i.worker_id not in have)]
 
     async def _share_loads(self) -> None:
         """Publishes this replica's loads and takes in the other replicas'."""
@@ -137,10 +230,11 @@ class WorkerRegistry:
             unix_ms=int(time.time() * 1000),
         )
         try:
-            await self._store.put_scheduler_loads(mine, self.loads_ttl_s)
-            records = await self._store.list_scheduler_loads()
+            async with asyncio.timeout(self.call_timeout_s):
+                await self._store.put_scheduler_loads(mine, self.loads_ttl_s)
+                records = await self._store.list_scheduler_loads()
         except Exception as e:
-            log.warning("sharing scheduler loads failed: %s", e)
+            log.warning("sharing scheduler loads failed: %s", e or type(e).__name__)
             return
         self.peers = sum_loads(r for r in records if r.replica_id != self.replica_id)
         self.replicas = max(1, len(records))
@@ -154,9 +248,14 @@ class WorkerRegistry:
         """Withdraws this replica's loads at once (a clean shutdown)."""
         if self.replica_id:
             with contextlib.suppress(Exception):
-                await self._store.remove_scheduler(self.replica_id)
+                async with asyncio.timeout(self.call_timeout_s):
+                    await self._store.remove_scheduler(self.replica_id)
 
-    def set_infos(self, infos: list[common_pb2.WorkerInfo]) -> None:
+    def set_infos(self, records: list[common_pb2.WorkerInfo]) -> None:
+        """Takes in the worker records read from Redis (only the routable ones are kept)."""
+        self._records = records
+        infos, skipped = routable(records, self.model, self._layout)
+        self._note_mismatches(skipped)
         self._infos = infos
         views = sorted((view_of(i) for i in infos), key=lambda v: v.worker_id)
         if views != self._views:
@@ -170,6 +269,21 @@ class WorkerRegistry:
                 self._seed_cost(i)
             self._views = views
             self.version += 1
+        self._prune_costs()
+
+    def _note_mismatches(self, skipped: dict[str, str]) -> None:
+        for worker_id, why in skipped.items():
+            if worker_id not in self.mismatched:
+                self.mismatched_total += 1
+                log.warning("not routing to worker %s: %s", worker_id, why)
+        self.mismatched = skipped
+
+    def _prune_costs(self) -> None:
+        """Only the workers in the view keep a cost model: one that left (and came back,
+        maybe another process under its id) starts again from its own calibration."""
+        live = {v.worker_id for v in self._views}
+        for worker_id in [w for w in self.costs if w not in live]:
+            del self.costs[worker_id]
 
     def _seed_cost(self, info: common_pb2.WorkerInfo) -> None:
         """A worker's own startup measurement replaces the prior until we observe it."""
@@ -182,8 +296,10 @@ class WorkerRegistry:
 
     @property
     def bad_records(self) -> int:
-        """Malformed Redis records skipped so far (they never stop a refresh)."""
-        return self._store.bad_records
+        """Redis records skipped so far: malformed ones, and workers found not routable
+        (another model or KV layout; each counted once when first seen). Neither stops
+        a refresh."""
+        return self._store.bad_records + self.mismatched_total
 
     def infos(self) -> list[common_pb2.WorkerInfo]:
         return list(self._infos)
@@ -258,12 +374,13 @@ class WorkerRegistry:
     async def sync_prefix(self) -> None:
         """Takes in each live worker's published prefix cache whose version changed."""
         try:
-            versions = await self._store.prefix_versions([v.worker_id for v in self._views])
-            for worker_id, version in versions.items():
-                if self._prefix_versions.get(worker_id) != version:
-                    await self._apply_prefix(worker_id)
+            async with asyncio.timeout(self.call_timeout_s):
+                versions = await self._store.prefix_versions([v.worker_id for v in self._views])
+                for worker_id, version in versions.items():
+                    if self._prefix_versions.get(worker_id) != version:
+                        await self._apply_prefix(worker_id)
         except Exception as e:
-            log.warning("prefix index sync failed: %s", e)
+            log.warning("prefix index sync failed: %s", e or type(e).__name__)
 
     async def _apply_prefix(self, worker_id: str) -> None:
         record = await self._store.get_prefix_set(worker_id)
@@ -273,6 +390,7 @@ class WorkerRegistry:
 
     async def _refresh_restarts(self) -> None:
         try:
-            self.restarts = await self._store.restarts()
+            async with asyncio.timeout(self.call_timeout_s):
+                self.restarts = await self._store.restarts()
         except Exception as e:
-            log.warning("reading service restarts failed: %s", e)
+            log.warning("reading service restarts failed: %s", e or type(e).__name__)

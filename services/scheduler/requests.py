@@ -3,6 +3,11 @@
 Both front ends (gRPC here, HTTP next to it) turn their wire input into a
 ``GenerationRequest`` through ``build_request``; errors are ``InvalidRequest``
 naming the field, answered as INVALID_ARGUMENT / HTTP 400.
+
+Every request gets a fresh internal id here (``request_id``): the only key it
+has inside the cluster. The client's own id is checked (length, charset) and
+kept apart, only to be echoed back (``reply_id``); two clients sending the
+same id share nothing (docs/adr/0008).
 """
 
 from __future__ import annotations
@@ -12,12 +17,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from disagg.engine.api import SamplingParams
-from disagg.runtime.ids import new_request_id
+from disagg.engine.api import MAX_TOP_K, MIN_TEMPERATURE, SamplingParams
+from disagg.runtime.ids import client_id_error, new_request_id
 from disagg.tokenization.prompts import ChatTurn, PromptError, render_prompt
 
 MAX_STOP_STRINGS = 16
 MAX_STOP_LEN = 256
+MAX_TEMPERATURE = 100.0
 
 
 class InvalidRequest(ValueError):
@@ -40,7 +46,7 @@ class Overloaded(RuntimeError):
 
 @dataclass(frozen=True)
 class GenerationRequest:
-    request_id: str
+    request_id: str  # internal: the scheduler made it; the key in workers, Redis and logs
     prompt_token_ids: list[int]
     sampling: SamplingParams
     stop: tuple[str, ...] = ()
@@ -49,6 +55,12 @@ class GenerationRequest:
     ttft_slo_ms: float = 0.0  # 0 = the server's default SLO
     itl_slo_ms: float = 0.0  # 0 = the server's default SLO
     verify: bool = False  # re-run collocated after the stream and compare (greedy only)
+    client_request_id: str = ""  # the client's own id: echoed, never a key; "" = none sent
+
+    @property
+    def reply_id(self) -> str:
+        """The id the responses carry: the client's, else the internal one."""
+        return self.client_request_id or self.request_id
 
 
 @dataclass
@@ -81,7 +93,7 @@ class GenerationEvent:
 class RawRequest:
     """A request as the front ends parsed it, before any checks (None = unset)."""
 
-    request_id: str = ""
+    request_id: str = ""  # the client's id (echoed only)
     prompt: str = ""
     messages: Sequence[ChatTurn] = ()
     prompt_token_ids: Sequence[int] = ()
@@ -118,6 +130,9 @@ class RequestFactory:
 def build_request(
     raw: RawRequest, tokenizer: Any, vocab_size: int, max_context: int, default_max_tokens: int
 ) -> GenerationRequest:
+    why = client_id_error(raw.request_id)
+    if why is not None:
+        raise InvalidRequest("request_id", why)
     try:
         ids = render_prompt(tokenizer, vocab_size, raw.prompt, raw.messages, raw.prompt_token_ids)
     except PromptError as e:
@@ -143,7 +158,7 @@ def build_request(
     if raw.verify and sampling.temperature != 0:
         raise InvalidRequest("verify", "only greedy requests can be verified: set temperature to 0")
     return GenerationRequest(
-        request_id=raw.request_id or new_request_id(),
+        request_id=new_request_id(),
         prompt_token_ids=ids,
         sampling=sampling,
         stop=_stops(raw.stop),
@@ -152,6 +167,7 @@ def build_request(
         ttft_slo_ms=_slo("ttft_slo_ms", raw.ttft_slo_ms),
         itl_slo_ms=_slo("itl_slo_ms", raw.itl_slo_ms),
         verify=raw.verify,
+        client_request_id=raw.request_id,
     )
 
 
@@ -164,27 +180,47 @@ def _slo(name: str, value: float | None) -> float:
 
 
 def _sampling(raw: RawRequest, max_tokens: int) -> SamplingParams:
-    temperature = 1.0 if raw.temperature is None else raw.temperature
-    top_p = 1.0 if raw.top_p is None else raw.top_p
+    temperature = _temperature(raw.temperature)
+    top_p = 1.0 if raw.top_p is None else _finite(raw.top_p)
     top_k = 0 if raw.top_k is None else raw.top_k
-    if not math.isfinite(temperature) or temperature < 0:
-        raise InvalidRequest("temperature", f"must be >= 0, got {temperature}")
-    if temperature > 100:
-        raise InvalidRequest("temperature", f"must be <= 100, got {temperature}")
-    if not math.isfinite(top_p) or not 0 < top_p <= 1:
+    if not 0 < top_p <= 1:
         raise InvalidRequest("top_p", f"must be in (0, 1], got {top_p}")
-    if top_k < 0:
-        raise InvalidRequest("top_k", f"must be >= 0 (0 disables it), got {top_k}")
+    if not 0 <= top_k <= MAX_TOP_K:
+        raise InvalidRequest("top_k", f"must be in [0, {MAX_TOP_K}] (0 disables it), got {top_k}")
     if raw.seed is not None and not -(2**63) <= raw.seed < 2**63:
         raise InvalidRequest("seed", "must fit in a signed 64-bit integer")
-    return SamplingParams(
-        max_tokens=max_tokens,
-        temperature=temperature,
-        top_p=top_p,
-        top_k=top_k,
-        seed=raw.seed,
-        ignore_eos=raw.ignore_eos,
-    )
+    try:
+        return SamplingParams(
+            max_tokens=max_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            top_k=top_k,
+            seed=raw.seed,
+            ignore_eos=raw.ignore_eos,
+        )
+    except ValueError as e:  # the engine's own check: a bound this file missed is still a 400
+        raise InvalidRequest("sampling", str(e)) from e
+
+
+def _temperature(value: float | None) -> float:
+    """The temperature to sample at: finite, in [0, MAX_TEMPERATURE]; below
+    MIN_TEMPERATURE it is 0 (greedy), as the sampler would treat it anyway, so
+    the wire and ``verify`` see what is actually done."""
+    if value is None:
+        return 1.0
+    t = _finite(value)
+    if not 0 <= t <= MAX_TEMPERATURE:
+        raise InvalidRequest("temperature", f"must be in [0, {MAX_TEMPERATURE:g}], got {value}")
+    return 0.0 if t < MIN_TEMPERATURE else t
+
+
+def _finite(value: float) -> float:
+    """value as a finite float (NaN, inf and ints too large for a float become NaN)."""
+    try:
+        f = float(value)
+    except OverflowError:
+        return math.nan
+    return f if math.isfinite(f) else math.nan
 
 
 def _stops(stop: Sequence[str]) -> tuple[str, ...]:

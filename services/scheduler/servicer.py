@@ -1,4 +1,9 @@
-"""gRPC Scheduler: protobuf in and out; everything else is the orchestrator's."""
+"""gRPC Scheduler: protobuf in and out; everything else is the orchestrator's.
+
+The client's ``request_id`` is only echoed: the request runs under the
+internal id ``build`` gives it, and a client cancels it by cancelling its own
+call (the stream owns the request), never by naming an id.
+"""
 
 from __future__ import annotations
 
@@ -11,6 +16,7 @@ import grpc
 from disagg.tokenization.prompts import ChatTurn
 from disagg.v1 import common_pb2, scheduler_pb2, scheduler_pb2_grpc
 from services.scheduler.auth import grpc_metadata_ok
+from services.scheduler.limits import build_off_loop
 from services.scheduler.orchestrator import Orchestrator
 from services.scheduler.registry import WorkerRegistry
 from services.scheduler.requests import (
@@ -101,7 +107,7 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
     ) -> AsyncIterator[scheduler_pb2.GenerateResponse]:  # type: ignore[override]
         await self._authorize(context)
         try:
-            req = self._requests.build(raw_from_pb(request))
+            req = await build_off_loop(self._requests, raw_from_pb(request))
         except InvalidRequest as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
             return
@@ -110,7 +116,7 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
         try:
             async with contextlib.aclosing(self._orch.generate(req)) as events:
                 async for ev in events:
-                    yield event_to_pb(req.request_id, ev)
+                    yield event_to_pb(req.reply_id, ev)  # the client's id, never the internal one
         except InvalidRequest as e:
             code, message = grpc.StatusCode.INVALID_ARGUMENT, str(e)
         except Overloaded as e:

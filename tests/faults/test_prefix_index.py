@@ -54,7 +54,8 @@ def _send(address: str, prompt: list[int], rid: str, **pin: str) -> scheduler_pb
 
 
 def _predicted_hits(log: Path, rid: str) -> int:
-    match = re.search(rf"decision request_id={rid} .*?hits=(\d+) ", log.read_text())
+    line = rf"decision request_id=\S+ client_request_id={rid} .*?hits=(\d+) "
+    match = re.search(line, log.read_text())
     assert match, f"no decision line for {rid}"
     return int(match.group(1))
 

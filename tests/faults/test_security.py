@@ -1,17 +1,27 @@
-"""TLS/mTLS on every gRPC link, loopback-only binds, no pickle/marshal/eval on any wire."""
+"""TLS/mTLS on every gRPC link, loopback-only binds, no pickle/marshal/eval on any wire.
+
+Under mTLS the workers' own methods (PrefillWorker Prefill/PullKv/StartKvRead/
+ReleaseKv, DecodeWorker Decode) refuse a plaintext client (no TLS handshake:
+UNAVAILABLE) and a client certificate of the cluster's own CA that names no
+cluster role (PERMISSION_DENIED, with or without the cluster token), while the
+scheduler (its certificate names the scheduler role) and the decode worker
+(the worker role) reach them."""
 
 from __future__ import annotations
 
 import ast
 import os
 import pathlib
+from collections.abc import Callable
+from typing import Any
 
 import grpc
 import pytest
 
+from disagg.runtime.cluster_auth import TOKEN_METADATA
 from disagg.runtime.config import SchedulerConfig, WorkerConfig
-from disagg.v1 import scheduler_pb2, scheduler_pb2_grpc
-from tests.faults.pki import make_pki
+from disagg.v1 import common_pb2, scheduler_pb2, scheduler_pb2_grpc, worker_pb2, worker_pb2_grpc
+from tests.faults.pki import Pki, make_pki
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 
@@ -36,9 +46,10 @@ def _call(address: str, creds: grpc.ChannelCredentials | None) -> list[int]:
 
 def test_mtls_on_every_link(make_cluster, tmp_path: pathlib.Path) -> None:  # type: ignore[no-untyped-def]
     pki = make_pki(tmp_path)
-    tls = {"tls_cert": pki.cert, "tls_key": pki.key, "tls_ca": pki.ca}
-    good = _creds(pki.ca, pki.cert, pki.key)
-    cluster = make_cluster(worker=tls, scheduler=tls, credentials=good)
+    worker = {"tls_cert": pki.cert, "tls_key": pki.key, "tls_ca": pki.ca, "cluster_token": TOKEN}
+    scheduler = {**worker, "tls_cert": pki.scheduler_cert, "tls_key": pki.scheduler_key}
+    good = _creds(pki.ca, pki.client_cert, pki.client_key)  # a client's certificate
+    cluster = make_cluster(worker=worker, scheduler=scheduler, credentials=good)
     ids, _, last = cluster.generate(prompt_token_ids=[5, 6, 7], max_tokens=12, temperature=0)
     assert len(ids) == 12
     assert last.timings.kv_transfer_ms > 0  # decode pulled from prefill over mTLS
@@ -52,11 +63,66 @@ def test_mtls_on_every_link(make_cluster, tmp_path: pathlib.Path) -> None:  # ty
         with pytest.raises(grpc.RpcError) as err:
             _call(cluster.address, creds)
         assert err.value.code() == grpc.StatusCode.UNAVAILABLE, what
-    # Workers refuse plaintext too.
-    with pytest.raises(grpc.RpcError):
-        _call(cluster.prefill_hosts[0].address, None)
+    _workers_refuse_outsiders(cluster, pki)
     assert _call(cluster.address, good) == ids[:4]
     cluster.wait_no_leaks()
+
+
+TOKEN = "security-test-token"
+AUTH = ((TOKEN_METADATA, TOKEN),)
+SAMPLING = common_pb2.SamplingParams(max_tokens=2)
+HELD = "held-by-prefill"
+
+
+def _worker_methods(channel: grpc.Channel, role: str) -> list[tuple[str, Callable[..., Any]]]:
+    """Every method of the worker role's own service, each a call run to its end."""
+    if role == "decode":
+        decode = worker_pb2_grpc.DecodeWorkerStub(channel)
+        request = worker_pb2.DecodeRequest(request_id="x", prompt_token_ids=[5], sampling=SAMPLING)
+        return [("Decode", lambda **kw: list(decode.Decode(request, timeout=10, **kw)))]
+    prefill = worker_pb2_grpc.PrefillWorkerStub(channel)
+    pre = worker_pb2.PrefillRequest(request_id="x", prompt_token_ids=[5], sampling=SAMPLING)
+    pull = worker_pb2.PullKvRequest(request_id=HELD)  # a real request's KV, held by the test
+    start = worker_pb2.StartKvReadRequest(request_id=HELD)
+    release = worker_pb2.ReleaseKvRequest(request_id=HELD)
+    return [
+        ("Prefill", lambda **kw: prefill.Prefill(pre, timeout=10, **kw)),
+        ("PullKv", lambda **kw: list(prefill.PullKv(pull, timeout=10, **kw))),
+        ("StartKvRead", lambda **kw: prefill.StartKvRead(start, timeout=10, **kw)),
+        ("ReleaseKv", lambda **kw: prefill.ReleaseKv(release, timeout=10, **kw)),
+    ]
+
+
+def _workers_refuse_outsiders(cluster, pki: Pki) -> None:  # type: ignore[no-untyped-def]
+    """Each worker's own methods, both roles: a plaintext client cannot connect
+    (UNAVAILABLE); a client's certificate from the cluster's CA, even with the cluster
+    token, is PERMISSION_DENIED; KV held by the prefill worker is neither read nor freed."""
+    prefill, decode = cluster.prefill_hosts[0], cluster.decode_hosts[0]
+    member = _creds(pki.ca, pki.scheduler_cert, pki.scheduler_key)
+    with grpc.secure_channel(prefill.address, member) as ch:
+        held = worker_pb2.PrefillRequest(
+            request_id=HELD, prompt_token_ids=[5, 6], sampling=SAMPLING
+        )
+        worker_pb2_grpc.PrefillWorkerStub(ch).Prefill(held, metadata=AUTH, timeout=30)
+    client = _creds(pki.ca, pki.client_cert, pki.client_key)
+    for host, role in ((prefill, "prefill"), (decode, "decode")):
+        with grpc.insecure_channel(host.address) as ch:
+            for name, call in _worker_methods(ch, role):
+                with pytest.raises(grpc.RpcError) as err:
+                    call(metadata=AUTH)
+                assert err.value.code() == grpc.StatusCode.UNAVAILABLE, (role, name, "plaintext")
+        with grpc.secure_channel(host.address, client) as ch:
+            for metadata in (AUTH, ()):
+                for name, call in _worker_methods(ch, role):
+                    with pytest.raises(grpc.RpcError) as err:
+                        call(metadata=metadata)
+                    assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED, (role, name)
+    assert prefill.engine.stats().held  # still held: nothing pulled or released
+    with grpc.secure_channel(prefill.address, member) as ch:
+        released = worker_pb2_grpc.PrefillWorkerStub(ch).ReleaseKv(
+            worker_pb2.ReleaseKvRequest(request_id=HELD), metadata=AUTH, timeout=10
+        )
+    assert released.released
 
 
 def test_defaults_bind_loopback_only() -> None:

@@ -96,3 +96,21 @@ def test_plan_says_when_the_rate_never_binds(tmp_path) -> None:  # type: ignore[
     assert "unbounded" in r.stdout and "8388608" not in r.stdout
     rec = json.loads(out.read_text())["recommendations"][0]
     assert rec["unbounded"] is True and rec["goodput_rps"] is None
+
+
+def test_a_closed_stdout_is_not_an_error() -> None:
+    """`disagg ... | head`: the reader goes away; the command ends quietly, exit 0."""
+    profile = sorted(glob.glob(os.path.join(ROOT, "benchmarks", "profiles", "h100_*.json")))[0]
+    r, w = os.pipe()
+    os.close(r)  # every write to w now fails with EPIPE
+    args = ["--profile", profile, "--simulate", "--requests", "50"]
+    p = subprocess.run(
+        [sys.executable, "-m", "disagg.cli", "plan", *args],
+        cwd=ROOT,
+        stdout=w,
+        stderr=subprocess.PIPE,
+        text=True,
+        timeout=120,
+    )
+    os.close(w)
+    assert p.returncode == 0 and "Traceback" not in p.stderr, p.stderr

@@ -4,6 +4,7 @@ decision log and in the final response."""
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -33,7 +34,7 @@ def _decision(c: Cluster, path: Path, rid: str) -> dict:  # type: ignore[type-ar
     c.app.orchestrator.decisions.flush()
     for line in path.read_text().splitlines():
         rec = json.loads(line)
-        if rec["kind"] == "decision" and rec["rid"] == rid:
+        if rec["kind"] == "decision" and rec.get("client_rid") == rid:  # rid: the internal id
             return rec  # type: ignore[no-any-return]
     raise AssertionError(f"no decision for {rid}")
 
@@ -61,8 +62,21 @@ def test_long_prompt_prefilled_remotely(cluster: Cluster, log_path: Path) -> Non
     cluster.wait_no_leaks()
 
 
+def _settled(c: Cluster, timeout_s: float = 10.0) -> None:
+    """Waits until the scheduler sees every prefill worker idle (heartbeats lag a request:
+    a queue still reported after it finished would price the prefix holder out)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        views = [w for w in c.app.orchestrator._registry.snapshot() if w.role == "prefill"]
+        if views and all(w.queued_prefill_tokens == 0 and w.running == 0 for w in views):
+            return
+        time.sleep(0.05)
+    raise AssertionError("prefill workers still reported busy")
+
+
 def test_repeated_long_prefix_goes_to_its_holder(cluster: Cluster, log_path: Path) -> None:
     prefix = [(7 * i) % 500 + 3 for i in range(160)]
+    _settled(cluster)
     _, _, first = cluster.generate(
         request_id="pre-0", prompt_token_ids=[*prefix, 11, 12], max_tokens=3, temperature=0
     )
@@ -70,6 +84,7 @@ def test_repeated_long_prefix_goes_to_its_holder(cluster: Cluster, log_path: Pat
     assert holder.startswith("prefill-")
     for i in range(1, 4):
         rid = f"pre-{i}"
+        _settled(cluster)
         _, _, last = cluster.generate(
             request_id=rid, prompt_token_ids=[*prefix, 20 + i, 30 + i], max_tokens=3, temperature=0
         )

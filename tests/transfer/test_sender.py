@@ -158,8 +158,9 @@ def test_redis_mirrors_each_state_and_loses_the_record_at_the_end(valkey: Embedd
             store = MetaStore(valkey.url)
             try:
                 sender = sender_for(engine, store=store)
-                await sender.hold("mirror-1", first)
-                record = await store.get_kv_handle("mirror-1")  # there when hold returns
+                await sender.hold("mirror-1", first)  # publishes in the background
+                await sender.settle()
+                record = await store.get_kv_handle("mirror-1")
                 assert record is not None and state_from_pb(record.state) is S.READY
                 assert list(record.block_ids) == list(engine.held_blocks("mirror-1")[0])  # type: ignore[index]
                 sender.begin("mirror-1")
