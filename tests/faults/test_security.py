@@ -130,11 +130,15 @@ def test_defaults_bind_loopback_only() -> None:
     assert WorkerConfig().host == "127.0.0.1"
 
 
-def _listening_inodes_of_this_process() -> set[str]:
+def _socket_inodes(pid: int | str = "self") -> set[str]:
     inodes = set()
-    for fd in os.listdir("/proc/self/fd"):
+    try:
+        fds = os.listdir(f"/proc/{pid}/fd")
+    except OSError:  # the process is gone
+        return inodes
+    for fd in fds:
         try:
-            target = os.readlink(f"/proc/self/fd/{fd}")
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
         except OSError:
             continue
         if target.startswith("socket:["):
@@ -142,24 +146,64 @@ def _listening_inodes_of_this_process() -> set[str]:
     return inodes
 
 
-def test_running_services_listen_on_loopback_only(tiny_cluster) -> None:  # type: ignore[no-untyped-def]
-    ours = _listening_inodes_of_this_process()
-    listening = []
-    loopback6 = {
-        "00000000000000000000000001000000",
-        "0000000000000000FFFF00000100007F",
-    }  # ::1, ::ffff:127.0.0.1
-    for table, loopback in (("/proc/net/tcp", {"0100007F"}), ("/proc/net/tcp6", loopback6)):
+_LOOPBACK = {
+    "/proc/net/tcp": {"0100007F"},  # 127.0.0.1
+    "/proc/net/tcp6": {
+        "00000000000000000000000001000000",  # ::1
+        "0000000000000000FFFF00000100007F",  # ::ffff:127.0.0.1
+    },
+}
+
+
+def _listening(inodes: set[str]) -> list[tuple[str, str]]:
+    """(table, local address) of every TCP socket in LISTEN among inodes."""
+    found = []
+    for table in _LOOPBACK:
         with open(table) as f:
             for line in f.readlines()[1:]:
                 cols = line.split()
                 local, state, inode = cols[1], cols[3], cols[9]
-                if state == "0A" and inode in ours:  # LISTEN, owned by this test process
-                    listening.append((table, local))
-                    assert local.split(":")[0] in loopback, (
-                        f"listening beyond loopback: {table} {local}"
-                    )
+                if state == "0A" and inode in inodes:
+                    found.append((table, local))
+    return found
+
+
+def _beyond_loopback(listening: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    return [(t, a) for t, a in listening if a.split(":")[0] not in _LOOPBACK[t]]
+
+
+def test_running_services_listen_on_loopback_only(tiny_cluster) -> None:  # type: ignore[no-untyped-def]
+    listening = _listening(_socket_inodes())
+    assert not _beyond_loopback(listening), listening
     assert len(listening) >= 3  # scheduler, prefill, decode
+
+
+def test_disagg_up_listens_on_loopback_only(tiny_model: str, tmp_path: pathlib.Path) -> None:
+    """Every listener of the whole `disagg up` process tree -- gRPC of the scheduler and the
+    workers, the HTTP front with /metrics, the workers' /metrics, the embedded Valkey, and
+    NIXL's listeners -- binds loopback when no address is configured."""
+    from tests.e2e.test_up import READY_TIMEOUT_S, UpProcess, _free_port, system_procs
+
+    http_port = _free_port()
+    up = UpProcess(
+        tiny_model,
+        tmp_path / "up.log",
+        ("--http-port", str(http_port)),
+        env={"DISAGG_METRICS_PORT": "0"},  # the workers' /metrics on, on free ports
+    )
+    procs = []
+    try:
+        up.wait_ready(READY_TIMEOUT_S)
+        procs = system_procs(up.proc.pid, up.port)
+        listening = _listening(set().union(*(_socket_inodes(p.pid) for p in procs)))
+        assert not _beyond_loopback(listening), listening
+        ports = {int(a.rsplit(":", 1)[1], 16) for _, a in listening}
+        assert {up.port, http_port} <= ports
+        assert any("valkey" in p.cmdline for p in procs)
+        # scheduler gRPC + HTTP, two workers' gRPC and /metrics, Valkey
+        assert len(ports) >= 7, (listening, [p.cmdline for p in procs])
+    finally:
+        up.kill_everything(procs or system_procs(up.proc.pid, up.port))
 
 
 def test_no_pickle_marshal_or_eval_in_the_package() -> None:
