@@ -60,6 +60,7 @@ from services.scheduler.registry import Reservation, WorkerRegistry
 from services.scheduler.requests import (
     GenerationEvent,
     GenerationRequest,
+    InvalidRequest,
     Overloaded,
     Timing,
     Unavailable,
@@ -183,6 +184,22 @@ def slo_of(cfg: SchedulerConfig) -> Slo:
     return Slo(cfg.slo_ttft_ms or default.ttft_ms, cfg.slo_itl_ms or default.tpot_ms)
 
 
+def _check_fits(req: GenerationRequest, views: list[WorkerView]) -> None:
+    """InvalidRequest when no decode worker's whole KV pool holds prompt + max_tokens: such
+    a request would fail on every worker (or, preempting everyone else, never finish)."""
+    decoders = [w for w in views if w.role == "decode"]
+    if not decoders:
+        return  # routing answers UNAVAILABLE
+    prompt, more = len(req.prompt_token_ids), req.sampling.max_tokens
+    capacity = max(w.total_blocks * w.block_size for w in decoders)
+    if prompt + more > capacity:
+        raise InvalidRequest(
+            "max_tokens",
+            f"prompt ({prompt} tokens) + max_tokens ({more}) exceed the KV cache of the largest "
+            f"decode worker ({capacity} tokens); lower max_tokens or shorten the prompt",
+        )
+
+
 class Orchestrator:
     def __init__(
         self,
@@ -231,6 +248,7 @@ class Orchestrator:
         """The policy's decision for req (logged), and the prompt's block hashes."""
         reg = self._registry
         views = reg.snapshot()
+        _check_fits(req, views)
         block_size = views[0].block_size if views else 16
         hashes = prompt_hashes(req.prompt_token_ids, block_size)
         rr = RouteRequest(
