@@ -1,7 +1,8 @@
 """When to retry a call, and how long to wait first (pure: no I/O, no clock).
 
 A call is retried only when (1) its status is one of ``codes`` (UNAVAILABLE,
-RESOURCE_EXHAUSTED), (2) no response of it has arrived yet (a stream that
+RESOURCE_EXHAUSTED) -- but not a message over the size limit, which grpc also
+reports as RESOURCE_EXHAUSTED and which fails the same way every time --, (2) no response of it has arrived yet (a stream that
 has sent tokens is never replayed), (3) tries are left, and (4) the wait
 fits in what is left of the call's deadline. The wait is the server's hint
 when it gave one (stretched by up to ``jitter``, never shortened), else an
@@ -19,6 +20,13 @@ import grpc
 from disagg.client.errors import ClientError
 
 RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED})
+# grpc's own status for a message over the limit ("Received/Sent message larger than max")
+_TOO_LARGE = "message larger than max"
+
+
+def permanent(error: ClientError) -> bool:
+    """A failure no retry can fix although its code is retryable: the message's size."""
+    return error.code == grpc.StatusCode.RESOURCE_EXHAUSTED and _TOO_LARGE in error.details.lower()
 
 
 @dataclass(frozen=True)
@@ -55,7 +63,7 @@ class RetryPolicy:
     ) -> float | None:
         """Seconds to wait before another try after ``attempt`` tries failed with error;
         None: raise the error instead."""
-        if error.code not in self.codes or attempt >= self.max_attempts:
+        if error.code not in self.codes or attempt >= self.max_attempts or permanent(error):
             return None
         hint = error.retry_after_s
         if hint is not None and hint > self.max_hint_s:

@@ -41,6 +41,7 @@ MIRROR_TIMEOUT_S = 1.0  # deadline of one mirror write
 SWEEP_S = 1.0  # how often final deletes that failed are retried
 GIVE_UP_S = 120.0  # ... and for how long (the record's TTL removes it anyway)
 MAX_IN_FLIGHT = 16  # mirror writes in flight at once
+WARN_EVERY_S = 10.0  # during an outage: one warning per this many seconds, with a count
 
 _Write = Callable[[MetaStore], Awaitable[object]]  # bounds its own Redis calls
 
@@ -83,6 +84,8 @@ class RedisMirror:
         self._slots = asyncio.Semaphore(MAX_IN_FLIGHT)
         self._undone: dict[str, float] = {}  # request id -> when to stop retrying its delete
         self._sweeper: asyncio.Task[None] | None = None
+        self._warned_at = float("-inf")  # last failure warning
+        self._unwarned = 0  # failures since then, not logged one by one
 
     @property
     def pending_deletes(self) -> int:
@@ -152,13 +155,21 @@ class RedisMirror:
             async with asyncio.timeout(self._timeout_s):
                 await write
         except Exception as e:
-            log.log(
-                logging.DEBUG if quiet else logging.WARNING,
-                "metastore update failed: %s",
-                e or type(e).__name__,
-            )
+            self._failed(e, quiet)
             return False
         return True
+
+    def _failed(self, e: Exception, quiet: bool) -> None:
+        """Logs a failed write: at most one warning per ``WARN_EVERY_S`` (an outage fails
+        every write; one line per write would flood the log), the rest counted into it."""
+        now = time.monotonic()
+        if quiet or now - self._warned_at < WARN_EVERY_S:
+            self._unwarned += not quiet
+            log.debug("metastore update failed: %s", e or type(e).__name__)
+            return
+        more = f" ({self._unwarned} more since the last warning)" if self._unwarned else ""
+        log.warning("metastore update failed: %s%s", e or type(e).__name__, more)
+        self._warned_at, self._unwarned = now, 0
 
     def _retry_delete(self, request_id: str) -> None:
         self._undone[request_id] = time.monotonic() + GIVE_UP_S

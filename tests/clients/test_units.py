@@ -41,6 +41,9 @@ def test_a_hint_is_waited_never_shortened() -> None:
         p.next_wait(1, make_error(EXHAUSTED, "x", retry_after_s=60.0), None) is None
     )  # > max_hint_s
     assert p.next_wait(1, make_error(grpc.StatusCode.INVALID_ARGUMENT, "bad"), None) is None
+    too_big = make_error(EXHAUSTED, "Received message larger than max (8388621 vs. 1048576)")
+    assert p.next_wait(1, too_big, None) is None  # the same message fails the same way again
+    assert p.next_wait(1, make_error(EXHAUSTED, "busy"), None, rand=lambda: 0.5) is not None
 
 
 def test_backoff_without_a_hint_grows_and_is_jittered() -> None:

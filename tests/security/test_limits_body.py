@@ -25,6 +25,8 @@ import openai
 import pytest
 import redis
 
+from disagg.client.errors import from_rpc_error
+from disagg.client.retry import RetryPolicy
 from disagg.engine.testing import TINY_MAX_CONTEXT
 from disagg.metastore.embedded import EmbeddedValkey
 from disagg.tokenization.prompts import MAX_CHARS_PER_TOKEN
@@ -118,6 +120,8 @@ def test_8mib_grpc_message_is_resource_exhausted(cluster: HttpCluster) -> None:
     with pytest.raises(grpc.RpcError) as err:
         list(cluster.stub().Generate(big, timeout=30))
     assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    # grpc's own wording: the client's retry policy knows it fails again and does not retry
+    assert RetryPolicy().next_wait(1, from_rpc_error(err.value), None) is None
     ids, _, last = cluster.generate(prompt="t5 t6", max_tokens=3)
     assert len(ids) == 3 and last.finish_reason == "length"
     cluster.wait_no_leaks()
