@@ -380,7 +380,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
                     print(
                         f"\n[{ev.finish_reason}] prompt={u.prompt_tokens} completion={u.completion_tokens} "
                         f"ttft={t.ttft_ms:.0f}ms prefill={t.prefill_ms:.0f}ms transfer={t.kv_transfer_ms:.1f}ms "
-                        f"decode={t.decode_ms:.0f}ms",
+                        f"{f'({t.kv_transport}) ' if t.kv_transport else ''}decode={t.decode_ms:.0f}ms",
                         file=sys.stderr,
                     )
         except ClientError as e:

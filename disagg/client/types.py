@@ -34,6 +34,7 @@ class Timings:
     decode_ms: float = 0.0  # first decode step until the last token
     ttft_ms: float = 0.0  # arrival until the first token left the scheduler
     e2e_ms: float = 0.0  # arrival until the final response
+    kv_transport: str = ""  # how the KV reached the decode worker: nixl | grpc | fallback
 
 
 @dataclass(frozen=True)
@@ -145,7 +146,13 @@ def event_from_pb(resp: scheduler_pb2.GenerateResponse) -> GenerateEvent:
         finish_reason=resp.finish_reason,
         usage=Usage(u.prompt_tokens, u.completion_tokens, u.cached_prompt_tokens),
         timings=Timings(
-            t.queue_ms, t.prefill_ms, t.kv_transfer_ms, t.decode_ms, t.ttft_ms, t.e2e_ms
+            t.queue_ms,
+            t.prefill_ms,
+            t.kv_transfer_ms,
+            t.decode_ms,
+            t.ttft_ms,
+            t.e2e_ms,
+            t.kv_transport,
         ),
         prefill_worker=resp.prefill_worker,
         decode_worker=resp.decode_worker,

@@ -45,6 +45,8 @@ from disagg.worker.validation import validate_prompt
 
 log = logging.getLogger(__name__)
 
+FALLBACK = "fallback"  # kv_transport of a handoff that failed: the prompt was prefilled here
+
 
 @dataclasses.dataclass
 class _Plan:
@@ -54,6 +56,7 @@ class _Plan:
     first_token_id: int | None = None
     kv_transfer_ms: float = 0.0
     transfer_bytes: int = 0
+    kv_transport: str = ""  # the handoff's transport; "fallback": it failed, prefilled here
 
 
 class DecodeServicer(worker_pb2_grpc.DecodeWorkerServicer):
@@ -89,7 +92,9 @@ class DecodeServicer(worker_pb2_grpc.DecodeWorkerServicer):
             return
         if plan.sampling.max_tokens <= 0:
             yield worker_pb2.DecodeResponse(
-                finish_reason="length", kv_transfer_ms=plan.kv_transfer_ms
+                finish_reason="length",
+                kv_transfer_ms=plan.kv_transfer_ms,
+                kv_transport=plan.kv_transport,
             )
             return
         async for resp in self._stream(request.request_id, plan):
@@ -140,6 +145,7 @@ class DecodeServicer(worker_pb2_grpc.DecodeWorkerServicer):
                 handle.first_token_id,
                 result.elapsed_ms,
                 result.bytes,
+                result.transport,
             )
         log.warning("kv pull failed, prefilling locally request_id=%s error=%s", rid, result.reason)
         return _local_prefill(ids, sampling, handle.first_token_id, result.elapsed_ms)
@@ -156,6 +162,7 @@ class DecodeServicer(worker_pb2_grpc.DecodeWorkerServicer):
                 resp = worker_pb2.DecodeResponse(token_ids=out.token_ids)
                 if first:
                     resp.kv_transfer_ms = plan.kv_transfer_ms
+                    resp.kv_transport = plan.kv_transport
                     resp.prefill_ms = out.prefill_ms or 0.0
                     resp.queue_ms = out.queue_ms or 0.0
                     first = False
@@ -180,6 +187,14 @@ def _local_prefill(
     the client, so prefill the prompt + that token here and continue after it."""
     if sampling.max_tokens <= 1:
         one = dataclasses.replace(sampling, max_tokens=1)
-        return _Plan(RequestMode.GENERATE, ids, one, kv_transfer_ms=elapsed_ms)
+        return _Plan(
+            RequestMode.GENERATE, ids, one, kv_transfer_ms=elapsed_ms, kv_transport=FALLBACK
+        )
     rest = dataclasses.replace(sampling, max_tokens=sampling.max_tokens - 1)
-    return _Plan(RequestMode.GENERATE, [*ids, first_token_id], rest, kv_transfer_ms=elapsed_ms)
+    return _Plan(
+        RequestMode.GENERATE,
+        [*ids, first_token_id],
+        rest,
+        kv_transfer_ms=elapsed_ms,
+        kv_transport=FALLBACK,
+    )

@@ -416,6 +416,8 @@ class Orchestrator:
         t = f.timing
         if up.kv_transfer_ms:
             t.kv_transfer_ms = up.kv_transfer_ms
+        if up.kv_transport:
+            t.kv_transport = up.kv_transport
         if fresh and up.prefill_ms:
             t.prefill_ms, t.queue_ms = up.prefill_ms, t.queue_ms + up.queue_ms
         if up.token_ids and not t.ttft_ms:

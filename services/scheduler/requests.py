@@ -71,6 +71,7 @@ class Timing:
     decode_ms: float = 0.0
     ttft_ms: float = 0.0
     e2e_ms: float = 0.0
+    kv_transport: str = ""  # nixl | grpc | fallback; "" = no handoff
 
 
 @dataclass

@@ -73,6 +73,7 @@ def event_to_pb(rid: str, ev: GenerationEvent) -> scheduler_pb2.GenerateResponse
                 decode_ms=t.decode_ms,
                 ttft_ms=t.ttft_ms,
                 e2e_ms=t.e2e_ms,
+                kv_transport=t.kv_transport,
             )
         )
         resp.prefill_worker, resp.decode_worker = ev.prefill_worker, ev.decode_worker

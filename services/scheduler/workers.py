@@ -85,6 +85,7 @@ class DecodeUpdate:
     prefill_ms: float = 0.0  # on the first update, when prefilled on the decode worker
     queue_ms: float = 0.0  # on the first update
     decode_ms: float = 0.0  # on the last update
+    kv_transport: str = ""  # on the first update after a handoff: nixl | grpc | fallback
 
 
 def prefill_request(req: GenerationRequest) -> worker_pb2.PrefillRequest:
@@ -122,6 +123,7 @@ def decode_update(resp: worker_pb2.DecodeResponse) -> DecodeUpdate:
         prefill_ms=resp.prefill_ms,
         queue_ms=resp.queue_ms,
         decode_ms=resp.decode_ms,
+        kv_transport=resp.kv_transport,
     )
 
 

@@ -83,6 +83,7 @@ def test_greedy_equals_generate(
     assert last.prefill_worker.startswith("prefill-") and last.decode_worker.startswith("decode-")
     if n_new > 1:
         assert last.timings.kv_transfer_ms > 0  # the KV really moved between workers
+        assert last.timings.kv_transport == _transport_of(cluster)  # reported per request
         imports = cluster.decode_hosts[0].kv.metrics.totals()
         assert list(imports) == [_transport_of(cluster)] and imports[_transport_of(cluster)][1] == 0
     cluster.wait_no_leaks()

@@ -100,6 +100,7 @@ def test_nan_or_short_kv_is_rejected_and_the_request_completes_via_fallback(
     rest, first = _decode(decode.address, "nan-1", prompt, handle)
     assert [handle.first_token_id, *rest] == want
     assert first.prefill_ms > 0, "the decode worker should have prefilled locally"
+    assert first.kv_transport == "fallback"
     assert decode.kv.metrics.totals() == {transport: (1, 1)}
     assert _pool_is_finite(decode), "rejected KV left non-finite values in the decode pool"
     prefill.engine.kv.v[1][last].zero_()  # the owner's pool is the test's to repair
@@ -111,8 +112,8 @@ def test_nan_or_short_kv_is_rejected_and_the_request_completes_via_fallback(
     assert decode.kv.metrics.totals() == {transport: (2, 2)}
 
     # A good handoff after both: imported, and greedy-equal (nothing poisoned meanwhile).
-    ids, _, _ = cluster.generate(prompt_token_ids=prompt, max_tokens=N_NEW, temperature=0)
-    assert ids == want
+    ids, _, last = cluster.generate(prompt_token_ids=prompt, max_tokens=N_NEW, temperature=0)
+    assert ids == want and last.timings.kv_transport == transport  # in the client's timings
     assert decode.kv.metrics.totals() == {transport: (3, 2)}
     cluster.wait_no_leaks()
 
