@@ -122,6 +122,9 @@ class EngineRequest:
     # the KV of prompt_token_ids must already be imported under request_id.
     first_token_id: int | None = None
     arrival_s: float = field(default=0.0)  # time.monotonic() at submit (set by the engine)
+    # Starts the prefix-cache hash chain (kvpool.hashing): requests of different salts
+    # (tenants) never share cached blocks. Empty: unsalted.
+    cache_salt: bytes = b""
 
 
 @dataclass(frozen=True)

@@ -66,7 +66,7 @@ class Sequence:
         """Content hash of full block i of token_ids (memoized, chained)."""
         while len(self.block_hashes) <= i:
             j = len(self.block_hashes)
-            parent = self.block_hashes[j - 1] if j else None
+            parent = self.block_hashes[j - 1] if j else (self.req.cache_salt or None)
             toks = self.token_ids[j * block_size : (j + 1) * block_size]
             self.block_hashes.append(block_hash(parent, toks))
         return self.block_hashes[i]

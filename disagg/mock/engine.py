@@ -268,7 +268,7 @@ class MockEngine:
                 s.started = time.monotonic()
                 self._running.append(s)
                 continue
-            hashes = prompt_hashes(r.prompt_token_ids, bs, limit=(n - 1) // bs)
+            hashes = prompt_hashes(r.prompt_token_ids, bs, limit=(n - 1) // bs, salt=r.cache_salt)
             hit = 0
             for h in hashes:
                 if self.allocator.lookup(h) is None:

@@ -26,6 +26,7 @@ async def run_request(
     sampling: SamplingParams,
     mode: RequestMode,
     first_token_id: int | None = None,
+    cache_salt: bytes = b"",
 ) -> AsyncGenerator[TokenOutput, None]:
     loop = asyncio.get_running_loop()
     queue: asyncio.Queue[TokenOutput] = asyncio.Queue()
@@ -41,6 +42,7 @@ async def run_request(
             on_output=on_output,
             mode=mode,
             first_token_id=first_token_id,
+            cache_salt=cache_salt,
         )
     )
     finished = False

@@ -6,6 +6,8 @@ import grpc
 
 from disagg.engine.api import Engine
 
+MAX_CACHE_SALT_BYTES = 64  # a request's cache_salt (the scheduler sends 16)
+
 
 async def validate_prompt(
     engine: Engine, ids: list[int], context: grpc.aio.ServicerContext

@@ -41,7 +41,7 @@ from disagg.v1 import worker_pb2, worker_pb2_grpc
 from disagg.wire import sampling_from_pb
 from disagg.worker.bridge import run_request
 from disagg.worker.host import KvPlane
-from disagg.worker.validation import validate_prompt
+from disagg.worker.validation import MAX_CACHE_SALT_BYTES, validate_prompt
 
 log = logging.getLogger(__name__)
 
@@ -97,7 +97,7 @@ class DecodeServicer(worker_pb2_grpc.DecodeWorkerServicer):
                 kv_transport=plan.kv_transport,
             )
             return
-        async for resp in self._stream(request.request_id, plan):
+        async for resp in self._stream(request.request_id, plan, request.cache_salt):
             yield resp
 
     async def _plan(
@@ -106,6 +106,12 @@ class DecodeServicer(worker_pb2_grpc.DecodeWorkerServicer):
         """What the engine runs for this request; None after aborting the call."""
         ids = list(request.prompt_token_ids)
         await validate_prompt(self._engine, ids, context)
+        if len(request.cache_salt) > MAX_CACHE_SALT_BYTES:
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"cache_salt: at most {MAX_CACHE_SALT_BYTES} bytes",
+            )
+            return None
         try:
             sampling = sampling_from_pb(request.sampling)
         except ValueError as e:
@@ -150,12 +156,20 @@ class DecodeServicer(worker_pb2_grpc.DecodeWorkerServicer):
         log.warning("kv pull failed, prefilling locally request_id=%s error=%s", rid, result.reason)
         return _local_prefill(ids, sampling, handle.first_token_id, result.elapsed_ms)
 
-    async def _stream(self, rid: str, plan: _Plan) -> AsyncIterator[worker_pb2.DecodeResponse]:
+    async def _stream(
+        self, rid: str, plan: _Plan, cache_salt: bytes
+    ) -> AsyncIterator[worker_pb2.DecodeResponse]:
         first = True
         started = time.monotonic()
         async with contextlib.aclosing(
             run_request(
-                self._engine, rid, plan.prompt, plan.sampling, plan.mode, plan.first_token_id
+                self._engine,
+                rid,
+                plan.prompt,
+                plan.sampling,
+                plan.mode,
+                plan.first_token_id,
+                cache_salt,
             )
         ) as stream:
             async for out in stream:

@@ -32,7 +32,7 @@ from disagg.transfer.state import HandoffState
 from disagg.v1 import worker_pb2, worker_pb2_grpc
 from disagg.wire import sampling_from_pb
 from disagg.worker.bridge import run_request
-from disagg.worker.validation import validate_prompt
+from disagg.worker.validation import MAX_CACHE_SALT_BYTES, validate_prompt
 
 
 class PrefillServicer(worker_pb2_grpc.PrefillWorkerServicer):
@@ -74,13 +74,25 @@ class PrefillServicer(worker_pb2_grpc.PrefillWorkerServicer):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"sampling.{e}")
         if not rid:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "request_id: required")
+        if len(request.cache_salt) > MAX_CACHE_SALT_BYTES:
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"cache_salt: at most {MAX_CACHE_SALT_BYTES} bytes",
+            )
         if self._sender.holds(rid):
             await context.abort(
                 grpc.StatusCode.ALREADY_EXISTS,
                 f"request_id: {rid!r} already holds KV here; release it or use a new id",
             )
         async with contextlib.aclosing(
-            run_request(self._engine, rid, ids, sampling, RequestMode.PREFILL_ONLY)
+            run_request(
+                self._engine,
+                rid,
+                ids,
+                sampling,
+                RequestMode.PREFILL_ONLY,
+                cache_salt=request.cache_salt,
+            )
         ) as stream:
             outs = [o async for o in stream]  # one output: the first token (or an error)
         out = outs[-1]

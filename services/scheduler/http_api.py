@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import logging
 import math
@@ -41,7 +42,7 @@ from prometheus_client import CollectorRegistry
 from disagg.engine.model_loader import default_cache_dir, served_name
 from disagg.metrics.http import bound_port, metrics_handler
 from disagg.tokenization.prompts import ChatTurn
-from services.scheduler.auth import OPEN_HTTP_PATHS, bearer_ok
+from services.scheduler.auth import OPEN_HTTP_PATHS, bearer_ok, cache_salt
 from services.scheduler.limits import (
     RETRY_AFTER_S,
     ClientSlots,
@@ -551,6 +552,9 @@ class HttpApi:
             req = await build_off_loop(self._requests, parsed.raw)
         except InvalidRequest as e:
             raise error_for(e, parsed.param_map) from e
+        salt = cache_salt(self._api_key, request.headers.get("Authorization"))
+        if salt:
+            req = dataclasses.replace(req, cache_salt=salt)
         shape = _Shape(
             chat,
             ("chatcmpl-" if chat else "cmpl-") + req.request_id,

@@ -250,7 +250,7 @@ class Orchestrator:
         views = reg.snapshot()
         _check_fits(req, views)
         block_size = views[0].block_size if views else 16
-        hashes = prompt_hashes(req.prompt_token_ids, block_size)
+        hashes = prompt_hashes(req.prompt_token_ids, block_size, salt=req.cache_salt)
         rr = RouteRequest(
             prompt_tokens=len(req.prompt_token_ids),
             max_tokens=req.sampling.max_tokens,

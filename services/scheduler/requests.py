@@ -56,6 +56,7 @@ class GenerationRequest:
     itl_slo_ms: float = 0.0  # 0 = the server's default SLO
     verify: bool = False  # re-run collocated after the stream and compare (greedy only)
     client_request_id: str = ""  # the client's own id: echoed, never a key; "" = none sent
+    cache_salt: bytes = b""  # the tenant's prefix-cache salt (auth.cache_salt); b"" = none
 
     @property
     def reply_id(self) -> str:

@@ -8,6 +8,7 @@ call (the stream owns the request), never by naming an id.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -15,7 +16,7 @@ import grpc
 
 from disagg.tokenization.prompts import ChatTurn
 from disagg.v1 import common_pb2, scheduler_pb2, scheduler_pb2_grpc
-from services.scheduler.auth import grpc_metadata_ok
+from services.scheduler.auth import cache_salt, grpc_authorization, grpc_metadata_ok
 from services.scheduler.limits import build_off_loop
 from services.scheduler.orchestrator import Orchestrator
 from services.scheduler.registry import WorkerRegistry
@@ -112,6 +113,9 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
         except InvalidRequest as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
             return
+        salt = cache_salt(self._api_key, grpc_authorization(context.invocation_metadata()))
+        if salt:
+            req = dataclasses.replace(req, cache_salt=salt)
         code, message = None, ""
         trailing: tuple[tuple[str, str], ...] = ()
         try:

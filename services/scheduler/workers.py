@@ -93,6 +93,7 @@ def prefill_request(req: GenerationRequest) -> worker_pb2.PrefillRequest:
         request_id=req.request_id,
         prompt_token_ids=req.prompt_token_ids,
         sampling=sampling_to_pb(req.sampling),
+        cache_salt=req.cache_salt,
     )
 
 
@@ -112,6 +113,7 @@ def decode_request(req: GenerationRequest, ticket: KvTicket | None) -> worker_pb
         prompt_token_ids=req.prompt_token_ids,
         sampling=sampling_to_pb(req.sampling),
         handle=None if ticket is None else ticket._handle,
+        cache_salt=req.cache_salt,
     )
 
 
