@@ -1,5 +1,11 @@
 """The scheduler's prefill dispatch queue: at most ``depth`` prefills per worker at once.
 
+With N scheduler replicas (``replicas``: the live count, from the shared loads)
+each replica keeps ``ceil(depth / N)`` in flight per worker, so a worker still
+gets about ``depth`` prompts at once and the rest wait in the replicas' queues,
+in queue order, instead of in the worker's own FIFO (N x depth prompts there
+would undo the shortest-first order: docs/adr/0005).
+
 1. ``slot(worker, expected_ms)``: runs at once while the worker has fewer than
    ``depth`` of our prefills; otherwise waits in that worker's queue.
 2. When a slot frees, the next waiter is picked by ``QueueOrder`` (shortest
@@ -13,7 +19,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
@@ -31,13 +37,21 @@ class _Queue:
 
 
 class PrefillDispatch:
-    def __init__(self, order: QueueOrder, depth: int):
+    def __init__(
+        self, order: QueueOrder, depth: int, replicas: Callable[[], int] = lambda: 1
+    ) -> None:
         if depth <= 0:
             raise ValueError("depth must be > 0")
         self.order = order
-        self.depth = depth
+        self.total_depth = depth  # per worker, over all replicas
+        self._replicas = replicas
         self._queues: dict[str, _Queue] = {}
         self._seq = itertools.count()
+
+    @property
+    def depth(self) -> int:
+        """This replica's share of a worker's prefills in flight (at least one)."""
+        return max(1, -(-self.total_depth // max(1, self._replicas())))
 
     def waiting(self, worker_id: str) -> int:
         q = self._queues.get(worker_id)

@@ -220,7 +220,9 @@ class Orchestrator:
         registry.on_cost = self.decisions.cost
         for worker_id, model in registry.costs.items():  # seeded before the hook existed
             self.decisions.cost(worker_id, model)
-        self._dispatch = PrefillDispatch(self.admission.queue, self.admission.dispatch_depth)
+        self._dispatch = PrefillDispatch(
+            self.admission.queue, self.admission.dispatch_depth, lambda: registry.replicas
+        )
         self._seq = itertools.count()
         self._tok = tokenizer
         self._eos = frozenset(eos_token_ids)

@@ -126,6 +126,31 @@ def test_at_most_depth_in_flight_and_the_rest_in_queue_order() -> None:
     run_async(scenario())
 
 
+def test_replicas_share_the_depth() -> None:
+    """Two replicas keep one prefill each in flight per worker (depth 2 in all); when the
+    other replica goes, this one takes the whole depth again."""
+
+    async def scenario() -> None:
+        replicas = [2]
+        dispatch = PrefillDispatch(_fifo_free(), depth=2, replicas=lambda: replicas[0])
+        probe = _Probe(dispatch)
+        tasks = [probe.start(name, 10.0) for name in "abc"]
+        await _settle()
+        assert probe.entered == ["a"] and dispatch.waiting("p0") == 2
+        replicas[0] = 1  # the peer's record expired
+        probe.go["a"].set()
+        await _settle()
+        assert probe.entered == ["a", "b", "c"] and probe.inside == 2
+        for name in "bc":
+            probe.go[name].set()
+        await asyncio.gather(*tasks)
+        assert PrefillDispatch(_fifo_free(), depth=2, replicas=lambda: 3).depth == 1
+        assert PrefillDispatch(_fifo_free(), depth=4, replicas=lambda: 3).depth == 2
+        await _assert_no_leak(dispatch)
+
+    run_async(scenario())
+
+
 def test_workers_have_separate_queues() -> None:
     async def scenario() -> None:
         dispatch = PrefillDispatch(_fifo_free(), depth=1)
