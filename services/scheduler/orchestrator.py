@@ -240,6 +240,10 @@ class Orchestrator:
         """Yields events; raises Unavailable / Overloaded / InvalidRequest before the first one."""
         arrival = time.monotonic()
         with self._metrics.trace(arrival) as trace:
+            if not any(w.role == "decode" for w in self._registry.snapshot()):
+                # No decode worker in this view: before answering UNAVAILABLE, make sure
+                # of it (a replica that just started, workers that just registered).
+                await self._registry.fresh()
             f = self._admit(req, arrival)
             async with self._admitted(f) as events:
                 async for ev in events:

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -176,6 +177,10 @@ class WorkerRegistry:
         self._prefix_versions: dict[str, int] = {}  # worker -> version of its set we applied
         self.replicas = 1  # live scheduler replicas, this one included (last refresh)
         self._task: asyncio.Task[None] | None = None
+        self._listed_at = float("-inf")  # monotonic start of the last worker listing that landed
+        self._heartbeat_ms: dict[str, int] = {}  # worker -> wall time of its last heartbeat read
+        self._done_ms: dict[str, int] = {}  # worker -> wall time a prefill of ours ended there
+        self._refreshing: asyncio.Future[None] | None = None
 
     async def start(self) -> None:
         await self.refresh()
@@ -193,7 +198,17 @@ class WorkerRegistry:
         refreshes for the socket timeout times the retries."""
         return max(1.0, 4 * self._refresh_s)
 
+    async def fresh(self, max_age_s: float = 0.05) -> None:
+        """A refresh, unless a listing younger than max_age_s landed; concurrent callers
+        share one (a burst of requests that found no worker costs one Redis listing)."""
+        if time.monotonic() - self._listed_at <= max_age_s:
+            return
+        if self._refreshing is None or self._refreshing.done():
+            self._refreshing = asyncio.ensure_future(self.refresh())
+        await asyncio.shield(self._refreshing)
+
     async def refresh(self) -> None:
+        started = time.monotonic()
         try:
             async with asyncio.timeout(self.call_timeout_s):
                 records = await self._store.list_workers()
@@ -202,6 +217,7 @@ class WorkerRegistry:
             log.warning("worker registry refresh failed: %s", e or type(e).__name__)
         else:
             self.set_infos(self._through_outage(records))
+            self._listed_at = started
         if self.replica_id:
             await self._share_loads()
 
@@ -257,6 +273,10 @@ class WorkerRegistry:
         infos, skipped = routable(records, self.model, self._layout)
         self._note_mismatches(skipped)
         self._infos = infos
+        self._heartbeat_ms = {i.worker_id: i.heartbeat_unix_ms for i in infos}
+        for w, done in list(self._done_ms.items()):  # a newer heartbeat has it counted
+            if self._heartbeat_ms.get(w, done) >= done:
+                del self._done_ms[w]
         views = sorted((view_of(i) for i in infos), key=lambda v: v.worker_id)
         if views != self._views:
             gone = {v.worker_id for v in self._views} - {v.worker_id for v in views}
@@ -310,7 +330,22 @@ class WorkerRegistry:
     def policy_snapshot(self) -> Snapshot:
         """The live loads (this replica's + its peers') and costs: decide before the next await."""
         loads = self.loads if not self.peers else merge_loads(self.loads, self.peers)
-        return Snapshot(self.snapshot(), loads, self.costs)
+        return Snapshot(self._current_views(), loads, self.costs)
+
+    def _current_views(self) -> list[WorkerView]:
+        """The views, less a heartbeat's prefill queue where the heartbeat predates a
+        prefill of ours that ended there since: that queue was (also) the one we know is
+        done, and taking it as a floor priced a prefix holder out right after it served.
+        Our own and our peers' bookings still count (``loads``)."""
+        if not self._done_ms:
+            return self._views
+        return [
+            dataclasses.replace(v, queued_prefill_tokens=0)
+            if v.queued_prefill_tokens
+            and self._done_ms.get(v.worker_id, 0) > self._heartbeat_ms.get(v.worker_id, 0)
+            else v
+            for v in self._views
+        ]
 
     # --- in-flight accounting ------------------------------------------------------------
 
@@ -329,6 +364,7 @@ class WorkerRegistry:
     def prefill_done(self, r: Reservation) -> None:
         if r.prefill_open:
             r.prefill_open = False
+            self._done_ms[r.prefill_worker] = int(time.time() * 1000)
             local = r.prefill_worker == r.decode_worker
             self._add(r.prefill_worker, 0 if local else -1, -r.prefill_tokens, 0)
 

@@ -12,11 +12,12 @@
 from __future__ import annotations
 
 import asyncio
+import time
 
 from disagg.metastore.embedded import EmbeddedValkey
 from disagg.metastore.store import MetaStore
 from disagg.v1 import common_pb2
-from services.scheduler.registry import WorkerRegistry, common_layout, routable
+from services.scheduler.registry import Reservation, WorkerRegistry, common_layout, routable
 
 from .helpers import run_async
 from .test_metastore_workers import DECODE, PREFILL, make_worker
@@ -103,3 +104,24 @@ def test_workers_survive_a_redis_outage_for_the_grace_period(own_valkey: Embedde
             await store.close()
 
     run_async(scenario())
+
+
+def test_a_heartbeat_older_than_our_finished_prefill_does_not_price_the_worker_out() -> None:
+    """p0 reported 500 queued tokens in a heartbeat sent before a prefill this scheduler
+    saw finish there: that queue is not a floor any more (it priced prefix holders out
+    right after they served). A newer heartbeat counts again."""
+    registry = WorkerRegistry(MetaStore("redis://127.0.0.1:1/0"), refresh_s=0.1, model="tiny")
+    now_ms = int(time.time() * 1000)
+    busy = _with(make_worker("p0"), queued_prefill_tokens=500, heartbeat_unix_ms=now_ms - 1000)
+    registry.set_infos([busy, make_worker("d0", DECODE)])
+
+    def queued() -> int:
+        (p0,) = (v for v in registry.policy_snapshot().workers if v.worker_id == "p0")
+        return p0.queued_prefill_tokens
+
+    assert queued() == 500
+    registry.prefill_done(Reservation("p0", 500, "d0", 4))
+    assert queued() == 0
+    newer = _with(busy, heartbeat_unix_ms=now_ms + 1000)  # sent after it: its queue is news
+    registry.set_infos([newer, make_worker("d0", DECODE)])
+    assert queued() == 500

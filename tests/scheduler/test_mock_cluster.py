@@ -100,3 +100,31 @@ def test_slo_admission_rejects_at_once(mock_cluster: Cluster) -> None:
     ids, _, _ = mock_cluster.generate(prompt_token_ids=[3, 4, 5], max_tokens=2, ttft_slo_ms=1000)
     assert len(ids) == 2
     mock_cluster.wait_no_leaks()
+
+
+def test_no_decode_worker_in_view_is_checked_against_redis_first(
+    mock_model: str, valkey: EmbeddedValkey
+) -> None:
+    """A replica whose last listing predates the workers (just started; refresh every 30 s
+    here) re-lists before answering UNAVAILABLE: `disagg up --schedulers 2` printed `ready`
+    while one replica's view was still empty, and its first request failed."""
+    with redis.Redis.from_url(valkey.url) as r:
+        r.flushall()
+    c = Cluster(
+        mock_model, valkey.url, worker={"mock": True}, scheduler={"registry_refresh_s": 30.0}
+    ).start()
+    try:
+        registry = c.app.orchestrator._registry
+        c.run(_clear_view(registry))  # the view of a listing made before any worker registered
+        assert not registry.snapshot()
+        prompt = list(range(3, 13))
+        ids, _, last = c.generate(prompt_token_ids=prompt, max_tokens=4)
+        assert ids == _expected(prompt, 4) and last.finish_reason == "length"
+        c.wait_no_leaks()
+    finally:
+        c.stop()
+
+
+async def _clear_view(registry) -> None:  # type: ignore[no-untyped-def]
+    registry.set_infos([])
+    registry._listed_at = float("-inf")
