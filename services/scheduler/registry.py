@@ -337,14 +337,15 @@ class WorkerRegistry:
         prefill of ours that ended there since: that queue was (also) the one we know is
         done, and taking it as a floor priced a prefix holder out right after it served.
         Our own and our peers' bookings still count (``loads``)."""
+        views = self.snapshot()
         if not self._done_ms:
-            return self._views
+            return views
         return [
             dataclasses.replace(v, queued_prefill_tokens=0)
             if v.queued_prefill_tokens
             and self._done_ms.get(v.worker_id, 0) > self._heartbeat_ms.get(v.worker_id, 0)
             else v
-            for v in self._views
+            for v in views
         ]
 
     # --- in-flight accounting ------------------------------------------------------------
