@@ -184,14 +184,13 @@ def slo_of(cfg: SchedulerConfig) -> Slo:
     return Slo(cfg.slo_ttft_ms or default.ttft_ms, cfg.slo_itl_ms or default.tpot_ms)
 
 
-def _check_fits(req: GenerationRequest, views: list[WorkerView]) -> None:
-    """InvalidRequest when no decode worker's whole KV pool holds prompt + max_tokens: such
-    a request would fail on every worker (or, preempting everyone else, never finish)."""
-    decoders = [w for w in views if w.role == "decode"]
-    if not decoders:
+def _check_fits(req: GenerationRequest, capacity: int) -> None:
+    """InvalidRequest when no decode worker's whole KV pool (``capacity`` tokens, the
+    largest; 0: none in view) holds prompt + max_tokens: such a request would fail on
+    every worker (or, preempting everyone else, never finish)."""
+    if not capacity:
         return  # routing answers UNAVAILABLE
     prompt, more = len(req.prompt_token_ids), req.sampling.max_tokens
-    capacity = max(w.total_blocks * w.block_size for w in decoders)
     if prompt + more > capacity:
         raise InvalidRequest(
             "max_tokens",
@@ -240,7 +239,7 @@ class Orchestrator:
         """Yields events; raises Unavailable / Overloaded / InvalidRequest before the first one."""
         arrival = time.monotonic()
         with self._metrics.trace(arrival) as trace:
-            if not any(w.role == "decode" for w in self._registry.snapshot()):
+            if not self._registry.decode_capacity:
                 # No decode worker in this view: before answering UNAVAILABLE, make sure
                 # of it (a replica that just started, workers that just registered).
                 await self._registry.fresh()
@@ -254,7 +253,7 @@ class Orchestrator:
         """The policy's decision for req (logged), and the prompt's block hashes."""
         reg = self._registry
         views = reg.snapshot()
-        _check_fits(req, views)
+        _check_fits(req, reg.decode_capacity)
         block_size = views[0].block_size if views else 16
         hashes = prompt_hashes(req.prompt_token_ids, block_size, salt=req.cache_salt)
         rr = RouteRequest(

@@ -165,6 +165,8 @@ class WorkerRegistry:
         self.mismatched_total = 0  # workers found not routable, each counted when first seen
         self._infos: list[common_pb2.WorkerInfo] = []
         self._views: list[WorkerView] = []
+        # Tokens the largest decode worker's KV pool holds; 0: no decode worker in view.
+        self.decode_capacity = 0
         self.version = 0
         self.loads: dict[str, Load] = {}
         self.costs: dict[str, CostModel] = {}
@@ -288,6 +290,9 @@ class WorkerRegistry:
             for i in infos:
                 self._seed_cost(i)
             self._views = views
+            self.decode_capacity = max(
+                (v.total_blocks * v.block_size for v in views if v.role == "decode"), default=0
+            )
             self.version += 1
         self._prune_costs()
 
