@@ -111,6 +111,19 @@ class TokenOutput:
     cached_tokens: int = 0  # prompt tokens served from the prefix cache
 
 
+@dataclass(frozen=True)
+class KvProgress:
+    """How much of a running PREFILL_ONLY request's KV is in the pool (its
+    ``on_kv_progress``): tokens [0, computed) in every layer, tokens [computed, upto)
+    in layers [0, layers) (the chunk in flight). block_ids: its blocks so far, in
+    prompt order; they stay its own until it finishes or fails."""
+
+    block_ids: tuple[int, ...]
+    computed: int
+    upto: int
+    layers: int
+
+
 @dataclass
 class EngineRequest:
     request_id: str
@@ -125,6 +138,11 @@ class EngineRequest:
     # Starts the prefix-cache hash chain (kvpool.hashing): requests of different salts
     # (tenants) never share cached blocks. Empty: unsalted.
     cache_salt: bytes = b""
+    # PREFILL_ONLY: called on the engine thread as each layer of each chunk lands
+    # in the pool (per step for models without a per-layer hook); must be cheap
+    # and must not raise. Set, the request is never preempted: it fails instead
+    # (a reader may be copying its blocks).
+    on_kv_progress: Callable[[KvProgress], None] | None = None
 
 
 @dataclass(frozen=True)

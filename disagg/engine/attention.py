@@ -22,6 +22,7 @@ Choice and measurements: docs/adr/0001-paged-attention.md.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -64,6 +65,9 @@ class PagedMetadata:
     num_decode: int = 0
     decode_groups: list[DecodeGroup] = field(default_factory=list)
     prefills: list[PrefillSpan] = field(default_factory=list)
+    # Called with i once layer i's K and V of this step are in the pool (models
+    # that run layer by layer in Python: the native forward).
+    after_layer: Callable[[int], None] | None = None
 
 
 def group_by_length(num_blocks: list[int], min_split_blocks: int = 8) -> list[list[int]]:

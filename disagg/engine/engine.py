@@ -26,6 +26,7 @@ from disagg.engine.api import (
     EngineRequest,
     EngineStats,
     FinishReason,
+    KvProgress,
     RequestMode,
     TokenOutput,
 )
@@ -199,6 +200,8 @@ class LLMEngine:
             total = n
         if blocks_for(total, self.info.layout.block_size) > self.allocator.total_blocks:
             return "request needs more KV blocks than the pool has"
+        if req.on_kv_progress is not None and req.mode is not RequestMode.PREFILL_ONLY:
+            return "on_kv_progress is for PREFILL_ONLY requests"
         if req.mode is not RequestMode.DECODE and req.request_id in self._handoff:
             return f"request {req.request_id!r} already holds KV"
         if req.mode is RequestMode.DECODE:
@@ -267,6 +270,10 @@ class LLMEngine:
                 self._finish(seq, FinishReason.ERROR, (), self._pending, error=repr(exc))
             return None
         self.num_preemptions += len(batch.preempted)
+        for seq in batch.preempted:  # a reader may be copying its blocks: they were freed
+            if seq.req.on_kv_progress is not None:
+                error = "preempted while its KV streamed to a reader"
+                self._finish(seq, FinishReason.ERROR, (), self._pending, error=error)
         now = time.monotonic()
         for seq in batch.seqs:
             if seq.first_scheduled_s is None:
@@ -279,7 +286,7 @@ class LLMEngine:
         tokens: list[_Picked] | None = None
         error: Exception | None = None
         try:
-            logits = self.runner.run(batch)
+            logits = self.runner.run(batch, self._progress_hook(batch))
             done = self._completing(batch)
             tokens = self._sample(logits, batch, done)
         except Exception as exc:  # the forward itself: every request of the batch fails
@@ -295,6 +302,22 @@ class LLMEngine:
             else:
                 self._postprocess(batch, tokens, step_ms, emits)
         _deliver(emits)
+
+    def _progress_hook(self, batch: ScheduledBatch) -> Callable[[int], None] | None:
+        """after_layer for a step with streamed prefills: their progress, per layer."""
+        streamed = [(s, n) for s, n in batch.prefills if s.req.on_kv_progress is not None]
+        if not streamed:
+            return None
+        cuda = self.kv.k[0].is_cuda
+
+        def after_layer(i: int) -> None:
+            if cuda:  # a reader copies from another stream or process: the layer must be there
+                torch.cuda.current_stream(self.kv.k[0].device).synchronize()
+            for seq, n in streamed:
+                p = KvProgress(tuple(seq.block_ids), seq.num_computed, seq.num_computed + n, i + 1)
+                _report(seq, p)
+
+        return after_layer
 
     @staticmethod
     def _completing(batch: ScheduledBatch) -> list[bool]:
@@ -361,6 +384,9 @@ class LLMEngine:
         self.scheduler.register_full_blocks(seq)
         if token is not None:
             self._on_token(seq, token, emits)
+        elif seq.req.on_kv_progress is not None:  # a chunk done (models without a layer hook)
+            c = seq.num_computed
+            _report(seq, KvProgress(tuple(seq.block_ids), c, c, self.info.layout.num_layers))
 
     def _on_token(self, seq: Sequence, token: int, emits: list[_Emit]) -> None:
         seq.token_ids.append(token)
@@ -429,6 +455,14 @@ class LLMEngine:
     def _cancel_all(self) -> None:
         for seq in list(self._seqs.values()):
             self._finish(seq, FinishReason.CANCELLED, (), self._pending)
+
+
+def _report(seq: Sequence, progress: KvProgress) -> None:
+    assert seq.req.on_kv_progress is not None
+    try:
+        seq.req.on_kv_progress(progress)
+    except Exception:  # a broken consumer must not fail the step
+        log.exception("on_kv_progress failed for %s", seq.request_id)
 
 
 def _deliver(emits: list[_Emit]) -> None:

@@ -14,6 +14,7 @@ the paged attention. Two runners, one per ``EngineConfig.model_impl``:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -54,8 +55,13 @@ class ModelRunner:
     def _long(self, values: list[int] | list[list[int]]) -> torch.Tensor:
         return torch.tensor(values, dtype=torch.long, device=self.device)
 
-    def run(self, batch: ScheduledBatch) -> torch.Tensor:
-        """Logits [num_seqs, vocab] of each scheduled sequence's last token this step."""
+    def run(
+        self, batch: ScheduledBatch, after_layer: Callable[[int], None] | None = None
+    ) -> torch.Tensor:
+        """Logits [num_seqs, vocab] of each scheduled sequence's last token this step.
+
+        after_layer(i): called once layer i's KV of a prefill step is in the pool, by
+        runners that can tell (the native one); the others ignore it."""
         raise NotImplementedError
 
     def build(self, batch: ScheduledBatch) -> StepInputs:
@@ -121,7 +127,9 @@ class HfRunner(ModelRunner):
         model.set_attn_implementation(register())
 
     @torch.inference_mode()
-    def run(self, batch: ScheduledBatch) -> torch.Tensor:
+    def run(
+        self, batch: ScheduledBatch, after_layer: Callable[[int], None] | None = None
+    ) -> torch.Tensor:
         step = self.build(batch)
         out = self.model(
             input_ids=step.ids[None],
@@ -145,10 +153,13 @@ class NativeRunner(ModelRunner):
         model.attention.decode = compiler.decode_attention
 
     @torch.inference_mode()
-    def run(self, batch: ScheduledBatch) -> torch.Tensor:
+    def run(
+        self, batch: ScheduledBatch, after_layer: Callable[[int], None] | None = None
+    ) -> torch.Tensor:
         step = self.build(batch)
         if batch.prefills:
             fns = self.compiler.prefill_fns
+            step.meta.after_layer = after_layer
             return self.model.forward(step.ids, step.positions, step.meta, step.last, fns)
         n = step.ids.shape[0]
         fns, padded = self.compiler.decode_fns(n)

@@ -17,6 +17,10 @@ class HandoffNotFound(TransferError):
     """The owner holds no READY KV under this id: expired, released or being pulled."""
 
 
+class HandoffTaken(TransferError):
+    """A PREFILLING handle already has its one reader."""
+
+
 class TransferAborted(TransferError):
     """The owner's blocks were freed (released or expired) while they were being served."""
 

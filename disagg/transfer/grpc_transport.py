@@ -10,14 +10,17 @@ The fallback that runs anywhere. Both ends are here:
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncGenerator, Callable
 
 import grpc
 
 from disagg.engine.api import Engine
+from disagg.transfer import verify
 from disagg.transfer.chunks import Chunk, write_chunks
 from disagg.transfer.errors import OwnerUnreachable, TransferError
 from disagg.transfer.handle import Handle
+from disagg.transfer.progress import Follower, completed
 from disagg.transfer.sender import KvSender
 from disagg.v1 import worker_pb2, worker_pb2_grpc
 
@@ -71,6 +74,28 @@ class GrpcTransport:
             ) from e
         finally:
             call.cancel()  # a no-op once the stream is done; ends it on any early exit
+
+    async def follow(
+        self, handle: Handle, dst_blocks: list[int], engine: Engine, on_done: Callable[[], None]
+    ) -> tuple[int, Handle]:
+        """A PREFILLING handle: waits for the owner's done (WatchKv), then pulls it all as
+        ``fetch`` and checks it finite. Returns the bytes moved and the completed handle."""
+        request = worker_pb2.WatchKvRequest(request_id=handle.request_id)
+        follower = Follower(
+            self._stub(handle).WatchKv(request), engine.info.layout, handle.num_tokens
+        )
+        try:
+            await follower.start()
+            p = await follower.next()
+            while not p.done:
+                p = await follower.next()
+        finally:
+            follower.close()
+        on_done()
+        final = completed(handle, p)
+        nbytes = await self.fetch(final, dst_blocks, engine)
+        await asyncio.to_thread(verify.check_finite, engine, dst_blocks)
+        return nbytes, final
 
     async def release(self, handle: Handle, consumed: bool) -> bool:
         return await release_kv(self._stub(handle), handle, consumed)

@@ -42,6 +42,9 @@ class Handle:
     first_token_id: int  # sampled by the prefill worker
     lease_expires_unix_ms: int = 0  # wall clock; the owner frees the blocks then
     nixl: NixlPool | None = None  # set when the owner serves NIXL READs too
+    # PREFILLING (layer-wise): the KV is still being computed; no block_ids or
+    # first_token_id yet -- the reader follows it with WatchKv (transfer.progress).
+    streaming: bool = False
 
 
 def nixl_pool_to_pb(pool: NixlPool) -> common_pb2.NixlPool:
@@ -69,6 +72,9 @@ def nixl_pool_from_pb(pb: common_pb2.NixlPool) -> NixlPool:
 
 
 def handle_to_pb(handle: Handle, state: HandoffState) -> common_pb2.KvHandle:
+    """A streaming handle goes out PREFILLING, whatever ``state`` says."""
+    if handle.streaming:
+        state = HandoffState.PREFILLING
     return common_pb2.KvHandle(
         request_id=handle.request_id,
         owner_worker_id=handle.owner_worker_id,
@@ -84,7 +90,8 @@ def handle_to_pb(handle: Handle, state: HandoffState) -> common_pb2.KvHandle:
 
 
 def handle_from_pb(pb: common_pb2.KvHandle) -> Handle:
-    """The record's state is dropped: a receiver asks the owner, not the record."""
+    """The record's state is dropped (a receiver asks the owner, not the record), but for
+    PREFILLING: a streaming handle."""
     return Handle(
         request_id=pb.request_id,
         owner_worker_id=pb.owner_worker_id,
@@ -95,4 +102,5 @@ def handle_from_pb(pb: common_pb2.KvHandle) -> Handle:
         first_token_id=pb.first_token_id,
         lease_expires_unix_ms=pb.lease_expires_unix_ms,
         nixl=nixl_pool_from_pb(pb.nixl) if pb.HasField("nixl") else None,
+        streaming=pb.state == common_pb2.KV_STATE_PREFILLING,
     )

@@ -49,6 +49,7 @@ from disagg.transfer import verify
 from disagg.transfer.errors import ReadInFlight, TransferError
 from disagg.transfer.grpc_transport import release_kv
 from disagg.transfer.handle import Handle, NixlPool, nixl_pool_from_pb
+from disagg.transfer.progress import Follower, completed, readable
 from disagg.v1 import worker_pb2, worker_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -101,6 +102,16 @@ def desc_indices(pool: NixlPool, blocks: list[int]) -> np.ndarray:
     regions = np.arange(len(pool.k_addrs) + len(pool.v_addrs), dtype=np.int64)[:, None]
     idx = regions * pool.num_blocks + np.asarray(blocks, dtype=np.int64)[None, :]
     return idx.reshape(-1).astype(np.int32)
+
+
+def layer_indices(pool: NixlPool, parts: list[tuple[int, list[int]]]) -> np.ndarray:
+    """Indices into ``pool_descs(pool)`` of K, then V, of each (layer, blocks) part."""
+    num_layers = len(pool.k_addrs)
+    rows: list[np.ndarray] = []
+    for layer, blocks in parts:
+        b = np.asarray(blocks, dtype=np.int64)
+        rows += [layer * pool.num_blocks + b, (num_layers + layer) * pool.num_blocks + b]
+    return np.concatenate(rows).astype(np.int32) if rows else np.empty(0, dtype=np.int32)
 
 
 def describe_pool(agent_name: str, kv: KVCache) -> NixlPool:
@@ -220,7 +231,17 @@ class NixlAgent:
         """READs K and V of every layer of the owner's blocks src into our blocks dst;
         returns the bytes moved. Returns or raises only once the READ is over."""
         r = self._remotes[remote]
-        local_idx, remote_idx = desc_indices(self.pool, dst), desc_indices(r.pool, src)
+        return await self._read(r, desc_indices(self.pool, dst), desc_indices(r.pool, src))
+
+    async def read_layers(self, remote: str, parts: list[tuple[int, list[int], list[int]]]) -> int:
+        """One READ of K and V of each (layer, owner's blocks, our blocks) part; as ``read``."""
+        r = self._remotes[remote]
+        local_idx = layer_indices(self.pool, [(layer, dst) for layer, _, dst in parts])
+        remote_idx = layer_indices(r.pool, [(layer, src) for layer, src, _ in parts])
+        return await self._read(r, local_idx, remote_idx)
+
+    async def _read(self, r: _Remote, local_idx: np.ndarray, remote_idx: np.ndarray) -> int:
+        remote = r.pool.agent_name
         posting = asyncio.get_running_loop().run_in_executor(
             self._thread, self._post, r, local_idx, remote_idx
         )
@@ -318,6 +339,55 @@ class NixlTransport:
         owners = nixl_pool_from_pb(resp.pool) if resp.HasField("pool") else None
         await self._agent.add_remote(pool, resp.agent_metadata, owners)
         return await self._agent.read(pool.agent_name, list(handle.block_ids), dst_blocks)
+
+    async def follow(
+        self, handle: Handle, dst_blocks: list[int], engine: Engine, on_done: Callable[[], None]
+    ) -> tuple[int, Handle]:
+        """A PREFILLING handle: each READ takes what the owner's progress allows since
+        the last (layer by layer), checked finite as it lands, so at done only the
+        tail is left. Returns the bytes moved and the completed handle."""
+        pool = handle.nixl
+        if pool is None:
+            raise TransferError(f"owner {handle.owner_worker_id} offers no NIXL pool")
+        layout = engine.info.layout
+        verify.check_pool(pool, layout, ())
+        request = worker_pb2.WatchKvRequest(
+            request_id=handle.request_id,
+            nixl=True,
+            include_agent_metadata=not self._agent.knows(pool.agent_name),
+        )
+        follower = Follower(self._stub(handle).WatchKv(request), layout, handle.num_tokens)
+        try:
+            first = await follower.start()
+            if first.agent_name != pool.agent_name:
+                raise TransferError(
+                    f"{handle.owner_address} runs agent {first.agent_name}, the handle names "
+                    f"{pool.agent_name} (a restarted owner?)"
+                )
+            owners = nixl_pool_from_pb(first.pool) if first.HasField("pool") else None
+            await self._agent.add_remote(pool, first.agent_metadata, owners)
+            read = [0] * layout.num_layers  # leading blocks read, per layer
+            nbytes = 0
+            while True:
+                p = await follower.next()
+                verify.check_pool(pool, layout, p.block_ids)
+                if p.done:
+                    on_done()
+                ready = readable(p, layout, handle.num_tokens)
+                parts = [
+                    (layer, list(p.block_ids[a:b]), dst_blocks[a:b])
+                    for layer, (a, b) in enumerate(zip(read, ready, strict=True))
+                    if b > a
+                ]
+                if parts:
+                    nbytes += await self._agent.read_layers(pool.agent_name, parts)
+                    landed = [(layer, dst) for layer, _, dst in parts]
+                    await asyncio.to_thread(verify.check_finite_parts, engine, landed)
+                    read = [max(a, b) for a, b in zip(read, ready, strict=True)]
+                if p.done:
+                    return nbytes, completed(handle, p)
+        finally:
+            follower.close()
 
     async def release(self, handle: Handle, consumed: bool) -> bool:
         return await release_kv(self._stub(handle), handle, consumed)

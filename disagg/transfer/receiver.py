@@ -19,6 +19,10 @@
 5. Unless 3 did it, the owner is told to release its blocks (CONSUMED on
    success, FAILED otherwise) in the background; if it cannot be reached, its
    Redis record is marked FAILED and deleted here (it frees its blocks by lease).
+A PREFILLING handle (layer-wise) is taken before its prompt has run: 2 is the
+transport's ``follow`` (reads as the owner's progress allows), the deadline
+counts from the owner's done (before it, at most ``PREFILL_WAIT_S``), and the
+result's ``elapsed_ms`` is that tail: prefill done -> KV verified here.
 """
 
 from __future__ import annotations
@@ -48,6 +52,8 @@ from disagg.transfer.transport import Transport
 
 log = logging.getLogger(__name__)
 
+PREFILL_WAIT_S = 600.0  # a PREFILLING handle: the longest wait for its owner's done
+
 
 @dataclass(frozen=True)
 class FetchResult:
@@ -56,6 +62,8 @@ class FetchResult:
     bytes: int = 0  # K + V bytes moved
     elapsed_ms: float = 0.0  # reserve to verdict
     transport: str = ""  # the transport that moved (or failed to move) the KV
+    first_token_id: int | None = None  # the owner's first token (for a PREFILLING handle:
+    # known only once it was done; None when it never said)
 
 
 class KvReceiver:
@@ -95,20 +103,25 @@ class KvReceiver:
             return self._observe(FetchResult(False, refused, 0, _ms_since(start), "refused"))
         transport = self._transport
         must_release, consumed = True, False
+        known = _Known(None if handle.streaming else handle.first_token_id)
         try:
             transport = self._choose(handle)
-            nbytes = await self._import(request_id, handle, transport)
+            nbytes = await self._import(request_id, handle, transport, known)
             consumed = True
             must_release = not transport.reads_without_owner  # released in _import
         except DuplicateRequest:
             must_release = False
             raise
         except TransferError as e:
-            return self._observe(FetchResult(False, str(e), 0, _ms_since(start), transport.name))
+            elapsed = _ms_since(known.done_at or start)
+            failed = FetchResult(False, str(e), 0, elapsed, transport.name, known.first_token_id)
+            return self._observe(failed)
         finally:
             if must_release:
                 self._releases.spawn(self._release(transport, handle, consumed))
-        return self._observe(FetchResult(True, "", nbytes, _ms_since(start), transport.name))
+        elapsed = _ms_since(known.done_at or start)
+        ok = FetchResult(True, "", nbytes, elapsed, transport.name, known.first_token_id)
+        return self._observe(ok)
 
     async def _refusal(self, handle: Handle) -> str | None:
         """Why handle's owner must not be contacted at all, or None."""
@@ -133,17 +146,31 @@ class KvReceiver:
             )
         return result
 
-    async def _import(self, request_id: str, handle: Handle, transport: Transport) -> int:
+    async def _import(
+        self, request_id: str, handle: Handle, transport: Transport, known: _Known
+    ) -> int:
         dst = self._reserve(request_id, handle)
         try:
-            async with asyncio.timeout(self._timeout_s):
-                nbytes = await transport.fetch(handle, dst, self._engine)
+            async with asyncio.timeout(
+                PREFILL_WAIT_S if handle.streaming else self._timeout_s
+            ) as t:
+                if handle.streaming:
+
+                    def on_done() -> None:  # the transfer deadline counts from here
+                        known.done_at = time.monotonic()
+                        t.reschedule(asyncio.get_running_loop().time() + self._timeout_s)
+
+                    nbytes, handle = await transport.follow(handle, dst, self._engine, on_done)
+                    known.first_token_id = handle.first_token_id
+                else:
+                    nbytes = await transport.fetch(handle, dst, self._engine)
                 if self._fault == "shift_block" and len(dst) > 1:  # test-only: block 0 <- block 1
                     for layer in range(handle.layout.num_layers):  # (tests/clients/test_verify.py)
                         k, v = self._engine.read_kv(dst[1:2], layer)
                         self._engine.write_kv(dst[:1], layer, k, v)
                 verify.check_coverage(handle, nbytes)
-                await asyncio.to_thread(verify.check_finite, self._engine, dst)
+                if known.done_at is None or self._fault:  # follow() checked what it read
+                    await asyncio.to_thread(verify.check_finite, self._engine, dst)
                 if transport.reads_without_owner:
                     await self._confirm(transport, handle)
         except ReadInFlight:
@@ -172,7 +199,7 @@ class KvReceiver:
             raise DuplicateRequest(str(e)) from e
         if blocks is None:
             raise TransferError("no free KV blocks for the import")
-        if len(blocks) != len(handle.block_ids):
+        if not handle.streaming and len(blocks) != len(handle.block_ids):
             self._engine.release(request_id)
             raise TransferError(
                 f"handle has {len(handle.block_ids)} blocks for {handle.num_tokens} tokens, "
@@ -195,6 +222,14 @@ class KvReceiver:
         except OwnerUnreachable as e:
             log.warning("%s", e)
             self._mirror.drop(handle.request_id, HandoffState.FAILED)
+
+
+@dataclass
+class _Known:
+    """What one handoff learnt on the way (a PREFILLING handle's are learnt late)."""
+
+    first_token_id: int | None
+    done_at: float | None = None  # monotonic: the owner's done, for a PREFILLING handle
 
 
 def _ms_since(start: float) -> float:

@@ -15,7 +15,7 @@ from disagg.v1 import common_pb2
 
 
 class HandoffState(str, enum.Enum):
-    PREFILLING = "prefilling"  # the prompt is running; no handle yet
+    PREFILLING = "prefilling"  # the prompt is running (only a streamed prefill has a handle)
     READY = "ready"  # blocks held under a lease, handle published
     TRANSFERRING = "transferring"  # one receiver's fetch is under way
     CONSUMED = "consumed"  # the receiver has every block; owner frees

@@ -16,6 +16,7 @@ owner's process.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Protocol
 
 from disagg.engine.api import Engine
@@ -40,6 +41,16 @@ class Transport(Protocol):
         The receiver cancels it at its deadline: it must clean up on CancelledError,
         and return or raise only once nothing more will be written into dst_blocks
         (they go back to the pool right after). Must not free or keep dst_blocks."""
+        ...
+
+    async def follow(
+        self, handle: Handle, dst_blocks: list[int], engine: Engine, on_done: Callable[[], None]
+    ) -> tuple[int, Handle]:
+        """``fetch`` of a PREFILLING handle (layer-wise): follows the owner's progress
+        (WatchKv) while the prompt runs, calls on_done() when the owner says the KV is
+        complete, and returns the bytes moved and the completed handle (its blocks and
+        first token). Also checks every imported value finite (as ``verify``), since
+        it may do so as the KV lands. Same cleanup contract as ``fetch``."""
         ...
 
     async def release(self, handle: Handle, consumed: bool) -> bool:

@@ -85,6 +85,25 @@ def check_finite(engine: Engine, blocks: list[int]) -> None:
         raise TransferError("imported KV holds NaN or Inf values")
 
 
+def check_finite_parts(engine: Engine, parts: list[tuple[int, list[int]]]) -> None:
+    """``check_finite`` of K and V of some layers only: (layer, blocks) parts, as a
+    layer-wise import lands them."""
+    pool = kv_pool(engine)
+    if pool is None:
+        dtype = torch_dtype(engine.info.layout.dtype)
+        for layer, blocks in parts:
+            for raw in engine.read_kv(blocks, layer):
+                _check_raw(raw, dtype)
+        return
+    total = torch.zeros((), dtype=torch.float32, device=pool.k[0].device)
+    for layer, blocks in parts:
+        for first, end in block_runs(blocks):
+            for t in (pool.k[layer], pool.v[layer]):
+                total += t[first:end].sum(dtype=torch.float32).abs()
+    if not bool(torch.isfinite(total)):
+        raise TransferError("imported KV holds NaN or Inf values")
+
+
 def block_runs(blocks: list[int]) -> list[tuple[int, int]]:
     """[first, end) ranges of consecutive block ids, in order."""
     runs: list[tuple[int, int]] = []
@@ -100,10 +119,12 @@ def _check_finite_bytes(engine: Engine, blocks: list[int]) -> None:
     dtype = torch_dtype(engine.info.layout.dtype)
     for layer in range(engine.info.layout.num_layers):
         for raw in engine.read_kv(blocks, layer):
-            if raw and not bool(
-                torch.isfinite(torch.frombuffer(bytearray(raw), dtype=dtype)).all()
-            ):
-                raise TransferError("imported KV holds NaN or Inf values")
+            _check_raw(raw, dtype)
+
+
+def _check_raw(raw: bytes, dtype: torch.dtype) -> None:
+    if raw and not bool(torch.isfinite(torch.frombuffer(bytearray(raw), dtype=dtype)).all()):
+        raise TransferError("imported KV holds NaN or Inf values")
 
 
 def wipe(engine: Engine, blocks: list[int]) -> None:

@@ -85,6 +85,38 @@ class StartKvReadResponse(_message.Message):
     pool: _common_pb2.NixlPool
     def __init__(self, agent_name: _Optional[str] = ..., agent_metadata: _Optional[bytes] = ..., pool: _Optional[_Union[_common_pb2.NixlPool, _Mapping]] = ...) -> None: ...
 
+class WatchKvRequest(_message.Message):
+    __slots__ = ("request_id", "nixl", "include_agent_metadata")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    NIXL_FIELD_NUMBER: _ClassVar[int]
+    INCLUDE_AGENT_METADATA_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    nixl: bool
+    include_agent_metadata: bool
+    def __init__(self, request_id: _Optional[str] = ..., nixl: _Optional[bool] = ..., include_agent_metadata: _Optional[bool] = ...) -> None: ...
+
+class KvProgress(_message.Message):
+    __slots__ = ("block_ids", "computed", "upto", "layers", "done", "first_token_id", "agent_name", "agent_metadata", "pool")
+    BLOCK_IDS_FIELD_NUMBER: _ClassVar[int]
+    COMPUTED_FIELD_NUMBER: _ClassVar[int]
+    UPTO_FIELD_NUMBER: _ClassVar[int]
+    LAYERS_FIELD_NUMBER: _ClassVar[int]
+    DONE_FIELD_NUMBER: _ClassVar[int]
+    FIRST_TOKEN_ID_FIELD_NUMBER: _ClassVar[int]
+    AGENT_NAME_FIELD_NUMBER: _ClassVar[int]
+    AGENT_METADATA_FIELD_NUMBER: _ClassVar[int]
+    POOL_FIELD_NUMBER: _ClassVar[int]
+    block_ids: _containers.RepeatedScalarFieldContainer[int]
+    computed: int
+    upto: int
+    layers: int
+    done: bool
+    first_token_id: int
+    agent_name: str
+    agent_metadata: bytes
+    pool: _common_pb2.NixlPool
+    def __init__(self, block_ids: _Optional[_Iterable[int]] = ..., computed: _Optional[int] = ..., upto: _Optional[int] = ..., layers: _Optional[int] = ..., done: _Optional[bool] = ..., first_token_id: _Optional[int] = ..., agent_name: _Optional[str] = ..., agent_metadata: _Optional[bytes] = ..., pool: _Optional[_Union[_common_pb2.NixlPool, _Mapping]] = ...) -> None: ...
+
 class DecodeRequest(_message.Message):
     __slots__ = ("request_id", "prompt_token_ids", "sampling", "handle", "cache_salt")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]

@@ -55,6 +55,16 @@ class PrefillWorkerStub:
                 request_serializer=disagg_dot_v1_dot_worker__pb2.StartKvReadRequest.SerializeToString,
                 response_deserializer=disagg_dot_v1_dot_worker__pb2.StartKvReadResponse.FromString,
                 _registered_method=True)
+        self.PrefillStream = channel.unary_stream(
+                '/disagg.v1.PrefillWorker/PrefillStream',
+                request_serializer=disagg_dot_v1_dot_worker__pb2.PrefillRequest.SerializeToString,
+                response_deserializer=disagg_dot_v1_dot_worker__pb2.PrefillResponse.FromString,
+                _registered_method=True)
+        self.WatchKv = channel.unary_stream(
+                '/disagg.v1.PrefillWorker/WatchKv',
+                request_serializer=disagg_dot_v1_dot_worker__pb2.WatchKvRequest.SerializeToString,
+                response_deserializer=disagg_dot_v1_dot_worker__pb2.KvProgress.FromString,
+                _registered_method=True)
 
 
 class PrefillWorkerServicer:
@@ -98,6 +108,29 @@ class PrefillWorkerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def PrefillStream(self, request, context):
+        """Prefill with the KV handed off while it is computed (layer-wise streaming).
+        The first message comes before the prompt runs: a handle in state
+        PREFILLING (no block_ids, no first token) that a decode worker can take at
+        once; the last is Prefill's answer. The handle's reader follows the KV
+        with WatchKv. Cancelled before the last message: the prefill is aborted.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def WatchKv(self, request, context):
+        """Progress of a PREFILLING handle's KV, for its one reader: a message
+        whenever more of it is in the pool (coalesced), the last one with
+        done = true (the KV is complete, READY -- or TRANSFERRING for a NIXL
+        reader). NOT_FOUND: no such handle; ALREADY_EXISTS: it has a reader;
+        ABORTED: the prefill failed (its blocks are gone). A reader that leaves
+        before done gives the handle up: its KV is freed when the prefill ends.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_PrefillWorkerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -120,6 +153,16 @@ def add_PrefillWorkerServicer_to_server(servicer, server):
                     servicer.StartKvRead,
                     request_deserializer=disagg_dot_v1_dot_worker__pb2.StartKvReadRequest.FromString,
                     response_serializer=disagg_dot_v1_dot_worker__pb2.StartKvReadResponse.SerializeToString,
+            ),
+            'PrefillStream': grpc.unary_stream_rpc_method_handler(
+                    servicer.PrefillStream,
+                    request_deserializer=disagg_dot_v1_dot_worker__pb2.PrefillRequest.FromString,
+                    response_serializer=disagg_dot_v1_dot_worker__pb2.PrefillResponse.SerializeToString,
+            ),
+            'WatchKv': grpc.unary_stream_rpc_method_handler(
+                    servicer.WatchKv,
+                    request_deserializer=disagg_dot_v1_dot_worker__pb2.WatchKvRequest.FromString,
+                    response_serializer=disagg_dot_v1_dot_worker__pb2.KvProgress.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -231,6 +274,60 @@ class PrefillWorker:
             '/disagg.v1.PrefillWorker/StartKvRead',
             disagg_dot_v1_dot_worker__pb2.StartKvReadRequest.SerializeToString,
             disagg_dot_v1_dot_worker__pb2.StartKvReadResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PrefillStream(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/disagg.v1.PrefillWorker/PrefillStream',
+            disagg_dot_v1_dot_worker__pb2.PrefillRequest.SerializeToString,
+            disagg_dot_v1_dot_worker__pb2.PrefillResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WatchKv(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/disagg.v1.PrefillWorker/WatchKv',
+            disagg_dot_v1_dot_worker__pb2.WatchKvRequest.SerializeToString,
+            disagg_dot_v1_dot_worker__pb2.KvProgress.FromString,
             options,
             channel_credentials,
             insecure,

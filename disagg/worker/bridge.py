@@ -8,11 +8,12 @@ request is aborted in the engine so its blocks are freed.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Callable
 
 from disagg.engine.api import (
     Engine,
     EngineRequest,
+    KvProgress,
     RequestMode,
     SamplingParams,
     TokenOutput,
@@ -27,6 +28,7 @@ async def run_request(
     mode: RequestMode,
     first_token_id: int | None = None,
     cache_salt: bytes = b"",
+    on_kv_progress: Callable[[KvProgress], None] | None = None,
 ) -> AsyncGenerator[TokenOutput, None]:
     loop = asyncio.get_running_loop()
     queue: asyncio.Queue[TokenOutput] = asyncio.Queue()
@@ -43,6 +45,7 @@ async def run_request(
             mode=mode,
             first_token_id=first_token_id,
             cache_salt=cache_salt,
+            on_kv_progress=on_kv_progress,
         )
     )
     finished = False

@@ -13,6 +13,10 @@
    If the import failed, the prompt (+ first token) is prefilled here instead,
    so the client still gets a correct stream.
 Without a handle the prompt is prefilled here (short prompts, fallbacks).
+A PREFILLING handle (layer-wise) is taken while its prompt still runs on the
+prefill worker; the first token is learnt at the end of the import, so the
+stream starts with it (or, when the import failed before the owner was done,
+the prompt is prefilled here and the engine samples it).
 This file converts protobuf, plans the fallback and streams the engine's tokens.
 """
 
@@ -37,7 +41,7 @@ from disagg.transfer.nixl_transport import NixlTransport
 from disagg.transfer.owners import RegisteredOwners, prefill_workers
 from disagg.transfer.receiver import KvReceiver
 from disagg.transfer.transport import TransportChoice
-from disagg.v1 import worker_pb2, worker_pb2_grpc
+from disagg.v1 import common_pb2, worker_pb2, worker_pb2_grpc
 from disagg.wire import sampling_from_pb
 from disagg.worker.bridge import run_request
 from disagg.worker.host import KvPlane
@@ -57,6 +61,7 @@ class _Plan:
     kv_transfer_ms: float = 0.0
     transfer_bytes: int = 0
     kv_transport: str = ""  # the handoff's transport; "fallback": it failed, prefilled here
+    emit_first: int | None = None  # a PREFILLING handle's first token: the stream's first
 
 
 class DecodeServicer(worker_pb2_grpc.DecodeWorkerServicer):
@@ -90,6 +95,11 @@ class DecodeServicer(worker_pb2_grpc.DecodeWorkerServicer):
         plan = await self._plan(request, context)
         if plan is None:
             return
+        if plan.emit_first is not None:
+            first = self._first_response(request.request_id, plan, request.sampling)
+            yield first
+            if first.finish_reason:
+                return
         if plan.sampling.max_tokens <= 0:
             yield worker_pb2.DecodeResponse(
                 finish_reason="length",
@@ -99,6 +109,24 @@ class DecodeServicer(worker_pb2_grpc.DecodeWorkerServicer):
             return
         async for resp in self._stream(request.request_id, plan, request.cache_salt):
             yield resp
+
+    def _first_response(
+        self, rid: str, plan: _Plan, requested: common_pb2.SamplingParams
+    ) -> worker_pb2.DecodeResponse:
+        """The prefill worker's first token, first; it may end the request (then the
+        imported KV is freed here)."""
+        assert plan.emit_first is not None
+        resp = worker_pb2.DecodeResponse(
+            token_ids=[plan.emit_first],
+            kv_transfer_ms=plan.kv_transfer_ms,
+            kv_transport=plan.kv_transport,
+        )
+        eos = plan.emit_first in self._engine.info.eos_token_ids and not requested.ignore_eos
+        if eos or requested.max_tokens <= 1:
+            resp.finish_reason = "stop" if eos else "length"
+            if plan.mode is RequestMode.DECODE:
+                self._engine.release(rid)
+        return resp
 
     async def _plan(
         self, request: worker_pb2.DecodeRequest, context: grpc.aio.ServicerContext
@@ -137,24 +165,27 @@ class DecodeServicer(worker_pb2_grpc.DecodeWorkerServicer):
     async def _take_handoff(
         self, rid: str, ids: list[int], sampling: SamplingParams, handle: Handle
     ) -> _Plan:
+        first = None if handle.streaming else handle.first_token_id
         if handle.request_id != rid:  # another request's KV: neither read nor released
             log.warning(
                 "kv handle refused request_id=%r: it is the handle of %r", rid, handle.request_id
             )
-            return _local_prefill(ids, sampling, handle.first_token_id, 0.0)
+            return _local_prefill(ids, sampling, first, 0.0, handle.streaming)
         result = await self._receiver.receive(rid, handle)
-        if result.ok:
+        if result.ok and result.first_token_id is not None:
             return _Plan(
                 RequestMode.DECODE,
                 ids,
                 sampling,
-                handle.first_token_id,
+                result.first_token_id,
                 result.elapsed_ms,
                 result.bytes,
                 result.transport,
+                emit_first=result.first_token_id if handle.streaming else None,
             )
         log.warning("kv pull failed, prefilling locally request_id=%s error=%s", rid, result.reason)
-        return _local_prefill(ids, sampling, handle.first_token_id, result.elapsed_ms)
+        first = result.first_token_id
+        return _local_prefill(ids, sampling, first, result.elapsed_ms, handle.streaming)
 
     async def _stream(
         self, rid: str, plan: _Plan, cache_salt: bytes
@@ -195,10 +226,30 @@ class DecodeServicer(worker_pb2_grpc.DecodeWorkerServicer):
 
 
 def _local_prefill(
-    ids: list[int], sampling: SamplingParams, first_token_id: int, elapsed_ms: float
+    ids: list[int],
+    sampling: SamplingParams,
+    first_token_id: int | None,
+    elapsed_ms: float,
+    streaming: bool = False,
 ) -> _Plan:
     """The fallback after a failed import: the first token was already streamed to
-    the client, so prefill the prompt + that token here and continue after it."""
+    the client (or, for a PREFILLING handle, is streamed first here), so prefill the
+    prompt + that token here and continue after it. No first token (a PREFILLING
+    handle whose owner never finished): the prompt alone, the engine samples it."""
+    if first_token_id is None:
+        return _Plan(
+            RequestMode.GENERATE, ids, sampling, kv_transfer_ms=elapsed_ms, kv_transport=FALLBACK
+        )
+    if streaming:
+        rest = dataclasses.replace(sampling, max_tokens=max(0, sampling.max_tokens - 1))
+        return _Plan(
+            RequestMode.GENERATE,
+            [*ids, first_token_id],
+            rest,
+            kv_transfer_ms=elapsed_ms,
+            kv_transport=FALLBACK,
+            emit_first=first_token_id,
+        )
     if sampling.max_tokens <= 1:
         one = dataclasses.replace(sampling, max_tokens=1)
         return _Plan(

@@ -10,6 +10,10 @@
 3. ReleaseKv: CONSUMED after a completed pull, FAILED on cancel; blocks freed.
    Its answer tells a NIXL reader whether the blocks were held until then.
    A lease that runs out first frees them as EXPIRED.
+Layer-wise: PrefillStream answers a PREFILLING handle first, then runs the
+prompt with the engine reporting each layer of each chunk to the handle's
+stream; WatchKv follows that stream for the one decode worker that took the
+handle (``transfer.progress``), which reads blocks as they complete.
 The lifecycle is ``disagg.transfer``'s; this file converts protobuf to and
 from its values and maps its errors to gRPC status codes.
 """
@@ -17,16 +21,30 @@ from its values and maps its errors to gRPC status codes.
 from __future__ import annotations
 
 import contextlib
+from collections.abc import AsyncIterator, Callable
 
 import grpc
 
-from disagg.engine.api import Engine, FinishReason, RequestMode, TokenOutput
+from disagg.engine.api import (
+    Engine,
+    FinishReason,
+    KvProgress,
+    RequestMode,
+    SamplingParams,
+    TokenOutput,
+)
 from disagg.metastore.store import MetaStore
 from disagg.runtime.config import WorkerConfig
 from disagg.transfer import grpc_transport
-from disagg.transfer.errors import HandoffNotFound, TransferAborted, TransferError
+from disagg.transfer.errors import (
+    HandoffNotFound,
+    HandoffTaken,
+    TransferAborted,
+    TransferError,
+)
 from disagg.transfer.handle import handle_to_pb, nixl_pool_to_pb
 from disagg.transfer.nixl_transport import NixlAgent
+from disagg.transfer.progress import progress_to_pb
 from disagg.transfer.sender import KvSender
 from disagg.transfer.state import HandoffState
 from disagg.v1 import worker_pb2, worker_pb2_grpc
@@ -65,6 +83,72 @@ class PrefillServicer(worker_pb2_grpc.PrefillWorkerServicer):
     async def Prefill(
         self, request: worker_pb2.PrefillRequest, context: grpc.aio.ServicerContext
     ) -> worker_pb2.PrefillResponse:
+        rid, ids, sampling = await self._validated(request, context)
+        out = await self._run(rid, ids, sampling, request.cache_salt)
+        if out.finish is not FinishReason.PREFILLED:
+            await context.abort(
+                grpc.StatusCode.INTERNAL, f"prefill failed: {out.error or out.finish}"
+            )
+        return await self._hold(rid, out, context)
+
+    async def PrefillStream(  # type: ignore[override]
+        self, request: worker_pb2.PrefillRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[worker_pb2.PrefillResponse]:
+        rid, ids, sampling = await self._validated(request, context)
+        try:
+            stream = self._sender.open_stream(rid)
+        except TransferError as e:
+            await context.abort(grpc.StatusCode.ALREADY_EXISTS, f"request_id: {e}")
+            raise AssertionError from e  # unreachable: abort raises
+        handle = self._sender.stream_handle(rid, len(ids))
+        out: TokenOutput | None = None
+        try:
+            yield worker_pb2.PrefillResponse(handle=handle_to_pb(handle, HandoffState.PREFILLING))
+            out = await self._run(rid, ids, sampling, request.cache_salt, stream.on_kv_progress)
+        finally:
+            if out is None or out.finish is not FinishReason.PREFILLED:
+                why = "cancelled" if out is None else str(out.error or out.finish)
+                self._sender.fail_stream(rid, why)
+        if out.finish is not FinishReason.PREFILLED:
+            await context.abort(
+                grpc.StatusCode.INTERNAL, f"prefill failed: {out.error or out.finish}"
+            )
+        yield await self._hold(rid, out, context)
+
+    async def WatchKv(  # type: ignore[override]
+        self, request: worker_pb2.WatchKvRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[worker_pb2.KvProgress]:
+        rid = request.request_id
+        if request.nixl and self._nixl is None:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "no NIXL agent here")
+        try:
+            stream = self._sender.watch(rid, request.nixl)
+        except HandoffTaken as e:
+            await context.abort(grpc.StatusCode.ALREADY_EXISTS, str(e))
+            raise AssertionError from e  # unreachable: abort raises
+        except HandoffNotFound as e:
+            await context.abort(grpc.StatusCode.NOT_FOUND, str(e))
+            raise AssertionError from e
+        first = True
+        try:
+            async for p in stream.follow():
+                msg = progress_to_pb(p)
+                if first and request.nixl and self._nixl is not None:
+                    msg.agent_name = self._nixl.name
+                    if request.include_agent_metadata:
+                        msg.agent_metadata = self._nixl.metadata
+                        msg.pool.CopyFrom(nixl_pool_to_pb(self._nixl.pool))
+                first = False
+                yield msg
+        except TransferAborted as e:
+            await context.abort(grpc.StatusCode.ABORTED, str(e))
+        finally:
+            self._sender.unwatch(rid, stream)
+
+    async def _validated(
+        self, request: worker_pb2.PrefillRequest, context: grpc.aio.ServicerContext
+    ) -> tuple[str, list[int], SamplingParams]:
+        """(request id, prompt, sampling) of a well-formed Prefill; else the call is aborted."""
         rid = request.request_id
         ids = list(request.prompt_token_ids)
         await validate_prompt(self._engine, ids, context)
@@ -72,6 +156,7 @@ class PrefillServicer(worker_pb2_grpc.PrefillWorkerServicer):
             sampling = sampling_from_pb(request.sampling)
         except ValueError as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"sampling.{e}")
+            raise AssertionError from e  # unreachable: abort raises
         if not rid:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "request_id: required")
         if len(request.cache_salt) > MAX_CACHE_SALT_BYTES:
@@ -84,6 +169,17 @@ class PrefillServicer(worker_pb2_grpc.PrefillWorkerServicer):
                 grpc.StatusCode.ALREADY_EXISTS,
                 f"request_id: {rid!r} already holds KV here; release it or use a new id",
             )
+        return rid, ids, sampling
+
+    async def _run(
+        self,
+        rid: str,
+        ids: list[int],
+        sampling: SamplingParams,
+        cache_salt: bytes,
+        on_kv_progress: Callable[[KvProgress], None] | None = None,
+    ) -> TokenOutput:
+        """The prompt through the engine (PREFILL_ONLY): its one output, or its error."""
         async with contextlib.aclosing(
             run_request(
                 self._engine,
@@ -91,16 +187,12 @@ class PrefillServicer(worker_pb2_grpc.PrefillWorkerServicer):
                 ids,
                 sampling,
                 RequestMode.PREFILL_ONLY,
-                cache_salt=request.cache_salt,
+                cache_salt=cache_salt,
+                on_kv_progress=on_kv_progress,
             )
         ) as stream:
             outs = [o async for o in stream]  # one output: the first token (or an error)
-        out = outs[-1]
-        if out.finish is not FinishReason.PREFILLED:
-            await context.abort(
-                grpc.StatusCode.INTERNAL, f"prefill failed: {out.error or out.finish}"
-            )
-        return await self._hold(rid, out, context)
+        return outs[-1]
 
     async def _hold(
         self, rid: str, out: TokenOutput, context: grpc.aio.ServicerContext

@@ -231,10 +231,15 @@ class LlamaModel:
         q, k, v, residual, cos, sin = fns.first(
             ids, positions, self.embed, self.inv_freq, layers[0], dims
         )
+        after = meta.after_layer
         for i in range(len(layers) - 1):
             attn = self.attention(i, q, k, v, meta)
+            if after is not None:
+                after(i)
             q, k, v, residual = fns.mid(attn, residual, cos, sin, layers[i], layers[i + 1], dims)
         attn = self.attention(len(layers) - 1, q, k, v, meta)
+        if after is not None:
+            after(len(layers) - 1)
         return fns.head(attn, residual, layers[-1], self.norm, self.lm_head.arg, last, dims)
 
 
