@@ -37,6 +37,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -48,6 +49,7 @@ from disagg.v1 import common_pb2, worker_pb2, worker_pb2_grpc
 
 ROOT = Path(__file__).resolve().parents[1]
 TRANSPORTS = ("grpc", "nixl")
+LAYERWISE = "nixl_layerwise"  # NIXL READs layer by layer while the prompt runs
 
 
 def free_port() -> int:
@@ -108,6 +110,20 @@ def wait_serving(addr: str, procs: list[subprocess.Popen[bytes]], timeout_s: flo
             time.sleep(0.5)
 
 
+def _decode(addr: str, rid: str, prompt: list[int], handle: Any, max_tokens: int) -> Any:
+    """The Decode's first response; raises if the import failed (a local prefill)."""
+    sampling = common_pb2.SamplingParams(max_tokens=max_tokens)
+    req = worker_pb2.DecodeRequest(
+        request_id=rid, prompt_token_ids=prompt, sampling=sampling, handle=handle
+    )
+    with grpc.insecure_channel(addr) as ch:
+        resps = list(worker_pb2_grpc.DecodeWorkerStub(ch).Decode(req, timeout=600))
+    first = resps[0]
+    if first.prefill_ms > 0 or first.kv_transport == "fallback":
+        raise RuntimeError(f"handoff of {rid} failed (see the decode worker's log)")
+    return first
+
+
 def handoff_ms(addrs: dict[str, str], transport: str, rid: str, prompt: list[int]) -> float:
     """Prefill on the prefill worker, then one Decode (max_tokens 1) on the transport's
     decode worker; the decode worker's kv_transfer_ms. Raises if the import failed."""
@@ -123,19 +139,50 @@ def handoff_ms(addrs: dict[str, str], transport: str, rid: str, prompt: list[int
             )
             .handle
         )
-    with grpc.insecure_channel(addrs[transport]) as ch:
-        first = None
-        for resp in worker_pb2_grpc.DecodeWorkerStub(ch).Decode(
-            worker_pb2.DecodeRequest(
-                request_id=rid, prompt_token_ids=prompt, sampling=sampling, handle=handle
-            ),
-            timeout=120,
-        ):
-            first = first or resp
-    assert first is not None
-    if first.prefill_ms > 0:  # the decode worker fell back to a local prefill
-        raise RuntimeError(f"{transport} handoff of {rid} failed (see the decode worker's log)")
-    return float(first.kv_transfer_ms)
+    return float(_decode(addrs[transport], rid, prompt, handle, 1).kv_transfer_ms)
+
+
+def layerwise(addrs: dict[str, str], rid: str, prompt: list[int]) -> tuple[float, float]:
+    """A streamed prefill (PrefillStream) taken at once by the NIXL decode worker, which
+    READs each layer as it lands: (the handoff after the prefill's last layer -- its done
+    to verified KV, the decode worker's kv_transfer_ms --, client ms from the call to the
+    end of a Decode of 2 tokens)."""
+    sampling = common_pb2.SamplingParams(max_tokens=2)
+    start = time.perf_counter()
+    with grpc.insecure_channel(addrs["prefill"]) as ch:
+        request = worker_pb2.PrefillRequest(
+            request_id=rid, prompt_token_ids=prompt, sampling=sampling
+        )
+        calls = worker_pb2_grpc.PrefillWorkerStub(ch).PrefillStream(
+            worker_pb2.PrefillStreamRequest(prefill=request), timeout=600
+        )
+        handle = next(calls).prefill.handle
+        with ThreadPoolExecutor(1) as pool:
+            decoding = pool.submit(_decode, addrs["nixl"], rid, prompt, handle, 2)
+            for _ in calls:  # the last answer: the KV is held
+                pass
+            first = decoding.result()
+    return float(first.kv_transfer_ms), (time.perf_counter() - start) * 1000
+
+
+def whole(addrs: dict[str, str], rid: str, prompt: list[int]) -> float:
+    """The baseline of ``layerwise``'s end to end: Prefill, then a Decode of 2 tokens on
+    the NIXL decode worker (one decode step each way); client ms."""
+    start = time.perf_counter()
+    sampling = common_pb2.SamplingParams(max_tokens=2)
+    with grpc.insecure_channel(addrs["prefill"]) as ch:
+        handle = (
+            worker_pb2_grpc.PrefillWorkerStub(ch)
+            .Prefill(
+                worker_pb2.PrefillRequest(
+                    request_id=rid, prompt_token_ids=prompt, sampling=sampling
+                ),
+                timeout=600,
+            )
+            .handle
+        )
+    _decode(addrs["nixl"], rid, prompt, handle, 2)
+    return (time.perf_counter() - start) * 1000
 
 
 def model_config(model: str) -> Any:
@@ -159,22 +206,41 @@ def run(model: str, sizes: list[int], reps: int, seed: int) -> dict[str, Any]:
 
     rng = random.Random(seed)
     vocab = model_config(model).vocab_size
-    prompts = {n: [rng.randrange(3, vocab) for _ in range(n)] for n in sizes}
+
+    def fresh(n: int) -> list[int]:  # no prefix-cache hit: the prefill computes every token
+        return [rng.randrange(3, vocab) for _ in range(n)]
+
+    prompts = {n: fresh(n) for n in sizes}
     load_before = os.getloadavg()
-    samples: dict[str, list[float]] = {f"{t}_{n}": [] for t in TRANSPORTS for n in sizes}
+    keys = [*TRANSPORTS, LAYERWISE, "e2e_nixl", f"e2e_{LAYERWISE}"]
+    samples: dict[str, list[float]] = {f"{k}_{n}": [] for k in keys for n in sizes}
     valkey = start_embedded_valkey()
     try:
         with tempfile.TemporaryDirectory() as tmp, workers(model, valkey.url, Path(tmp)) as addrs:
             for n in sizes:  # warm-up: the first prefill of each prompt, the NIXL connection
                 for t in TRANSPORTS:
                     handoff_ms(addrs, t, f"warm-{t}-{n}", prompts[n])
+                layerwise(addrs, f"warm-lw-{n}", fresh(n))
             for r in range(reps):
                 order = TRANSPORTS if r % 2 == 0 else TRANSPORTS[::-1]
                 for n in sizes:
                     for t in order:
                         ms = handoff_ms(addrs, t, f"r{r}-{t}-{n}", prompts[n])
                         samples[f"{t}_{n}"].append(ms)
-                        print(f"  round {r} {n:>5} tokens {t:>4}: {ms:8.1f} ms", flush=True)
+                        print(f"  round {r} {n:>5} tokens {t:>14}: {ms:8.1f} ms", flush=True)
+                    for kind in ("whole", "layerwise") if r % 2 == 0 else ("layerwise", "whole"):
+                        rid = f"r{r}-{kind}-{n}"
+                        if kind == "whole":
+                            ms = whole(addrs, rid, fresh(n))
+                            samples[f"e2e_nixl_{n}"].append(ms)
+                            print(f"  round {r} {n:>5} tokens {'nixl':>14}: {ms:8.1f} ms"
+                                  " end to end", flush=True)  # fmt: skip
+                            continue
+                        tail, e2e = layerwise(addrs, rid, fresh(n))
+                        samples[f"{LAYERWISE}_{n}"].append(tail)
+                        samples[f"e2e_{LAYERWISE}_{n}"].append(e2e)
+                        print(f"  round {r} {n:>5} tokens {LAYERWISE:>14}: {tail:8.1f} ms after"
+                              f" the last layer, {e2e:8.1f} ms end to end", flush=True)  # fmt: skip
     finally:
         valkey.stop()
     out: dict[str, Any] = {
@@ -187,10 +253,18 @@ def run(model: str, sizes: list[int], reps: int, seed: int) -> dict[str, Any]:
         "samples_ms": samples,
     }
     for n in sizes:
-        for t in TRANSPORTS:
+        for t in (*TRANSPORTS, LAYERWISE):
             out[f"handoff_ms_{t}_{n}"] = round(statistics.median(samples[f"{t}_{n}"]), 2)
+        for t in ("nixl", LAYERWISE):
+            out[f"e2e_ms_{t}_{n}"] = round(statistics.median(samples[f"e2e_{t}_{n}"]), 1)
         out[f"nixl_vs_grpc_{n}"] = round(
             out[f"handoff_ms_nixl_{n}"] / out[f"handoff_ms_grpc_{n}"], 3
+        )
+        out[f"layerwise_vs_nixl_{n}"] = round(
+            out[f"handoff_ms_{LAYERWISE}_{n}"] / out[f"handoff_ms_nixl_{n}"], 3
+        )
+        out[f"e2e_layerwise_vs_nixl_{n}"] = round(
+            out[f"e2e_ms_{LAYERWISE}_{n}"] / out[f"e2e_ms_nixl_{n}"], 3
         )
         out[f"kv_mib_{n}"] = round(kv_mib(model, n), 1)
     return out
@@ -198,13 +272,18 @@ def run(model: str, sizes: list[int], reps: int, seed: int) -> dict[str, Any]:
 
 def table(out: dict[str, Any]) -> str:
     rows = [
-        "| prompt tokens | KV MiB | grpc ms | nixl ms | nixl / grpc |",
-        "|---:|---:|---:|---:|---:|",
+        "| prompt tokens | KV MiB | grpc ms | nixl ms | nixl / grpc | nixl+layer-wise ms "
+        "after the last layer | / nixl | end to end nixl ms | nixl+layer-wise ms | ratio |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
+    lw = LAYERWISE
     for n in out["sizes"]:
         rows.append(
             f"| {n} | {out[f'kv_mib_{n}']} | {out[f'handoff_ms_grpc_{n}']} | "
-            f"{out[f'handoff_ms_nixl_{n}']} | {out[f'nixl_vs_grpc_{n}']} |"
+            f"{out[f'handoff_ms_nixl_{n}']} | {out[f'nixl_vs_grpc_{n}']} | "
+            f"{out[f'handoff_ms_{lw}_{n}']} | {out[f'layerwise_vs_nixl_{n}']} | "
+            f"{out[f'e2e_ms_nixl_{n}']} | {out[f'e2e_ms_{lw}_{n}']} | "
+            f"{out[f'e2e_layerwise_vs_nixl_{n}']} |"
         )
     return "\n".join(rows)
 

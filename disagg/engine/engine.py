@@ -286,7 +286,8 @@ class LLMEngine:
         tokens: list[_Picked] | None = None
         error: Exception | None = None
         try:
-            logits = self.runner.run(batch, self._progress_hook(batch))
+            hook = self._progress_hook(batch)
+            logits = self.runner.run(batch) if hook is None else self.runner.run(batch, hook)
             done = self._completing(batch)
             tokens = self._sample(logits, batch, done)
         except Exception as exc:  # the forward itself: every request of the batch fails

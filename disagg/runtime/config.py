@@ -97,6 +97,9 @@ class SchedulerConfig:
     prefill_ms_per_token: float = 0.05  # ... and per uncached prompt token
     decision_log: str = ""  # JSONL file of replayable routing decisions; "" = log lines only
     verify_fraction: float = 0.0  # greedy requests re-run collocated and compared; 0 = none
+    # Prompts with at least this many uncached tokens stream their KV layer by layer: the
+    # decode worker takes it while the prefill runs (PrefillStream). 0 = off.
+    kv_stream_tokens: int = 0
     replica_id: str = ""  # id among replicas sharing Redis; "" = scheduler-<host>-<pid>-<hex>
     reuse_port: bool = False  # SO_REUSEPORT: share the gRPC/HTTP ports with replicas on this host
     max_body_bytes: int = 1 << 20  # largest HTTP body (else 413) / gRPC message accepted
@@ -118,8 +121,10 @@ class SchedulerConfig:
             raise ValueError("max_concurrent_rpcs must exceed max_inflight (0: derived from it)")
         if self.policy not in ("length_aware", "least_loaded", "round_robin"):
             raise ValueError(f"unknown policy {self.policy!r}")
-        if self.slo_ttft_ms < 0 or self.slo_itl_ms < 0 or self.local_prefill_tokens < 0:
+        if min(self.slo_ttft_ms, self.slo_itl_ms, self.local_prefill_tokens) < 0:
             raise ValueError("slo_ttft_ms, slo_itl_ms and local_prefill_tokens must be >= 0")
+        if self.kv_stream_tokens < 0:
+            raise ValueError("kv_stream_tokens must be >= 0")
         if self.prefill_dispatch_depth <= 0 or self.queue_max_wait_ms <= 0:
             raise ValueError("prefill_dispatch_depth and queue_max_wait_ms must be > 0")
         if not 0.0 <= self.verify_fraction <= 1.0:
@@ -149,6 +154,12 @@ POLICY_FLAGS: tuple[tuple[str, type, str], ...] = (
         float,
         "fraction of greedy requests re-run collocated in the background and compared "
         "(disagg:verify_total); 0 = off",
+    ),
+    (
+        "--kv-stream-tokens",
+        int,
+        "prompts with at least this many uncached tokens hand their KV to the decode worker "
+        "layer by layer while the prefill runs (layer-wise streaming); 0 = off (default)",
     ),
     (
         "--max-body-bytes",

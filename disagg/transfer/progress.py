@@ -6,8 +6,9 @@ with ``WatchKv``: ``Progress`` messages, each saying how much of the prompt is
 in the owner's pool -- tokens [0, computed) in every layer, [computed, upto) in
 layers [0, layers) -- as the engine's forward lands each layer of each chunk
 (``engine.api.KvProgress``). A block may be read once every token it holds is
-in, in that layer; the last, partial block at ``done``. So a reader that keeps
-up has only the last layer of the last chunk left when the prefill ends.
+in, in that layer; the last, partial block once the KV is complete. So a reader
+that keeps up has only the last layer of the last chunk left when the prefill's
+forward ends, and the owner's ``done`` (first token, hold) to wait for.
 
 Owner side: ``KvStream`` (one per streamed prefill, in the ``KvSender``) turns
 the engine thread's reports into progress on the event loop, for one watcher.
@@ -59,10 +60,17 @@ def progress_from_pb(pb: worker_pb2.KvProgress) -> Progress:
     )
 
 
+def complete(p: Progress, layout: KvLayout, num_tokens: int) -> bool:
+    """Every token of the prompt is in every layer: the prefill's last layer landed
+    (done -- the first token and the hold -- follows)."""
+    return p.done or (p.upto == num_tokens and p.layers == layout.num_layers)
+
+
 def readable(p: Progress, layout: KvLayout, num_tokens: int) -> list[int]:
-    """Per layer: how many leading blocks of the prompt may be read after p."""
+    """Per layer: how many leading blocks of the prompt may be read after p (the last,
+    partial one once the KV is complete: a PREFILL_ONLY request writes nothing after)."""
     bs = layout.block_size
-    if p.done:
+    if complete(p, layout, num_tokens):
         return [-(-num_tokens // bs)] * layout.num_layers
     return [
         (p.upto if layer < p.layers else p.computed) // bs for layer in range(layout.num_layers)

@@ -31,6 +31,18 @@ class PrefillResponse(_message.Message):
     cached_tokens: int
     def __init__(self, handle: _Optional[_Union[_common_pb2.KvHandle, _Mapping]] = ..., queue_ms: _Optional[float] = ..., prefill_ms: _Optional[float] = ..., cached_tokens: _Optional[int] = ...) -> None: ...
 
+class PrefillStreamRequest(_message.Message):
+    __slots__ = ("prefill",)
+    PREFILL_FIELD_NUMBER: _ClassVar[int]
+    prefill: PrefillRequest
+    def __init__(self, prefill: _Optional[_Union[PrefillRequest, _Mapping]] = ...) -> None: ...
+
+class PrefillStreamResponse(_message.Message):
+    __slots__ = ("prefill",)
+    PREFILL_FIELD_NUMBER: _ClassVar[int]
+    prefill: PrefillResponse
+    def __init__(self, prefill: _Optional[_Union[PrefillResponse, _Mapping]] = ...) -> None: ...
+
 class PullKvRequest(_message.Message):
     __slots__ = ("request_id", "max_chunk_bytes")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]

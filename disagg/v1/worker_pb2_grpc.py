@@ -57,8 +57,8 @@ class PrefillWorkerStub:
                 _registered_method=True)
         self.PrefillStream = channel.unary_stream(
                 '/disagg.v1.PrefillWorker/PrefillStream',
-                request_serializer=disagg_dot_v1_dot_worker__pb2.PrefillRequest.SerializeToString,
-                response_deserializer=disagg_dot_v1_dot_worker__pb2.PrefillResponse.FromString,
+                request_serializer=disagg_dot_v1_dot_worker__pb2.PrefillStreamRequest.SerializeToString,
+                response_deserializer=disagg_dot_v1_dot_worker__pb2.PrefillStreamResponse.FromString,
                 _registered_method=True)
         self.WatchKv = channel.unary_stream(
                 '/disagg.v1.PrefillWorker/WatchKv',
@@ -156,8 +156,8 @@ def add_PrefillWorkerServicer_to_server(servicer, server):
             ),
             'PrefillStream': grpc.unary_stream_rpc_method_handler(
                     servicer.PrefillStream,
-                    request_deserializer=disagg_dot_v1_dot_worker__pb2.PrefillRequest.FromString,
-                    response_serializer=disagg_dot_v1_dot_worker__pb2.PrefillResponse.SerializeToString,
+                    request_deserializer=disagg_dot_v1_dot_worker__pb2.PrefillStreamRequest.FromString,
+                    response_serializer=disagg_dot_v1_dot_worker__pb2.PrefillStreamResponse.SerializeToString,
             ),
             'WatchKv': grpc.unary_stream_rpc_method_handler(
                     servicer.WatchKv,
@@ -299,8 +299,8 @@ class PrefillWorker:
             request,
             target,
             '/disagg.v1.PrefillWorker/PrefillStream',
-            disagg_dot_v1_dot_worker__pb2.PrefillRequest.SerializeToString,
-            disagg_dot_v1_dot_worker__pb2.PrefillResponse.FromString,
+            disagg_dot_v1_dot_worker__pb2.PrefillStreamRequest.SerializeToString,
+            disagg_dot_v1_dot_worker__pb2.PrefillStreamResponse.FromString,
             options,
             channel_credentials,
             insecure,

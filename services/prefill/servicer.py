@@ -92,8 +92,9 @@ class PrefillServicer(worker_pb2_grpc.PrefillWorkerServicer):
         return await self._hold(rid, out, context)
 
     async def PrefillStream(  # type: ignore[override]
-        self, request: worker_pb2.PrefillRequest, context: grpc.aio.ServicerContext
-    ) -> AsyncIterator[worker_pb2.PrefillResponse]:
+        self, streamed: worker_pb2.PrefillStreamRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[worker_pb2.PrefillStreamResponse]:
+        request = streamed.prefill
         rid, ids, sampling = await self._validated(request, context)
         try:
             stream = self._sender.open_stream(rid)
@@ -103,7 +104,8 @@ class PrefillServicer(worker_pb2_grpc.PrefillWorkerServicer):
         handle = self._sender.stream_handle(rid, len(ids))
         out: TokenOutput | None = None
         try:
-            yield worker_pb2.PrefillResponse(handle=handle_to_pb(handle, HandoffState.PREFILLING))
+            first = worker_pb2.PrefillResponse(handle=handle_to_pb(handle, HandoffState.PREFILLING))
+            yield worker_pb2.PrefillStreamResponse(prefill=first)
             out = await self._run(rid, ids, sampling, request.cache_salt, stream.on_kv_progress)
         finally:
             if out is None or out.finish is not FinishReason.PREFILLED:
@@ -113,7 +115,7 @@ class PrefillServicer(worker_pb2_grpc.PrefillWorkerServicer):
             await context.abort(
                 grpc.StatusCode.INTERNAL, f"prefill failed: {out.error or out.finish}"
             )
-        yield await self._hold(rid, out, context)
+        yield worker_pb2.PrefillStreamResponse(prefill=await self._hold(rid, out, context))
 
     async def WatchKv(  # type: ignore[override]
         self, request: worker_pb2.WatchKvRequest, context: grpc.aio.ServicerContext

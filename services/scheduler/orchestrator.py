@@ -79,6 +79,7 @@ log = logging.getLogger(__name__)
 
 
 _MAX_MIGRATIONS = 2  # decode workers a request may lose before it fails
+_STREAM_TRAIL_S = 1.0  # a streamed prefill's answer awaited this long after the stream ended
 
 
 def _ms(since: float) -> float:
@@ -128,6 +129,9 @@ class _Flight:
     cached: int = 0  # prompt tokens the prefill worker's prefix cache served
     prefill_id: str = ""  # the prefill worker; "" = prefilled on the decode worker
     lost: list[str] = field(default_factory=list)  # decode workers lost mid-stream
+    # Layer-wise: the streamed prefill, running beside the decode (its ticket was taken
+    # before the prompt ran; the first token comes from the decode worker).
+    streaming: asyncio.Task[None] | None = None
 
     @property
     def local(self) -> bool:
@@ -159,6 +163,7 @@ class Admission:
     dispatch_depth: int = 2  # prefills in flight per prefill worker; more wait in our queue
     decision_log: str = ""  # JSONL path of the replayable decision log; "" = log lines only
     verify_fraction: float = 0.0  # greedy requests re-run collocated and compared; 0 = none
+    stream_tokens: int = 0  # uncached prompt tokens from which the KV streams layer-wise; 0 = off
 
 
 def admission_of(cfg: SchedulerConfig) -> Admission:
@@ -175,6 +180,7 @@ def admission_of(cfg: SchedulerConfig) -> Admission:
         dispatch_depth=cfg.prefill_dispatch_depth,
         decision_log=cfg.decision_log,
         verify_fraction=cfg.verify_fraction,
+        stream_tokens=cfg.kv_stream_tokens,
     )
 
 
@@ -319,6 +325,7 @@ class Orchestrator:
                     yield ev
         finally:
             await self._release(f)  # a ticket no decode worker took (cancelled, done, lost)
+            await asyncio.shield(self._end_stream(f))
         last = self._finish(f)
         self._verify_later(f, last)
         yield last
@@ -326,9 +333,13 @@ class Orchestrator:
     # --- phase 2: prefill ------------------------------------------------------------------
 
     async def _prefill_phase(self, f: _Flight) -> GenerationEvent | None:
-        """The first token's event after a prefill on a prefill worker; None: decode prefills."""
+        """The first token's event after a prefill on a prefill worker; None: decode prefills
+        (or, streamed, the decode worker streams the first token too)."""
         worker = f.plan.prefill
         if worker is None:
+            return None
+        if self._streams(f):
+            await self._start_stream(f, worker)
             return None
         async with self._dispatch.slot(worker.worker_id, f.plan.expected_prefill_ms):
             pre = await self._prefill(f, worker)
@@ -341,6 +352,62 @@ class Orchestrator:
         self._learn(f, worker.worker_id, pre.prefill_ms, pre.cached_tokens)
         f.timing.ttft_ms = _ms(f.arrival)
         return f.relay.push([pre.first_token_id])
+
+    def _streams(self, f: _Flight) -> bool:
+        """Layer-wise for this flight: a long enough uncached prompt, more than one token."""
+        least = self.admission.stream_tokens
+        return bool(least) and f.plan.uncached_tokens >= least and f.req.sampling.max_tokens > 1
+
+    async def _start_stream(self, f: _Flight, worker: WorkerView) -> None:
+        """Starts the streamed prefill (``f.streaming``) and returns with its ticket in
+        ``f.ticket`` -- or none, when the prefill failed before it (the decode worker
+        prefills). Its answer, later, refines the cost model like ``_prefill_phase``."""
+        handed: asyncio.Future[KvTicket | None] = asyncio.get_running_loop().create_future()
+        f.streaming = asyncio.create_task(self._stream_prefill(f, worker, handed))
+        ticket = await handed
+        if ticket is not None:
+            f.ticket, f.prefill_id = ticket, worker.worker_id
+
+    async def _stream_prefill(
+        self, f: _Flight, worker: WorkerView, handed: asyncio.Future[KvTicket | None]
+    ) -> None:
+        pre = None
+        try:
+            async with self._dispatch.slot(worker.worker_id, f.plan.expected_prefill_ms):
+                updates = self._workers.prefill_stream(worker, f.req)
+                async with contextlib.aclosing(updates):
+                    async for up in updates:
+                        if isinstance(up, KvTicket):
+                            handed.set_result(up)
+                        else:
+                            pre = up
+        except PrefillUnreachable as e:
+            log.warning("streamed prefill on %s failed (%s)", worker.worker_id, e.code)
+        except InvalidRequest as e:
+            if not handed.done():
+                handed.set_exception(e)
+        finally:
+            if not handed.done():
+                handed.set_result(None)
+            self._registry.prefill_done(f.booking)
+        if pre is not None:
+            f.timing.queue_ms += pre.queue_ms
+            f.timing.prefill_ms = pre.prefill_ms
+            f.cached = pre.cached_tokens
+            self._learn(f, worker.worker_id, pre.prefill_ms, pre.cached_tokens)
+
+    async def _end_stream(self, f: _Flight) -> None:
+        """The streamed prefill, if any, is over: awaited briefly (its answer may trail
+        the decode's last token), else cancelled (its KV is freed on the worker)."""
+        task, f.streaming = f.streaming, None
+        if task is None:
+            return
+        if not task.done() and f.relay.finish in ("stop", "length"):
+            await asyncio.wait({task}, timeout=_STREAM_TRAIL_S)
+        if not task.done():
+            task.cancel()
+        with contextlib.suppress(asyncio.CancelledError, InvalidRequest):
+            await task
 
     async def _prefill(self, f: _Flight, worker: WorkerView) -> PrefillResult | None:
         """The prefill, or None when the worker failed (the decode worker prefills instead)."""
@@ -385,7 +452,8 @@ class Orchestrator:
     async def _decode_phase(self, f: _Flight) -> AsyncGenerator[GenerationEvent, None]:
         """The rest of the stream, unless the first token ended it; a decode worker
         lost mid-stream: on another one."""
-        if f.ticket is not None and self._done_after_first(f.relay, f.req):
+        streamed = f.ticket is not None and f.ticket.streamed
+        if f.ticket is not None and not streamed and self._done_after_first(f.relay, f.req):
             return
         while True:
             try:

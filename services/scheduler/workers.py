@@ -8,6 +8,9 @@ message and every gRPC status the scheduler sees is built or read here.
    KV it now holds). A prompt the worker rejects raises ``InvalidRequest``;
    any other failure raises ``PrefillUnreachable`` (the caller may prefill
    elsewhere).
+   ``prefill_stream(worker, request)`` (layer-wise): a ``KvTicket`` for the KV
+   at once -- a decode worker can take it before the prompt has run -- then
+   the ``PrefillResult``; the same errors, raised instead of either.
 2. ``decode(worker, request, ticket)``: a stream of ``DecodeUpdate``. With a
    ticket the decode worker pulls that KV and continues from its first token;
    without one it prefills ``request``'s prompt itself. A rejected prompt
@@ -53,11 +56,17 @@ class KvTicket:
     _handle: common_pb2.KvHandle
 
     @property
+    def streamed(self) -> bool:
+        """Taken while its prompt still runs (layer-wise): no first token in it."""
+        return self._handle.state == common_pb2.KV_STATE_PREFILLING
+
+    @property
     def nbytes(self) -> int:
         """Bytes of K and V the decode worker pulls for it."""
-        lay = self._handle.layout
+        lay, h = self._handle.layout, self._handle
+        blocks = -(-h.num_tokens // max(1, lay.block_size)) if self.streamed else len(h.block_ids)
         return kv_bytes(
-            len(self._handle.block_ids),
+            blocks,
             lay.num_layers,
             lay.block_size,
             lay.num_kv_heads,
@@ -155,6 +164,24 @@ class WorkerClient:
                 raise _invalid(e, "prefill") from e
             raise PrefillUnreachable(e.code().name, e.details()) from e
         return prefill_result(resp)
+
+    async def prefill_stream(
+        self, worker: WorkerView, req: GenerationRequest
+    ) -> AsyncGenerator[KvTicket | PrefillResult, None]:
+        stub = worker_pb2_grpc.PrefillWorkerStub(self._channel_for(worker.address))
+        request = worker_pb2.PrefillStreamRequest(prefill=prefill_request(req))
+        call = stub.PrefillStream(request, timeout=self._timeout_s)
+        try:
+            first = True
+            async for resp in call:
+                yield KvTicket(resp.prefill.handle) if first else prefill_result(resp.prefill)
+                first = False
+        except grpc.aio.AioRpcError as e:
+            if _rejected(e):
+                raise _invalid(e, "prefill") from e
+            raise PrefillUnreachable(e.code().name, e.details()) from e
+        finally:
+            call.cancel()
 
     async def decode(
         self, worker: WorkerView, req: GenerationRequest, ticket: KvTicket | None

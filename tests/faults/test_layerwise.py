@@ -13,6 +13,7 @@ are 16 tokens (``max_num_batched_tokens``), so a prompt takes several chunks.
 
 from __future__ import annotations
 
+import itertools
 import threading
 import time
 from typing import Any
@@ -21,7 +22,7 @@ import grpc
 import pytest
 
 from disagg.engine.testing import GreedyReference, prompt_of
-from disagg.v1 import common_pb2, worker_pb2, worker_pb2_grpc
+from disagg.v1 import common_pb2, scheduler_pb2, worker_pb2, worker_pb2_grpc
 
 N_NEW = 10
 STEP_DELAY_S = 0.03
@@ -82,10 +83,14 @@ class _Decode(threading.Thread):
         return [t for r in self.responses for t in r.token_ids]
 
 
-def _stream(address: str, rid: str, prompt: list[int]) -> tuple[Any, grpc.Channel]:
+def _stream(address: str, rid: str, prompt: list[int]) -> tuple[Any, Any, grpc.Channel]:
+    """(the PrefillResponses, the call, its channel) of one PrefillStream."""
     ch = grpc.insecure_channel(address)
     req = worker_pb2.PrefillRequest(request_id=rid, prompt_token_ids=prompt, sampling=_sampling())
-    return worker_pb2_grpc.PrefillWorkerStub(ch).PrefillStream(req, timeout=60), ch
+    calls = worker_pb2_grpc.PrefillWorkerStub(ch).PrefillStream(
+        worker_pb2.PrefillStreamRequest(prefill=req), timeout=60
+    )
+    return (r.prefill for r in calls), calls, ch
 
 
 def test_streamed_handoff_is_greedy_equal_and_reads_before_the_prefill_ends(
@@ -107,7 +112,7 @@ def test_streamed_handoff_is_greedy_equal_and_reads_before_the_prefill_ends(
 
         agent.read_layers = recording
 
-    calls, ch = _stream(prefill.address, "ls-1", prompt)
+    calls, _, ch = _stream(prefill.address, "ls-1", prompt)
     first = next(calls)
     assert first.handle.state == common_pb2.KV_STATE_PREFILLING and not first.handle.block_ids
     dec = _Decode(decode.address, "ls-1", prompt, first.handle)
@@ -131,11 +136,11 @@ def test_a_prefill_cancelled_mid_stream_falls_back_on_the_decode_worker(
     prefill, decode = cluster.prefill_hosts[0], cluster.decode_hosts[0]
     prompt = prompt_of(150, 4)
     want = tiny_reference(prompt, N_NEW)
-    calls, ch = _stream(prefill.address, "ls-2", prompt)
+    calls, call, ch = _stream(prefill.address, "ls-2", prompt)
     first = next(calls)
     dec = _Decode(decode.address, "ls-2", prompt, first.handle)
     time.sleep(4 * STEP_DELAY_S)  # a few chunks in
-    calls.cancel()
+    call.cancel()
     ch.close()
     dec.join(60)
     assert dec.error is None, dec.error
@@ -156,7 +161,7 @@ def test_one_reader_per_stream_and_a_reader_that_leaves_gives_the_kv_up(
         with pytest.raises(grpc.RpcError) as e:
             next(stub.WatchKv(worker_pb2.WatchKvRequest(request_id="nobody"), timeout=5))
         assert e.value.code() == grpc.StatusCode.NOT_FOUND
-        calls, pch = _stream(prefill.address, "ls-3", prompt)
+        calls, _, pch = _stream(prefill.address, "ls-3", prompt)
         next(calls)
         watch = stub.WatchKv(worker_pb2.WatchKvRequest(request_id="ls-3"), timeout=30)
         p = next(watch)
@@ -167,7 +172,7 @@ def test_one_reader_per_stream_and_a_reader_that_leaves_gives_the_kv_up(
         seen = [p]
         while seen[-1].upto < 64:  # progress grows chunk by chunk, layer by layer
             seen.append(next(watch))
-        assert all(a.upto <= b.upto for a, b in zip(seen, seen[1:], strict=False))
+        assert all(a.upto <= b.upto for a, b in itertools.pairwise(seen))
         watch.cancel()  # the reader leaves before done: the KV is given up
         last = next(calls)
         pch.close()
@@ -178,3 +183,42 @@ def test_one_reader_per_stream_and_a_reader_that_leaves_gives_the_kv_up(
 
 async def _freed(host: Any) -> dict[str, int]:
     return dict(host.servicer.freed)
+
+
+def test_the_scheduler_streams_long_prompts_and_cancels_cleanly(
+    make_cluster: Any, tiny_reference: GreedyReference, transport: str
+) -> None:
+    cluster = make_cluster(
+        engine={"max_num_batched_tokens": 16},
+        worker={"kv_transport": transport},
+        scheduler={"kv_stream_tokens": 100},
+    )
+    prefill = cluster.prefill_hosts[0]
+    _slow_prefill(prefill)
+    sender = prefill.servicer._sender
+    open_stream = sender.open_stream
+    streamed: list[str] = []
+
+    def recording(rid: str) -> Any:
+        streamed.append(rid)
+        return open_stream(rid)
+
+    sender.open_stream = recording
+    long, short = prompt_of(150, 6), prompt_of(40, 7)
+    for prompt in (long, short):
+        want = tiny_reference(prompt, N_NEW)
+        ids, _, last = cluster.generate(prompt_token_ids=prompt, max_tokens=N_NEW, temperature=0)
+        assert ids == want
+        assert last.timings.kv_transport == transport and last.prefill_worker and last.decode_worker
+        assert last.usage.completion_tokens == N_NEW
+    assert len(streamed) == 1, "only the long prompt streams"
+    assert last.timings.ttft_ms > 0
+
+    # A client gone while the prefill still runs: nothing left anywhere.
+    call = cluster.stub().Generate(
+        scheduler_pb2.GenerateRequest(prompt_token_ids=prompt_of(150, 8), max_tokens=N_NEW)
+    )
+    time.sleep(5 * STEP_DELAY_S)
+    call.cancel()
+    assert len(streamed) == 2
+    cluster.wait_no_leaks(timeout_s=10)
