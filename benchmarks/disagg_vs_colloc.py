@@ -96,7 +96,16 @@ class Layout:
         return self.cluster.prefill == 0
 
 
-def layouts(local_tokens: int, colloc_chunks: tuple[int, ...] = ()) -> list[Layout]:
+# --disagg-variants: more ``disagg`` layouts, each with one change (the KV data plane).
+DISAGG_VARIANTS: dict[str, tuple[str, ...]] = {
+    "grpc": ("--kv-transport", "grpc"),  # KV as protobuf chunks (``disagg`` itself: auto, NIXL)
+    "lw": ("--kv-stream-tokens", "512"),  # long prompts' KV streamed layer by layer (NIXL)
+}
+
+
+def layouts(
+    local_tokens: int, colloc_chunks: tuple[int, ...] = (), variants: tuple[str, ...] = ()
+) -> list[Layout]:
     pin = ("--threads", "1", "--cpu-affinity", "prefill=0", "--cpu-affinity", "decode=1")
     no_q = ("--local-prefill-queue-ms", NO_LOCAL_QUEUE_MS)
     colloc = ("--prefill", "0", "--decode", "1", "--threads", "2")
@@ -107,6 +116,14 @@ def layouts(local_tokens: int, colloc_chunks: tuple[int, ...] = ()) -> list[Layo
             for n in colloc_chunks
         ),
         Layout("disagg", ("--prefill", "1", "--decode", "1", *pin, *no_q), Cluster(1, 1)),
+        *(
+            Layout(
+                f"disagg-{v}",
+                ("--prefill", "1", "--decode", "1", *pin, *no_q, *DISAGG_VARIANTS[v]),
+                Cluster(1, 1),
+            )
+            for v in variants
+        ),
         Layout(
             "cond",
             (
@@ -583,9 +600,10 @@ def planner_validation(
     cal: tuple[dict[str, Any], dict[str, Any]],
     local_tokens: int,
     colloc_chunks: tuple[int, ...] = (),
+    variants: tuple[str, ...] = (),
 ) -> list[dict[str, Any]]:
     """Every measured point replayed by the simulator, from raw and calibrated profiles."""
-    by_name = {lay.name: lay for lay in layouts(local_tokens, colloc_chunks)}
+    by_name = {lay.name: lay for lay in layouts(local_tokens, colloc_chunks, variants)}
     out = []
     for pt in points:
         lay = by_name[pt.layout]
@@ -644,7 +662,8 @@ def revalidate(path: str, local_tokens: int, decode_context: str = "") -> int:
     raw = (pr["prefill_decode_1_thread"], pr["colloc_2_threads"])
     cal = (pr["calibrated_1_thread"], pr["calibrated_2_threads"])
     chunks = tuple(run.get("colloc_chunks", ()))
-    print_validation(planner_validation(points, raw, cal, local_tokens, chunks))
+    variants = tuple(run.get("disagg_variants", ()))
+    print_validation(planner_validation(points, raw, cal, local_tokens, chunks, variants))
     return 0
 
 
@@ -742,6 +761,12 @@ def main(argv: list[str] | None = None) -> int:
         default="",
         help="N,M,...: also run the collocated layout with N (M, ...) prefill tokens per step",
     )
+    p.add_argument(
+        "--disagg-variants",
+        default="",
+        help=f"V,W,...: also run disagg-V (one of {', '.join(DISAGG_VARIANTS)}): the same "
+        "disaggregated layout with its KV data plane changed",
+    )
     p.add_argument("--no-engine-profile", action="store_true", help="profile from probes only")
     p.add_argument("--json", dest="json_path", default="")
     p.add_argument("--plot", default="", help="attainment / p99 curves PNG")
@@ -777,7 +802,10 @@ def main(argv: list[str] | None = None) -> int:
     chunks = tuple(int(x) for x in a.colloc_chunks.split(",") if x.strip())
     if any(n <= 0 for n in chunks):
         p.error("--colloc-chunks must be positive token counts")
-    all_layouts = layouts(a.local_prefill_tokens, chunks)
+    variants = tuple(v for v in a.disagg_variants.split(",") if v.strip())
+    if any(v not in DISAGG_VARIANTS for v in variants):
+        p.error(f"--disagg-variants: each one of {', '.join(DISAGG_VARIANTS)}")
+    all_layouts = layouts(a.local_prefill_tokens, chunks, variants)
     duration = 1.0 if a.quick else a.duration
     min_n = 4 if a.quick else a.min_requests
     max_n = 6 if a.quick else 10**6
@@ -850,7 +878,9 @@ def main(argv: list[str] | None = None) -> int:
     t2 = prof.get("t2") or probe_profile(probes["colloc"])
     t1 = with_transfer(t1, probes["disagg"], kv_bytes_per_token(model))
     c1, c2 = calibrated(t1, probes["disagg"]), calibrated(t2, probes["colloc"])
-    validation = planner_validation(points, (t1, t2), (c1, c2), a.local_prefill_tokens, chunks)
+    validation = planner_validation(
+        points, (t1, t2), (c1, c2), a.local_prefill_tokens, chunks, variants
+    )
 
     good = {}
     for name in (lay.name for lay in all_layouts):
@@ -896,6 +926,7 @@ def main(argv: list[str] | None = None) -> int:
         "goodput_ratio": best_dis / col if col > 0 else (math.inf if best_dis > 0 else math.nan),
         "goodput_ratio_baseline": best_col,
         "colloc_chunks": list(chunks),
+        "disagg_variants": list(variants),
         "validation": validation,
         "interference": inter,
         "profiles": {

@@ -76,7 +76,7 @@ class GrpcTransport:
             call.cancel()  # a no-op once the stream is done; ends it on any early exit
 
     async def follow(
-        self, handle: Handle, dst_blocks: list[int], engine: Engine, on_complete: Callable[[], None]
+        self, handle: Handle, dst_blocks: list[int], engine: Engine, on_done: Callable[[], None]
     ) -> tuple[int, Handle]:
         """A PREFILLING handle: waits for the owner's done (WatchKv), then pulls it all as
         ``fetch`` and checks it finite. Returns the bytes moved and the completed handle."""
@@ -91,7 +91,7 @@ class GrpcTransport:
                 p = await follower.next()
         finally:
             follower.close()
-        on_complete()
+        on_done()
         final = completed(handle, p)
         nbytes = await self.fetch(final, dst_blocks, engine)
         await asyncio.to_thread(verify.check_finite, engine, dst_blocks)

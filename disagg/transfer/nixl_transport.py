@@ -49,7 +49,7 @@ from disagg.transfer import verify
 from disagg.transfer.errors import ReadInFlight, TransferError
 from disagg.transfer.grpc_transport import release_kv
 from disagg.transfer.handle import Handle, NixlPool, nixl_pool_from_pb
-from disagg.transfer.progress import Follower, complete, completed, readable
+from disagg.transfer.progress import Follower, completed, readable
 from disagg.v1 import worker_pb2, worker_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -341,11 +341,11 @@ class NixlTransport:
         return await self._agent.read(pool.agent_name, list(handle.block_ids), dst_blocks)
 
     async def follow(
-        self, handle: Handle, dst_blocks: list[int], engine: Engine, on_complete: Callable[[], None]
+        self, handle: Handle, dst_blocks: list[int], engine: Engine, on_done: Callable[[], None]
     ) -> tuple[int, Handle]:
         """A PREFILLING handle: each READ takes what the owner's progress allows since
-        the last (layer by layer), checked finite as it lands, so when the prompt's last
-        layer lands only that is left. Returns the bytes moved and the completed handle."""
+        the last (layer by layer), checked finite as it lands: by the owner's done, at
+        most the last layer is left. Returns the bytes moved and the completed handle."""
         pool = handle.nixl
         if pool is None:
             raise TransferError(f"owner {handle.owner_worker_id} offers no NIXL pool")
@@ -367,13 +367,12 @@ class NixlTransport:
             owners = nixl_pool_from_pb(first.pool) if first.HasField("pool") else None
             await self._agent.add_remote(pool, first.agent_metadata, owners)
             read = [0] * layout.num_layers  # leading blocks read, per layer
-            nbytes, was_complete = 0, False
+            nbytes = 0
             while True:
                 p = await follower.next()
                 verify.check_pool(pool, layout, p.block_ids)
-                if not was_complete and complete(p, layout, handle.num_tokens):
-                    was_complete = True
-                    on_complete()
+                if p.done:
+                    on_done()
                 ready = readable(p, layout, handle.num_tokens)
                 parts = [
                     (layer, list(p.block_ids[a:b]), dst_blocks[a:b])

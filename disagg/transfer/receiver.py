@@ -21,9 +21,9 @@
    Redis record is marked FAILED and deleted here (it frees its blocks by lease).
 A PREFILLING handle (layer-wise) is taken before its prompt has run: 2 is the
 transport's ``follow`` (reads as the owner's progress allows), the deadline
-counts from the prompt's last layer landing on the owner (before it, at most
-``PREFILL_WAIT_S``), and the result's ``elapsed_ms`` is that tail: the owner's
-KV complete -> KV verified here.
+counts from the owner's done (before it, at most ``PREFILL_WAIT_S``), and the
+result's ``elapsed_ms`` is that tail: prefill finished -> KV verified here,
+what a whole-prompt fetch takes from its start.
 """
 
 from __future__ import annotations
@@ -114,13 +114,13 @@ class KvReceiver:
             must_release = False
             raise
         except TransferError as e:
-            elapsed = _ms_since(known.complete_at or start)
+            elapsed = _ms_since(known.done_at or start)
             failed = FetchResult(False, str(e), 0, elapsed, transport.name, known.first_token_id)
             return self._observe(failed)
         finally:
             if must_release:
                 self._releases.spawn(self._release(transport, handle, consumed))
-        elapsed = _ms_since(known.complete_at or start)
+        elapsed = _ms_since(known.done_at or start)
         ok = FetchResult(True, "", nbytes, elapsed, transport.name, known.first_token_id)
         return self._observe(ok)
 
@@ -157,11 +157,11 @@ class KvReceiver:
             ) as t:
                 if handle.streaming:
 
-                    def on_complete() -> None:  # the transfer deadline counts from here
-                        known.complete_at = time.monotonic()
+                    def on_done() -> None:  # the transfer deadline counts from here
+                        known.done_at = time.monotonic()
                         t.reschedule(asyncio.get_running_loop().time() + self._timeout_s)
 
-                    nbytes, handle = await transport.follow(handle, dst, self._engine, on_complete)
+                    nbytes, handle = await transport.follow(handle, dst, self._engine, on_done)
                     known.first_token_id = handle.first_token_id
                 else:
                     nbytes = await transport.fetch(handle, dst, self._engine)
@@ -170,7 +170,7 @@ class KvReceiver:
                         k, v = self._engine.read_kv(dst[1:2], layer)
                         self._engine.write_kv(dst[:1], layer, k, v)
                 verify.check_coverage(handle, nbytes)
-                if known.complete_at is None or self._fault:  # follow() checked what it read
+                if known.done_at is None or self._fault:  # follow() checked what it read
                     await asyncio.to_thread(verify.check_finite, self._engine, dst)
                 if transport.reads_without_owner:
                     await self._confirm(transport, handle)
@@ -230,7 +230,7 @@ class _Known:
     """What one handoff learnt on the way (a PREFILLING handle's are learnt late)."""
 
     first_token_id: int | None
-    complete_at: float | None = None  # monotonic: a PREFILLING handle's KV complete on the owner
+    done_at: float | None = None  # monotonic: a PREFILLING handle's done (prefill finished)
 
 
 def _ms_since(start: float) -> float:

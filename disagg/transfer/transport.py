@@ -44,11 +44,11 @@ class Transport(Protocol):
         ...
 
     async def follow(
-        self, handle: Handle, dst_blocks: list[int], engine: Engine, on_complete: Callable[[], None]
+        self, handle: Handle, dst_blocks: list[int], engine: Engine, on_done: Callable[[], None]
     ) -> tuple[int, Handle]:
         """``fetch`` of a PREFILLING handle (layer-wise): follows the owner's progress
-        (WatchKv) while the prompt runs, calls on_complete() once when the owner says the
-        KV is complete (``progress.complete``: its last layer landed), and returns the bytes moved and the completed handle (its blocks and
+        (WatchKv) while the prompt runs, calls on_done() once the owner says it is done
+        (the prefill finished: where a whole-prompt fetch would begin), and returns the bytes moved and the completed handle (its blocks and
         first token). Also checks every imported value finite (as ``verify``), since
         it may do so as the KV lands. Same cleanup contract as ``fetch``."""
         ...

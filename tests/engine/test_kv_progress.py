@@ -8,6 +8,7 @@ list only extends, and the last one covers every token in every layer.
 
 from __future__ import annotations
 
+import itertools
 from typing import Any
 
 import torch
@@ -51,7 +52,7 @@ def test_reported_kv_is_final_and_progress_only_grows(make_engine: Any, model_im
     try:
         per_step = model_impl == "transformers"  # no layer hook: one report per chunk
         assert len(reports) >= (4 if per_step else 5 * layout.num_layers)
-        for a, b in zip(reports, reports[1:], strict=False):
+        for a, b in itertools.pairwise(reports):
             assert (a.computed, a.upto) <= (b.computed, b.upto)
             assert b.block_ids[: len(a.block_ids)] == a.block_ids
         last = reports[-1]

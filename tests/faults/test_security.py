@@ -1,7 +1,7 @@
 """TLS/mTLS on every gRPC link, loopback-only binds, no pickle/marshal/eval on any wire.
 
-Under mTLS the workers' own methods (PrefillWorker Prefill/PullKv/StartKvRead/
-ReleaseKv, DecodeWorker Decode) refuse a plaintext client (no TLS handshake:
+Under mTLS the workers' own methods (PrefillWorker Prefill/PrefillStream/WatchKv/
+PullKv/StartKvRead/ReleaseKv, DecodeWorker Decode) refuse a plaintext client (no TLS handshake:
 UNAVAILABLE) and a client certificate of the cluster's own CA that names no
 cluster role (PERMISSION_DENIED, with or without the cluster token), while the
 scheduler (its certificate names the scheduler role) and the decode worker
@@ -85,8 +85,12 @@ def _worker_methods(channel: grpc.Channel, role: str) -> list[tuple[str, Callabl
     pull = worker_pb2.PullKvRequest(request_id=HELD)  # a real request's KV, held by the test
     start = worker_pb2.StartKvReadRequest(request_id=HELD)
     release = worker_pb2.ReleaseKvRequest(request_id=HELD)
+    stream = worker_pb2.PrefillStreamRequest(prefill=pre)
+    watch = worker_pb2.WatchKvRequest(request_id=HELD)
     return [
         ("Prefill", lambda **kw: prefill.Prefill(pre, timeout=10, **kw)),
+        ("PrefillStream", lambda **kw: list(prefill.PrefillStream(stream, timeout=10, **kw))),
+        ("WatchKv", lambda **kw: list(prefill.WatchKv(watch, timeout=10, **kw))),
         ("PullKv", lambda **kw: list(prefill.PullKv(pull, timeout=10, **kw))),
         ("StartKvRead", lambda **kw: prefill.StartKvRead(start, timeout=10, **kw)),
         ("ReleaseKv", lambda **kw: prefill.ReleaseKv(release, timeout=10, **kw)),

@@ -55,6 +55,14 @@ class Counting(worker_pb2_grpc.PrefillWorkerServicer, worker_pb2_grpc.DecodeWork
         self.calls += 1
         return worker_pb2.StartKvReadResponse()
 
+    async def PrefillStream(self, request, context):  # type: ignore[no-untyped-def]
+        self.calls += 1
+        yield worker_pb2.PrefillStreamResponse()
+
+    async def WatchKv(self, request, context):  # type: ignore[no-untyped-def]
+        self.calls += 1
+        yield worker_pb2.KvProgress(done=True)
+
     async def Decode(self, request, context):  # type: ignore[no-untyped-def]
         self.calls += 1
         yield worker_pb2.DecodeResponse(token_ids=[1], finish_reason="length")
@@ -69,6 +77,8 @@ def worker_calls(channel: grpc.aio.Channel) -> list[tuple[str, Any]]:
     pull = worker_pb2.PullKvRequest(request_id="x")
     release = worker_pb2.ReleaseKvRequest(request_id="x")
     start = worker_pb2.StartKvReadRequest(request_id="x")
+    stream = worker_pb2.PrefillStreamRequest(prefill=pre)
+    watch = worker_pb2.WatchKvRequest(request_id="x")
 
     async def drain(call: Any) -> list[Any]:
         return [m async for m in call]
@@ -78,6 +88,8 @@ def worker_calls(channel: grpc.aio.Channel) -> list[tuple[str, Any]]:
         ("PullKv", lambda **kw: drain(prefill.PullKv(pull, timeout=5, **kw))),
         ("ReleaseKv", lambda **kw: prefill.ReleaseKv(release, timeout=5, **kw)),
         ("StartKvRead", lambda **kw: prefill.StartKvRead(start, timeout=5, **kw)),
+        ("PrefillStream", lambda **kw: drain(prefill.PrefillStream(stream, timeout=5, **kw))),
+        ("WatchKv", lambda **kw: drain(prefill.WatchKv(watch, timeout=5, **kw))),
         ("Decode", lambda **kw: drain(decode.Decode(dec, timeout=5, **kw))),
     ]
 
