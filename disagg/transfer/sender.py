@@ -66,6 +66,7 @@ class KvSender:
         self._leases = LeaseTable(lease_s, self._free)
         self._mirror = RedisMirror(store)
         self._streams: dict[str, KvStream] = {}  # streamed prefills, until their KV is freed
+        self._streamed = False  # logged once: this worker streams KV layer-wise
         self.freed = {
             s: 0 for s in (HandoffState.CONSUMED, HandoffState.FAILED, HandoffState.EXPIRED)
         }
@@ -120,6 +121,9 @@ class KvSender:
             raise TransferError(f"request_id {request_id!r} already holds KV here")
         stream = KvStream(asyncio.get_running_loop())
         self._streams[request_id] = stream
+        if not self._streamed:
+            self._streamed = True
+            log.info("kv streamed layer-wise (first: request_id=%s)", request_id)
         return stream
 
     def stream_handle(self, request_id: str, num_tokens: int) -> Handle:

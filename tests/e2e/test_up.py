@@ -189,9 +189,12 @@ class UpProcess:
 
 @pytest.fixture()
 def up(tiny_model: str, tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[UpProcess]:
-    """`disagg up`; parametrized indirectly with a KV transport, `--kv-transport` that."""
+    """`disagg up`; parametrized indirectly with a KV transport, `--kv-transport` that
+    ("nixl+stream": NIXL, and prompts of 64 tokens or more streamed layer-wise)."""
     transport = getattr(request, "param", None)
-    extra = ("--kv-transport", transport) if transport else ()
+    extra: tuple[str, ...] = ("--kv-transport", transport) if transport else ()
+    if transport == "nixl+stream":
+        extra = ("--kv-transport", "nixl", "--kv-stream-tokens", "64")
     server = UpProcess(tiny_model, tmp_path / "up.log", extra=extra)
     yield server
     server.kill_everything(system_procs(server.proc.pid, server.port))
@@ -212,7 +215,9 @@ def _generate(address: str, **fields: Any) -> tuple[list[int], str, scheduler_pb
     return ids, text, last
 
 
-def _check_greedy_handoffs(up: UpProcess, reference: GreedyReference, transport: str) -> None:
+def _check_greedy_handoffs(
+    up: UpProcess, reference: GreedyReference, transport: str, streamed: bool = False
+) -> None:
     for n in (20, 70):
         prompt = prompt_of(n, seed=n)
         want = reference(prompt, 16)
@@ -224,6 +229,8 @@ def _check_greedy_handoffs(up: UpProcess, reference: GreedyReference, transport:
     logs = up.log_path.read_text(errors="replace")
     assert f"kv transport {transport} from owner=prefill-" in logs, logs[-3000:]
     assert "kv pull failed" not in logs
+    if streamed:  # the 70-token prompt's KV went layer by layer
+        assert "kv streamed layer-wise" in logs, logs[-3000:]
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess[str]:
@@ -253,17 +260,19 @@ def _check_cli(address: str) -> None:
 
 @pytest.mark.parametrize(
     ("sig", "up"),
-    [(signal.SIGINT, "nixl"), (signal.SIGTERM, "grpc")],
-    ids=["SIGINT-nixl", "SIGTERM-grpc"],
+    [(signal.SIGINT, "nixl+stream"), (signal.SIGTERM, "grpc")],
+    ids=["SIGINT-nixl-layerwise", "SIGTERM-grpc"],
     indirect=["up"],
 )
 def test_up_serves_and_stops_clean(
     up: UpProcess, sig: signal.Signals, tiny_reference: GreedyReference
 ) -> None:
-    """Each stop signal once, each KV transport once (greedy-equal through the handoff)."""
+    """Each stop signal once, each KV transport once (greedy-equal through the handoff;
+    over NIXL, the longer prompt streamed layer by layer)."""
     line = up.wait_ready(READY_TIMEOUT_S)
     assert up.address in line
-    _check_greedy_handoffs(up, tiny_reference, "nixl" if sig == signal.SIGINT else "grpc")
+    nixl = sig == signal.SIGINT
+    _check_greedy_handoffs(up, tiny_reference, "nixl" if nixl else "grpc", streamed=nixl)
 
     ids, _, last = _generate(up.address, prompt_token_ids=[5, 6, 7], max_tokens=5, temperature=0)
     assert len(ids) == 5
