@@ -100,11 +100,13 @@ class KvReceiver:
         lets cancellation through after freeing the reservation and releasing."""
         start = time.monotonic()
         refused = await self._refusal(handle)
+        first = None if handle.streaming else handle.first_token_id
         if refused is not None:
-            return self._observe(FetchResult(False, refused, 0, _ms_since(start), "refused"))
+            no = FetchResult(False, refused, 0, _ms_since(start), "refused", first)
+            return self._observe(no)
         transport = self._transport
         must_release, consumed = True, False
-        known = _Known(None if handle.streaming else handle.first_token_id)
+        known = _Known(first)
         try:
             transport = self._choose(handle)
             nbytes = await self._import(request_id, handle, transport, known)

@@ -184,7 +184,8 @@ class DecodeServicer(worker_pb2_grpc.DecodeWorkerServicer):
                 emit_first=result.first_token_id if handle.streaming else None,
             )
         log.warning("kv pull failed, prefilling locally request_id=%s error=%s", rid, result.reason)
-        first = result.first_token_id
+        if handle.streaming:  # known only if the owner got as far as done
+            first = result.first_token_id
         return _local_prefill(ids, sampling, first, result.elapsed_ms, handle.streaming)
 
     async def _stream(
