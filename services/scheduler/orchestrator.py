@@ -383,6 +383,8 @@ class Orchestrator:
                             pre = up
         except PrefillUnreachable as e:
             log.warning("streamed prefill on %s failed (%s)", worker.worker_id, e.code)
+            if f.req.prefill_pin and not handed.done():
+                handed.set_exception(Unavailable(f"prefill_worker {f.req.prefill_pin!r}: {e}"))
         except InvalidRequest as e:
             if not handed.done():
                 handed.set_exception(e)
@@ -406,7 +408,7 @@ class Orchestrator:
             await asyncio.wait({task}, timeout=_STREAM_TRAIL_S)
         if not task.done():
             task.cancel()
-        with contextlib.suppress(asyncio.CancelledError, InvalidRequest):
+        with contextlib.suppress(asyncio.CancelledError):
             await task
 
     async def _prefill(self, f: _Flight, worker: WorkerView) -> PrefillResult | None:
@@ -477,7 +479,9 @@ class Orchestrator:
         self, f: _Flight, updates: AsyncIterator[DecodeUpdate]
     ) -> AsyncIterator[GenerationEvent]:
         """Updates as client events, until the stream or the relay finishes."""
-        fresh = f.ticket is None  # this worker prefills (routed local, or after a migration)
+        # This worker prefills (routed local, after a migration; or a streamed prefill's
+        # fallback: its first update then says how long it took).
+        fresh = f.ticket is None or f.ticket.streamed
         async for up in updates:
             ev = self._on_decode(f, up, fresh)
             self._taken(f, ev)
