@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -77,8 +78,10 @@ class ClientSlots:
     """In-flight requests per client, capped (0 = no cap). Pure bookkeeping; one per process,
     shared by the HTTP and gRPC front ends."""
 
-    def __init__(self, cap: int):
+    def __init__(self, cap: int, on_refuse: Callable[[], None] | None = None):
+        """on_refuse(): called on each refusal (the metrics' rejection counter)."""
         self.cap = cap
+        self.on_refuse = on_refuse
         self._held: Counter[str] = Counter()
 
     def in_flight(self, client: str) -> int:
@@ -90,6 +93,8 @@ class ClientSlots:
 
     def try_acquire(self, client: str) -> bool:
         if self.cap and self._held[client] >= self.cap:
+            if self.on_refuse is not None:
+                self.on_refuse()
             return False
         self._held[client] += 1
         return True

@@ -89,6 +89,7 @@ class SchedulerApp:
         )
         await registry.start()
         self.metrics = SchedulerMetrics(slo_of(cfg))
+        self.slots.on_refuse = self.metrics.rejected.labels("client_limit").inc
         channels = ChannelCache(
             credentials=channel_credentials(tls_of(cfg)),
             interceptors=send_token(cfg.cluster_token),

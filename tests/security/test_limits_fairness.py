@@ -116,6 +116,10 @@ async def _cap_scenario(cluster: Cluster) -> None:
         await client.close()
         status, body = await _complete("127.0.0.2", cluster)  # another client: served
         assert status == 200 and body["usage"]["completion_tokens"] == 4
+        refused = cluster.app.metrics.registry.get_sample_value(
+            "disagg:requests_rejected_total", {"reason": "client_limit"}
+        )
+        assert refused == 2  # both refusals on /metrics
         assert not held.done()  # all the while, the first stream was in flight
         held.cancel()
     await _wait_for(lambda: cluster.app.slots.clients() == 0, 10, "slot still held")
