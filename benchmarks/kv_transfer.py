@@ -124,21 +124,18 @@ def _decode(addr: str, rid: str, prompt: list[int], handle: Any, max_tokens: int
     return first
 
 
+def _prefill(addr: str, rid: str, prompt: list[int], max_tokens: int) -> Any:
+    """One Prefill on the prefill worker; its handle."""
+    sampling = common_pb2.SamplingParams(max_tokens=max_tokens)
+    req = worker_pb2.PrefillRequest(request_id=rid, prompt_token_ids=prompt, sampling=sampling)
+    with grpc.insecure_channel(addr) as ch:
+        return worker_pb2_grpc.PrefillWorkerStub(ch).Prefill(req, timeout=600).handle
+
+
 def handoff_ms(addrs: dict[str, str], transport: str, rid: str, prompt: list[int]) -> float:
     """Prefill on the prefill worker, then one Decode (max_tokens 1) on the transport's
     decode worker; the decode worker's kv_transfer_ms. Raises if the import failed."""
-    sampling = common_pb2.SamplingParams(max_tokens=1)
-    with grpc.insecure_channel(addrs["prefill"]) as ch:
-        handle = (
-            worker_pb2_grpc.PrefillWorkerStub(ch)
-            .Prefill(
-                worker_pb2.PrefillRequest(
-                    request_id=rid, prompt_token_ids=prompt, sampling=sampling
-                ),
-                timeout=600,
-            )
-            .handle
-        )
+    handle = _prefill(addrs["prefill"], rid, prompt, 1)
     return float(_decode(addrs[transport], rid, prompt, handle, 1).kv_transfer_ms)
 
 
@@ -169,19 +166,7 @@ def whole(addrs: dict[str, str], rid: str, prompt: list[int]) -> float:
     """The baseline of ``layerwise``'s end to end: Prefill, then a Decode of 2 tokens on
     the NIXL decode worker (one decode step each way); client ms."""
     start = time.perf_counter()
-    sampling = common_pb2.SamplingParams(max_tokens=2)
-    with grpc.insecure_channel(addrs["prefill"]) as ch:
-        handle = (
-            worker_pb2_grpc.PrefillWorkerStub(ch)
-            .Prefill(
-                worker_pb2.PrefillRequest(
-                    request_id=rid, prompt_token_ids=prompt, sampling=sampling
-                ),
-                timeout=600,
-            )
-            .handle
-        )
-    _decode(addrs["nixl"], rid, prompt, handle, 2)
+    _decode(addrs["nixl"], rid, prompt, _prefill(addrs["prefill"], rid, prompt, 2), 2)
     return (time.perf_counter() - start) * 1000
 
 
@@ -240,7 +225,7 @@ def run(model: str, sizes: list[int], reps: int, seed: int) -> dict[str, Any]:
                         samples[f"{LAYERWISE}_{n}"].append(tail)
                         samples[f"e2e_{LAYERWISE}_{n}"].append(e2e)
                         print(f"  round {r} {n:>5} tokens {LAYERWISE:>14}: {tail:8.1f} ms after"
-                              f" the last layer, {e2e:8.1f} ms end to end", flush=True)  # fmt: skip
+                              f" the prefill, {e2e:8.1f} ms end to end", flush=True)  # fmt: skip
     finally:
         valkey.stop()
     out: dict[str, Any] = {
@@ -273,7 +258,7 @@ def run(model: str, sizes: list[int], reps: int, seed: int) -> dict[str, Any]:
 def table(out: dict[str, Any]) -> str:
     rows = [
         "| prompt tokens | KV MiB | grpc ms | nixl ms | nixl / grpc | nixl+layer-wise ms "
-        "after the last layer | / nixl | end to end nixl ms | nixl+layer-wise ms | ratio |",
+        "after the prefill | / nixl | end to end nixl ms | nixl+layer-wise ms | ratio |",
         "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     lw = LAYERWISE

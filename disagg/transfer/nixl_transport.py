@@ -331,13 +331,7 @@ class NixlTransport:
             raise TransferError(
                 f"StartKvRead on {handle.owner_address}: {e.code().name} {e.details()}"
             ) from e
-        if resp.agent_name != pool.agent_name:
-            raise TransferError(
-                f"{handle.owner_address} runs agent {resp.agent_name}, the handle names "
-                f"{pool.agent_name} (a restarted owner?)"
-            )
-        owners = nixl_pool_from_pb(resp.pool) if resp.HasField("pool") else None
-        await self._agent.add_remote(pool, resp.agent_metadata, owners)
+        await self._meet(handle, pool, resp)
         return await self._agent.read(pool.agent_name, list(handle.block_ids), dst_blocks)
 
     async def follow(
@@ -358,14 +352,7 @@ class NixlTransport:
         )
         follower = Follower(self._stub(handle).WatchKv(request), layout, handle.num_tokens)
         try:
-            first = await follower.start()
-            if first.agent_name != pool.agent_name:
-                raise TransferError(
-                    f"{handle.owner_address} runs agent {first.agent_name}, the handle names "
-                    f"{pool.agent_name} (a restarted owner?)"
-                )
-            owners = nixl_pool_from_pb(first.pool) if first.HasField("pool") else None
-            await self._agent.add_remote(pool, first.agent_metadata, owners)
+            await self._meet(handle, pool, await follower.start())
             read = [0] * layout.num_layers  # leading blocks read, per layer
             nbytes = 0
             while True:
@@ -391,6 +378,22 @@ class NixlTransport:
 
     async def release(self, handle: Handle, consumed: bool) -> bool:
         return await release_kv(self._stub(handle), handle, consumed)
+
+    async def _meet(
+        self,
+        handle: Handle,
+        pool: NixlPool,
+        owner: worker_pb2.StartKvReadResponse | worker_pb2.KvProgress,
+    ) -> None:
+        """The owner's answer (StartKvRead's, or WatchKv's first progress) names the
+        handle's agent; its metadata and own account of the pool load it when new."""
+        if owner.agent_name != pool.agent_name:
+            raise TransferError(
+                f"{handle.owner_address} runs agent {owner.agent_name}, the handle names "
+                f"{pool.agent_name} (a restarted owner?)"
+            )
+        owners = nixl_pool_from_pb(owner.pool) if owner.HasField("pool") else None
+        await self._agent.add_remote(pool, owner.agent_metadata, owners)
 
     def _stub(self, handle: Handle) -> worker_pb2_grpc.PrefillWorkerStub:
         return worker_pb2_grpc.PrefillWorkerStub(self._channel_for(handle.owner_address))

@@ -237,30 +237,17 @@ def _local_prefill(
     the client (or, for a PREFILLING handle, is streamed first here), so prefill the
     prompt + that token here and continue after it. No first token (a PREFILLING
     handle whose owner never finished): the prompt alone, the engine samples it."""
-    if first_token_id is None:
-        return _Plan(
-            RequestMode.GENERATE, ids, sampling, kv_transfer_ms=elapsed_ms, kv_transport=FALLBACK
-        )
-    if streaming:
-        rest = dataclasses.replace(sampling, max_tokens=max(0, sampling.max_tokens - 1))
-        return _Plan(
-            RequestMode.GENERATE,
-            [*ids, first_token_id],
-            rest,
-            kv_transfer_ms=elapsed_ms,
-            kv_transport=FALLBACK,
-            emit_first=first_token_id,
-        )
-    if sampling.max_tokens <= 1:
-        one = dataclasses.replace(sampling, max_tokens=1)
+    if first_token_id is None or (sampling.max_tokens <= 1 and not streaming):
+        one = sampling if first_token_id is None else dataclasses.replace(sampling, max_tokens=1)
         return _Plan(
             RequestMode.GENERATE, ids, one, kv_transfer_ms=elapsed_ms, kv_transport=FALLBACK
         )
-    rest = dataclasses.replace(sampling, max_tokens=sampling.max_tokens - 1)
+    rest = dataclasses.replace(sampling, max_tokens=max(0, sampling.max_tokens - 1))
     return _Plan(
         RequestMode.GENERATE,
         [*ids, first_token_id],
         rest,
         kv_transfer_ms=elapsed_ms,
         kv_transport=FALLBACK,
+        emit_first=first_token_id if streaming else None,
     )
