@@ -72,8 +72,11 @@ def test_two_namespaces_on_one_locked_valkey_never_cross(
             assert {w.pid for w in workers} <= pids, "a worker of the other deployment is listed"
             ids = {w.worker_id for w in workers}
             for n in (5, 40):
-                out, _, last = _generate(
-                    up.address, prompt_token_ids=list(range(3, 3 + n)), max_tokens=4
+                out, _, last = _generate(  # sampled: ignore_eos, or an early EOS ends it short
+                    up.address,
+                    prompt_token_ids=list(range(3, 3 + n)),
+                    max_tokens=4,
+                    ignore_eos=True,
                 )
                 assert len(out) == 4
                 assert {last.prefill_worker, last.decode_worker} <= ids
