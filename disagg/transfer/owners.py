@@ -13,7 +13,10 @@ namespace) with that worker id at that address; else ``ForeignOwner``.
    misses at that moment, at most one every ``min_refresh_s``, waited for at
    most ``wait_s`` -- and the owner looked up again; still absent: refused.
 3. Redis unreachable (or slow): the last listing stands, since its owners were
-   registered; an owner never listed is refused.
+   registered; an owner never listed is refused. Shortly after (``outage_grace_s``,
+   as the scheduler's registry does), owners whose records expired meanwhile stay
+   listed: their heartbeats could not land either, the scheduler still routes to
+   them, and refusing them would only turn their handoffs into local prefills.
 Does not connect to any owner, and does not change the registry.
 """
 
@@ -51,12 +54,15 @@ class RegisteredOwners:
         max_age_s: float = 1.0,
         min_refresh_s: float = 0.1,
         wait_s: float = 0.5,
+        outage_grace_s: float = 5.0,
     ):
         """list_owners: the registered prefill workers (``prefill_workers(store)``)."""
         self._list = list_owners
         self._max_age_s = max_age_s
         self._min_refresh_s = min_refresh_s
         self._wait_s = wait_s
+        self._outage_grace_s = outage_grace_s
+        self._failed_at: float | None = None  # when a listing last failed
         self._owners: frozenset[tuple[str, str]] = frozenset()  # (address, worker id)
         self._listed_at = float("-inf")  # start of the last listing that succeeded
         self._tried_at = float("-inf")  # start of the last listing
@@ -101,9 +107,16 @@ class RegisteredOwners:
             if self._healthy:
                 log.warning("cannot list the prefill workers, keeping the last listing: %s", e)
             self._healthy = False
+            self._failed_at = time.monotonic()
             return
         finally:
             self._listing = None
-        self._owners = frozenset((i.address, i.worker_id) for i in infos)
+        owners = frozenset((i.address, i.worker_id) for i in infos)
+        if self._failed_at is not None:
+            if time.monotonic() - self._failed_at <= self._outage_grace_s:
+                owners |= self._owners  # the owners last seen, through the outage
+            else:
+                self._failed_at = None
+        self._owners = owners
         self._listed_at = started
         self._healthy = True

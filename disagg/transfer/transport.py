@@ -25,6 +25,10 @@ from disagg.transfer.handle import Handle
 
 log = logging.getLogger(__name__)
 
+# The kv_transport a decode worker reports for a handoff that failed (it prefilled the
+# prompt itself); a transport's name otherwise.
+FALLBACK = "fallback"
+
 
 class Transport(Protocol):
     name: str  # "grpc", "nixl": the metrics label and the log's word for it

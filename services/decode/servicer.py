@@ -40,7 +40,7 @@ from disagg.transfer.handle import Handle, handle_from_pb
 from disagg.transfer.nixl_transport import NixlTransport
 from disagg.transfer.owners import RegisteredOwners, prefill_workers
 from disagg.transfer.receiver import KvReceiver
-from disagg.transfer.transport import TransportChoice
+from disagg.transfer.transport import FALLBACK, TransportChoice
 from disagg.v1 import common_pb2, worker_pb2, worker_pb2_grpc
 from disagg.wire import sampling_from_pb
 from disagg.worker.bridge import run_request
@@ -48,8 +48,6 @@ from disagg.worker.host import KvPlane
 from disagg.worker.validation import MAX_CACHE_SALT_BYTES, validate_prompt
 
 log = logging.getLogger(__name__)
-
-FALLBACK = "fallback"  # kv_transport of a handoff that failed: the prompt was prefilled here
 
 
 @dataclasses.dataclass

@@ -54,6 +54,7 @@ from disagg.policy.routing import (
 )
 from disagg.runtime.config import SchedulerConfig
 from disagg.tokenization.detokenizer import IncrementalDetokenizer, StopStringMatcher
+from disagg.transfer.transport import FALLBACK
 from services.scheduler.decisions import DecisionLog
 from services.scheduler.dispatch import PrefillDispatch
 from services.scheduler.registry import Reservation, WorkerRegistry
@@ -484,6 +485,8 @@ class Orchestrator:
         fresh = f.ticket is None or f.ticket.streamed
         async for up in updates:
             ev = self._on_decode(f, up, fresh)
+            if up.kv_transport == FALLBACK:
+                await self._release(f)
             self._taken(f, ev)
             yield ev
             if f.relay.finish:
@@ -506,7 +509,9 @@ class Orchestrator:
         return ev
 
     def _taken(self, f: _Flight, ev: GenerationEvent) -> None:
-        """The decode worker answered: it owns the handoff; a local prefill is done."""
+        """The decode worker answered: it owns the handoff (one it fell back from was
+        released above: a refused owner is never contacted by the decode worker, and the
+        scheduler holds the prefill worker from its own registry); a local prefill is done."""
         if f.ticket is not None:
             self._metrics.kv_handed_off(f.ticket.nbytes)
             f.ticket = None

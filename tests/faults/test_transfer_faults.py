@@ -334,3 +334,28 @@ def test_owner_killed_mid_transfer_fails_the_import_cleanly(
     finally:
         began.clear()
         cluster.stop()
+
+
+def test_a_handoff_the_decode_worker_refuses_is_released_by_the_scheduler(
+    make_cluster: Any, tiny_reference: GreedyReference
+) -> None:
+    """The decode worker's registry listing lacks the prefill worker (its record expired,
+    say, while the scheduler still routes to it): the decode worker contacts no such owner
+    and prefills locally; the scheduler, which chose the owner from its own registry,
+    releases the held KV at once instead of leaving it to the lease."""
+    cluster = make_cluster(worker={"kv_transport": "grpc"})
+    owners = cluster.decode_hosts[0].servicer._owners
+
+    async def nothing_registered() -> list[common_pb2.WorkerInfo]:
+        return []
+
+    owners._list, owners._owners = nothing_registered, frozenset()
+    prompt = prompt_of(40, 9)
+    ids, _, last = cluster.generate(prompt_token_ids=prompt, max_tokens=N_NEW, temperature=0)
+    assert ids == tiny_reference(prompt, N_NEW)
+    assert last.timings.kv_transport == "fallback" and last.prefill_worker.startswith("prefill-")
+    assert cluster.decode_hosts[0].kv.metrics.totals() == {"refused": (1, 1)}  # not contacted
+    prefill = cluster.prefill_hosts[0]
+    assert prefill.cfg.kv_lease_s >= 30
+    cluster.wait_no_leaks(timeout_s=3.0)  # released, not expired
+    assert prefill.servicer.freed == {"consumed": 0, "failed": 1, "expired": 0}
