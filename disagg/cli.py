@@ -176,6 +176,11 @@ def build_parser() -> argparse.ArgumentParser:
         )
         w.add_argument("--worker-id")
         w.add_argument("--kv-lease-s", type=float, help="prefill: free unpulled KV after this long")
+        w.add_argument(
+            "--prefill-cost",
+            metavar="BASE_MS,PER_TOKEN_MS",
+            help="publish this prefill cost instead of measuring it at startup",
+        )
         _kv_transport_flag(w)
         w.add_argument("--mock", action="store_true", default=None, help="model-free mock engine")
 
@@ -299,6 +304,7 @@ def _cmd_worker(args: argparse.Namespace) -> int:
         namespace=args.namespace,
         worker_id=args.worker_id,
         kv_lease_s=args.kv_lease_s,
+        prefill_cost=args.prefill_cost,
         kv_transport=args.kv_transport,
         metrics_port=args.metrics_port,
         mock=args.mock,

@@ -8,6 +8,7 @@ override them (see disagg.cli).
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -34,6 +35,9 @@ class WorkerConfig:
     heartbeat_s: float = 1.0  # heartbeat period
     heartbeat_ttl_s: float = 3.0  # a worker silent this long vanishes from the registry
     kv_lease_s: float = 30.0  # prefill: held KV not pulled within this is freed
+    # "BASE_MS,PER_TOKEN_MS": published as this worker's prefill cost instead of measuring
+    # it at startup (profiled offline: no startup prefills, identical workers route alike)
+    prefill_cost: str = ""
     max_chunk_bytes: int = 2 << 20  # KV transfer chunk size (under the gRPC message limit)
     transfer_timeout_s: float = 10.0  # decode: a KV pull slower than this fails
     tls_cert: str = ""  # PEM certificate: serve gRPC over TLS (and present it to peers for mTLS)
@@ -58,10 +62,28 @@ class WorkerConfig:
             raise ValueError("kv_lease_s and transfer_timeout_s must be > 0")
         if self.max_chunk_bytes < 4096:
             raise ValueError("max_chunk_bytes must be >= 4096")
+        if self.prefill_cost:
+            self.fixed_prefill_cost()  # raises on a malformed value
         if self.kv_transport not in KV_TRANSPORTS:
             raise ValueError(f"kv_transport must be one of {', '.join(KV_TRANSPORTS)}")
         if self.max_concurrent_rpcs < 1:
             raise ValueError("max_concurrent_rpcs must be >= 1")
+
+    def fixed_prefill_cost(self) -> tuple[float, float] | None:
+        """(base_ms, per_token_ms) from prefill_cost; None when it is unset (measure)."""
+        if not self.prefill_cost:
+            return None
+        try:
+            base, per_token = (float(x) for x in self.prefill_cost.split(","))
+        except ValueError:
+            raise ValueError(
+                f"prefill_cost must be BASE_MS,PER_TOKEN_MS, not {self.prefill_cost!r}"
+            ) from None
+        if not (math.isfinite(base) and math.isfinite(per_token)) or min(base, per_token) < 0:
+            raise ValueError("prefill_cost: both numbers must be finite and >= 0")
+        if base + per_token <= 0:
+            raise ValueError("prefill_cost: at least one number must be > 0")
+        return base, per_token
 
 
 @dataclass(frozen=True)

@@ -1,21 +1,25 @@
 """A worker's prefill cost, measured once at startup and published in its heartbeat.
 
 Two prompt sizes of fresh random tokens (no prefix-cache hits), prefilled after
-a warm-up, give the line ``ms = base_ms + per_token_ms * tokens`` that the
+a warm-up of each, give the line ``ms = base_ms + per_token_ms * tokens`` that the
 scheduler starts from before it has observed this worker (disagg.policy.cost).
+Each size is measured ``REPEATS`` times and the fastest run counts: workers often
+start together (``disagg up``, a rollout) and contend for the CPU, which only ever
+adds time, so the minimum is the estimate that noise does not skew -- two
+identical workers then publish nearly identical costs, and the scheduler does not
+prefer one over the other (over a prefix hit, say) for a noisy startup.
 """
 
 from __future__ import annotations
 
 import random
-import statistics
 import threading
 from dataclasses import dataclass
 
 from disagg.engine.api import Engine, EngineRequest, SamplingParams, TokenOutput
 
 SIZES = (16, 256)  # prompt tokens of the two measured prefills
-REPEATS = 2  # measurements per size; the median is used
+REPEATS = 5  # measurements per size; the fastest is used
 
 
 @dataclass(frozen=True)
@@ -54,11 +58,10 @@ def calibrate_prefill(engine: Engine, seed: int = 0) -> PrefillCost:
     def prompt(n: int) -> list[int]:
         return [rng.randrange(3, info.vocab_size) for _ in range(n)]
 
-    _timed_prefill(engine, "calibrate-warmup", prompt(sizes[0]))
+    for n in sizes:
+        _timed_prefill(engine, f"calibrate-warmup-{n}", prompt(n))
     ms = [
-        statistics.median(
-            _timed_prefill(engine, f"calibrate-{n}-{i}", prompt(n)) for i in range(REPEATS)
-        )
+        min(_timed_prefill(engine, f"calibrate-{n}-{i}", prompt(n)) for i in range(REPEATS))
         for n in sizes
     ]
     per_token = max(0.0, (ms[1] - ms[0]) / max(1, sizes[1] - sizes[0]))

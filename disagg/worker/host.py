@@ -206,6 +206,10 @@ class WorkerHost:
                 pass
 
     def _calibrate(self, engine: Engine) -> PrefillCost:
+        fixed = self.cfg.fixed_prefill_cost()
+        if fixed is not None:
+            log.info("prefill cost base_ms=%.2f per_token_ms=%.4f (configured)", *fixed)
+            return PrefillCost(*fixed)
         try:
             cost = calibrate_prefill(engine)
         except Exception as e:  # the scheduler falls back to its prior

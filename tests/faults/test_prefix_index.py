@@ -8,6 +8,10 @@ workers, one decode worker, all real processes:
 2. prefill-a evicts P1 (its pool refilled with other prompts): B's decision for
    P1 sees no hit any more.
 3. prefill-b restarts (a new worker id): its entries vanish with it.
+The prefill workers publish one configured cost (``--prefill-cost``): on the tiny
+model a 64-token hit saves under a millisecond, less than two startup measurements
+of identical workers differ under load, so measured costs would decide the route,
+not the index.
 B's index is read through probes: a request with an impossible TTFT SLO is
 decided (the decision line logs ``hits=N``, the longest cached prefix B
 predicted) and rejected before any prefill, so a probe changes no cache and
@@ -28,6 +32,7 @@ from disagg.v1 import scheduler_pb2, scheduler_pb2_grpc
 from tests.faults.test_worker_death import Procs, _free_port
 
 BLOCK = 16
+COST = ("--prefill-cost", "1.0,0.01")  # both prefill workers' published cost
 
 
 @pytest.fixture()
@@ -89,7 +94,7 @@ def test_replica_b_routes_on_prefixes_cached_through_replica_a(procs: Procs) -> 
     b = f"127.0.0.1:{port_b}"
     procs.spawn("sched-b", "scheduler", "--model", procs.model, "--port", str(port_b), "--http-port", "-1")  # fmt: skip
     for w in ("prefill-a", "prefill-b"):
-        procs.worker("prefill", w)
+        procs.worker("prefill", w, *COST)
     procs.worker("decode", "decode-a")
     procs.wait_workers({"prefill-a", "prefill-b", "decode-a"})
     p1 = [100 + i for i in range(4 * BLOCK)]
@@ -118,6 +123,6 @@ def test_replica_b_routes_on_prefixes_cached_through_replica_a(procs: Procs) -> 
 
     # prefill-b restarts under a new id: its published cache is gone with the old id.
     procs.kill("prefill-b")
-    procs.worker("prefill", "prefill-b2")
+    procs.worker("prefill", "prefill-b2", *COST)
     procs.wait_workers({"prefill-a", "prefill-b2", "decode-a"})
     _wait_hits(b, log_b, [*p2, *tail], 0, "b-restarted")

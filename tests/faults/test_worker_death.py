@@ -65,7 +65,7 @@ class Procs:
         argv = ["--model", self.model, "--port", str(self.port), "--http-port", "-1", *extra]
         self.spawn("scheduler", "scheduler", *argv)
 
-    def worker(self, role: str, worker_id: str) -> None:
+    def worker(self, role: str, worker_id: str, *extra: str) -> None:
         self.spawn(
             worker_id,
             role,
@@ -79,6 +79,7 @@ class Procs:
             "64",
             "--kv-transport",
             self.kv_transport,
+            *extra,
         )
 
     def kill(self, name: str) -> None:
