@@ -271,10 +271,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
 
 
+def _invalid(command: str, e: ValueError) -> SystemExit:
+    """A bad flag or DISAGG_* value: one line on stderr, exit status 1, no traceback."""
+    return SystemExit(f"disagg {command}: invalid configuration: {e}")
+
+
 def _cmd_scheduler(args: argparse.Namespace) -> int:
     from services.scheduler.main import main as run
 
-    cfg = override(
+    try:
+        cfg = _scheduler_config(args)
+    except ValueError as e:
+        raise _invalid(args.command, e) from None
+    run(cfg)
+    return 0
+
+
+def _scheduler_config(args: argparse.Namespace) -> SchedulerConfig:
+    return override(
         from_env(SchedulerConfig),
         host=args.host,
         port=args.port,
@@ -289,11 +303,22 @@ def _cmd_scheduler(args: argparse.Namespace) -> int:
         reuse_port=args.reuse_port,
         **_policy_args(args),
     )
+
+
+def _cmd_worker(args: argparse.Namespace) -> int:
+    try:
+        cfg = _worker_config(args)
+    except ValueError as e:
+        raise _invalid(args.command, e) from None
+    if args.command == "prefill":
+        from services.prefill.main import main as run
+    else:
+        from services.decode.main import main as run  # type: ignore[assignment]
     run(cfg)
     return 0
 
 
-def _cmd_worker(args: argparse.Namespace) -> int:
+def _worker_config(args: argparse.Namespace) -> WorkerConfig:
     cfg = override(
         from_env(WorkerConfig),
         role=args.command,
@@ -309,13 +334,7 @@ def _cmd_worker(args: argparse.Namespace) -> int:
         metrics_port=args.metrics_port,
         mock=args.mock,
     )
-    cfg = override(cfg, engine=_engine_cfg(args), advertise_host=_advertise_host(cfg))
-    if args.command == "prefill":
-        from services.prefill.main import main as run
-    else:
-        from services.decode.main import main as run  # type: ignore[assignment]
-    run(cfg)
-    return 0
+    return override(cfg, engine=_engine_cfg(args), advertise_host=_advertise_host(cfg))
 
 
 def _advertise_host(cfg: WorkerConfig) -> str:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from typing import Any
 
 import grpc
@@ -80,3 +83,30 @@ def test_stop_strings_and_seeded_sampling(tiny_cluster: Cluster) -> None:
     b = tiny_cluster.generate(prompt="t5 t6 t7", max_tokens=20, temperature=1.0, seed=1234)[0]
     assert a == b
     tiny_cluster.wait_no_leaks()
+
+
+@pytest.mark.parametrize(
+    ("argv", "env", "says"),
+    [
+        (["prefill", "--prefill-cost", "1,x"], {}, "prefill_cost must be BASE_MS,PER_TOKEN_MS"),
+        (["decode"], {"DISAGG_PREFILL_COST": "-1,0.1"}, "prefill_cost: both numbers"),
+        (["decode"], {"DISAGG_HEARTBEAT_S": "5"}, "heartbeat_ttl_s must exceed heartbeat_s"),
+        (["scheduler"], {"DISAGG_MAX_INFLIGHT": "0"}, "max_inflight must be > 0"),
+    ],
+)
+def test_bad_configuration_is_one_line_not_a_traceback(
+    argv: list[str], env: dict[str, str], says: str
+) -> None:
+    """The services' command lines refuse a bad flag or DISAGG_* value before starting
+    anything: exit status 1 and one line naming it on stderr."""
+    run = subprocess.run(
+        [sys.executable, "-m", "disagg.cli", *argv],
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert run.returncode == 1
+    lines = run.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"disagg {argv[0]}: invalid configuration: ")
+    assert says in lines[0]
