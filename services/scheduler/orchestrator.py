@@ -235,6 +235,7 @@ class Orchestrator:
         self._workers = workers
         self._max_inflight = max_inflight
         self.inflight = 0
+        self._releasing: set[asyncio.Task[None]] = set()  # releases off the stream's path
         self.verifier = Verifier(
             workers,
             lambda: [w for w in registry.snapshot() if w.role == "decode"],
@@ -486,7 +487,7 @@ class Orchestrator:
         async for up in updates:
             ev = self._on_decode(f, up, fresh)
             if up.kv_transport == FALLBACK:
-                await self._release(f)
+                self._release_later(f)
             self._taken(f, ev)
             yield ev
             if f.relay.finish:
@@ -508,10 +509,19 @@ class Orchestrator:
             f.relay.finish = f.relay.finish or up.finish_reason
         return ev
 
+    def _release_later(self, f: _Flight) -> None:
+        """Frees a handoff the decode worker fell back from, without delaying the stream:
+        it may have refused the owner (not registered in its view of Redis), and then it
+        neither read nor released the KV; the scheduler chose that owner from its own
+        registry. A pull that failed released it already: a second release is a no-op."""
+        ticket, f.ticket = f.ticket, None
+        if ticket is not None:
+            task = asyncio.create_task(self._workers.release(ticket))
+            self._releasing.add(task)
+            task.add_done_callback(self._releasing.discard)
+
     def _taken(self, f: _Flight, ev: GenerationEvent) -> None:
-        """The decode worker answered: it owns the handoff (one it fell back from was
-        released above: a refused owner is never contacted by the decode worker, and the
-        scheduler holds the prefill worker from its own registry); a local prefill is done."""
+        """The decode worker answered: it owns the handoff; a local prefill is done."""
         if f.ticket is not None:
             self._metrics.kv_handed_off(f.ticket.nbytes)
             f.ticket = None
