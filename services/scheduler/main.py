@@ -21,6 +21,7 @@ from disagg.runtime.cluster_auth import send_token
 from disagg.runtime.config import SchedulerConfig, tls_of
 from disagg.runtime.grpc_server import GrpcServer, create_grpc_server
 from disagg.runtime.ids import default_worker_id
+from disagg.runtime.shutdown import ShutdownDeadline
 from disagg.runtime.tls import channel_credentials, server_credentials
 from disagg.tokenization.loader import TokenizerInfo, load_tokenizer
 from disagg.v1 import scheduler_pb2, scheduler_pb2_grpc
@@ -35,6 +36,9 @@ from services.scheduler.workers import WorkerClient
 
 log = logging.getLogger(__name__)
 
+# The shutdown's bound in a scheduler process: HTTP's 5 s and gRPC's 10 s of grace, the
+# Redis goodbye, then teardown; under Kubernetes' 30 s terminationGracePeriodSeconds.
+SHUTDOWN_DEADLINE_S = 25.0
 SERVICE_NAME = scheduler_pb2.DESCRIPTOR.services_by_name["Scheduler"].full_name
 
 
@@ -44,6 +48,9 @@ class SchedulerApp:
         self.port = 0
         self.http_port = 0  # the bound HTTP port once serving (cfg.http_port -1: stays 0)
         self._stop = asyncio.Event()
+        # Set by the process's entry point (``main``): the shutdown then ends the process
+        # within this many seconds, whatever hangs (disagg.runtime.shutdown). None in-process.
+        self.exit_deadline_s: float | None = None
         self._server: GrpcServer | None = None
         self.slots = ClientSlots(cfg.max_inflight_per_client)  # both front ends' clients
 
@@ -74,7 +81,14 @@ class SchedulerApp:
         try:
             await self._stop.wait()
         finally:
+            log.info("scheduler draining replica=%s", registry.replica_id)
+            deadline = None
+            if self.exit_deadline_s is not None:
+                deadline = ShutdownDeadline("scheduler", self.exit_deadline_s).start()
             await self._shutdown(server, http, registry, store)
+            if deadline is not None:
+                deadline.drained()
+            log.info("scheduler stopped replica=%s", registry.replica_id)
 
     async def _start_core(self, tok: TokenizerInfo, store: MetaStore) -> WorkerRegistry:
         """The registry (started), the metrics and the orchestrator."""
@@ -169,4 +183,6 @@ class SchedulerApp:
 
 
 def main(cfg: SchedulerConfig) -> None:
-    asyncio.run(SchedulerApp(cfg).run())
+    app = SchedulerApp(cfg)
+    app.exit_deadline_s = SHUTDOWN_DEADLINE_S
+    asyncio.run(app.run())
