@@ -36,13 +36,12 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from scheduler import _pin
+
 SERVING = health_pb2.HealthCheckResponse.SERVING
 CONNECTIONS, IN_FLIGHT = 4, 64
-
-
-def _pin(core: int) -> None:
-    if hasattr(os, "sched_setaffinity") and core < (os.cpu_count() or 1):
-        os.sched_setaffinity(0, {core})
 
 
 def _cpu_s() -> float:

@@ -47,6 +47,11 @@ from disagg.v1 import common_pb2, control_pb2
 
 log = logging.getLogger(__name__)
 
+# After Redis was unreachable, workers whose records expired meanwhile are still taken
+# as registered for this long (their heartbeats could not land either): the scheduler's
+# registry routes to them, decode workers pull KV from them.
+OUTAGE_GRACE_S = 5.0
+
 _CAS_ATTEMPTS = 64  # lost races tolerated before giving up on one set_kv_state
 _SCAN_COUNT = 1000
 

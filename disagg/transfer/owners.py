@@ -27,7 +27,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
 
-from disagg.metastore.store import MetaStore
+from disagg.metastore.store import OUTAGE_GRACE_S, MetaStore
 from disagg.transfer.errors import TransferError
 from disagg.transfer.handle import Handle
 from disagg.v1 import common_pb2
@@ -54,7 +54,7 @@ class RegisteredOwners:
         max_age_s: float = 1.0,
         min_refresh_s: float = 0.1,
         wait_s: float = 0.5,
-        outage_grace_s: float = 5.0,
+        outage_grace_s: float = OUTAGE_GRACE_S,
     ):
         """list_owners: the registered prefill workers (``prefill_workers(store)``)."""
         self._list = list_owners

@@ -36,7 +36,7 @@ import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
-from disagg.metastore.store import MetaStore
+from disagg.metastore.store import OUTAGE_GRACE_S, MetaStore
 from disagg.policy.cost import CostModel
 from disagg.policy.prefix import PrefixIndex
 from disagg.policy.routing import NO_LOAD, Decision, Load, Snapshot, WorkerView, blocks_needed
@@ -46,7 +46,6 @@ log = logging.getLogger(__name__)
 
 RESTARTS_REFRESH_S = 2.0  # how often the supervisor's restart counts are re-read
 PREFIX_REFRESH_S = 1.0  # how often the workers' published prefix caches are checked
-OUTAGE_GRACE_S = 5.0  # after Redis was unreachable, vanished workers are kept this long
 
 _ROLE = {common_pb2.WORKER_ROLE_PREFILL: "prefill", common_pb2.WORKER_ROLE_DECODE: "decode"}
 
