@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 MODEL_IMPLS = ("auto", "native", "transformers")
+DECODE_KERNELS = ("auto", "torch")
 
 
 @dataclass(frozen=True)
@@ -28,6 +29,9 @@ class EngineConfig:
     model_impl: str = "auto"
     compile: bool = True  # torch.compile the native step (decode buckets, decode attention)
     compile_warmup_s: float = 10.0  # start() compiles decode buckets, smallest first, this long
+    # Decode attention of the native path: auto = the C++ kernel (engine/kernels) for an fp32
+    # pool on CPU where g++ builds it, else torch's; torch = always torch's (compiled or eager).
+    decode_kernel: str = "auto"
 
     def __post_init__(self) -> None:
         if self.block_size <= 0 or self.block_size & (self.block_size - 1):
@@ -42,3 +46,5 @@ class EngineConfig:
             raise ValueError("compile_warmup_s must be >= 0")
         if self.model_impl not in MODEL_IMPLS:
             raise ValueError(f"model_impl must be one of {', '.join(MODEL_IMPLS)}")
+        if self.decode_kernel not in DECODE_KERNELS:
+            raise ValueError(f"decode_kernel must be one of {', '.join(DECODE_KERNELS)}")

@@ -61,7 +61,7 @@ class LLMEngine:
         native = isinstance(model, NativeModel)
         self.model_impl = "native" if native else "transformers"
         self.compiler = StepCompiler(cfg.compile and native, device, cfg.max_num_seqs)
-        self.runner = make_runner(model, self.kv, device, self.compiler)
+        self.runner = make_runner(model, self.kv, device, self.compiler, cfg.decode_kernel)
         self.scheduler = Scheduler(
             self.allocator,
             layout.block_size,

@@ -14,6 +14,7 @@ the paged attention. Two runners, one per ``EngineConfig.model_impl``:
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -29,10 +30,13 @@ from disagg.engine.attention import (
     register,
 )
 from disagg.engine.compile import StepCompiler
+from disagg.engine.kernels import cpu as cpu_kernels
 from disagg.engine.kv_cache import KVCache
 from disagg.engine.models import NativeModel
 from disagg.engine.scheduler import ScheduledBatch
 from disagg.kvpool.hashing import blocks_for
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -145,12 +149,25 @@ class NativeRunner(ModelRunner):
     """The engine's own model; decode-only steps padded to a compiled bucket."""
 
     def __init__(
-        self, model: NativeModel, kv: KVCache, device: torch.device, compiler: StepCompiler
+        self,
+        model: NativeModel,
+        kv: KVCache,
+        device: torch.device,
+        compiler: StepCompiler,
+        decode_kernel: str = "auto",
     ) -> None:
         super().__init__(kv, device, decode_masks=False)
         self.model = model
         self.compiler = compiler
+        self.decode_kernel = "torch"  # which decode attention runs: "cpp" or "torch"
         model.attention.decode = compiler.decode_attention
+        if decode_kernel == "auto":
+            why_not = cpu_kernels.available(device, kv.k[0].dtype)
+            if why_not is None:
+                model.attention.decode = cpu_kernels.paged_decode
+                self.decode_kernel = "cpp"
+            else:
+                log.info("decode attention: torch (C++ kernel: %s)", why_not)
 
     @torch.inference_mode()
     def run(
@@ -189,8 +206,12 @@ class NativeRunner(ModelRunner):
 
 
 def make_runner(
-    model: Any, kv: KVCache, device: torch.device, compiler: StepCompiler
+    model: Any,
+    kv: KVCache,
+    device: torch.device,
+    compiler: StepCompiler,
+    decode_kernel: str = "auto",
 ) -> ModelRunner:
     if isinstance(model, NativeModel):
-        return NativeRunner(model, kv, device, compiler)
+        return NativeRunner(model, kv, device, compiler, decode_kernel)
     return HfRunner(model, kv, device)

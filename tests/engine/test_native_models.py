@@ -57,11 +57,20 @@ def family_model(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPa
     return make_tiny_model(str(tmp_path_factory.mktemp(request.param)), family, 1, **overrides)
 
 
-@pytest.fixture(params=[True, False], ids=["compiled", "eager"])
+@pytest.fixture(
+    params=[(True, "torch"), (False, "torch"), (False, "auto")],
+    ids=["compiled", "eager", "kernel"],
+)
 def native_engine(request: pytest.FixtureRequest, family_model: str) -> Iterator[LLMEngine]:
-    # A 32-token budget: long prompts prefill in chunks, beside running decodes.
+    # A 32-token budget: long prompts prefill in chunks, beside running decodes. Decode
+    # attention: compiled over the pool, eager gathered, or the C++ kernel (engine/kernels).
+    compiled, kernel = request.param
     cfg = engine_config(
-        family_model, model_impl="native", compile=request.param, max_num_batched_tokens=32
+        family_model,
+        model_impl="native",
+        compile=compiled,
+        decode_kernel=kernel,
+        max_num_batched_tokens=32,
     )
     eng = LLMEngine(cfg)
     assert eng.model_impl == "native"

@@ -1,0 +1,1 @@
+"""Hand-written kernels the engine builds at first use (see each module)."""
