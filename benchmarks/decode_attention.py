@@ -7,6 +7,12 @@ shape by default: 9 query heads, 3 KV heads, head_dim 64, 16-token blocks):
 - ``fused``: ``paged_attention.fused_decode`` compiled by inductor (the default before);
 - ``gathered``: blocks gathered with ``index_select``, then SDPA (the eager path).
 
+``--engine``: the same comparison inside ``LLMEngine`` (SmolLM2 by default,
+``benchmarks/engine.py``'s workload: 32 requests x 128 prompt tokens -> 128 new,
+greedy fp32): one engine per decode attention (``decode_kernel`` auto = the
+kernel, torch = the compiled graph), both compiled, rounds interleaved, decode
+and end-to-end tok/s of each and their ratio, per round and median.
+
 Each case runs ``--layers`` layers of distinct pools, so K and V come from memory as
 in a real decode step (one layer's K/V of a batch does not stay in cache across the
 step), and each row's length is drawn in [ctx / 2, ctx] (the longest = ctx). Paths
@@ -14,6 +20,7 @@ alternate round by round; ``ms_per_layer`` is the median of ``--rounds``. The
 ``--json`` file holds every case, each path's median and the kernel's speedups.
 
     python benchmarks/decode_attention.py --json benchmarks/results/decode-attention-cpu2.json
+    python benchmarks/decode_attention.py --engine --rounds 3 --json engine-ab.json
 """
 
 from __future__ import annotations
@@ -28,8 +35,9 @@ from typing import Any
 
 import torch
 
-if __package__ in (None, ""):  # run as a script: make the repo root importable
+if __package__ in (None, ""):  # run as a script: the repo root and benchmarks/ importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from disagg.engine.compile import _configure, _symbolic_decode
 from disagg.engine.kernels import cpu
@@ -108,6 +116,56 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def run_engine(args: argparse.Namespace) -> dict[str, Any]:
+    """Decode / end-to-end tok/s of two engines that differ only in their decode attention."""
+    from engine import Workload, engine_config, engine_generate, prompts
+
+    from disagg.engine.engine import LLMEngine
+    from disagg.engine.model_loader import resolve_model
+
+    path = args.model or resolve_model("")
+    w = Workload(threads=args.threads)
+    engines = {
+        "kernel": LLMEngine(engine_config(path, w, decode_kernel="auto")),
+        "fused": LLMEngine(engine_config(path, w, decode_kernel="torch")),
+    }
+    assert engines["kernel"].runner.decode_kernel == "cpp"  # type: ignore[attr-defined]
+    vocab = engines["kernel"].info.vocab_size
+    for eng in engines.values():
+        eng.start()
+        engine_generate(eng, prompts(w, vocab, 0), w.new_tokens)  # every bucket it will use
+    samples: dict[str, list[float]] = {}
+    for r in range(args.rounds):
+        batch = prompts(w, vocab, 1 + r)  # fresh prompts: no prefix-cache hits
+        for name in list(engines) if r % 2 == 0 else list(reversed(engines)):
+            res = engine_generate(engines[name], batch, w.new_tokens)
+            for key in ("decode_tok_s", "total_tok_s"):
+                samples.setdefault(f"{name}_{key}", []).append(res[key])
+            print(
+                f"round {r} {name}: decode {res['decode_tok_s']:.1f} tok/s, "
+                f"end to end {res['total_tok_s']:.1f}",
+                flush=True,
+            )
+    for eng in engines.values():
+        eng.stop()
+    med = {k: statistics.median(v) for k, v in samples.items()}
+    return {
+        "model": path,
+        "workload": {
+            "requests": w.requests,
+            "prompt_len": w.prompt_len,
+            "new_tokens": w.new_tokens,
+        },
+        "threads": args.threads,
+        "rounds": args.rounds,
+        "load_avg_1m": os.getloadavg()[0],
+        "median": med,
+        "kernel_vs_fused_decode": med["kernel_decode_tok_s"] / med["fused_decode_tok_s"],
+        "kernel_vs_fused_total": med["kernel_total_tok_s"] / med["fused_total_tok_s"],
+        "samples": samples,
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--heads", type=int, default=9)
@@ -117,9 +175,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--layers", type=int, default=30)
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--engine", action="store_true", help="compare inside LLMEngine instead")
+    p.add_argument("--model", default="", help="with --engine: model directory (SmolLM2)")
     p.add_argument("--json", help="write the results here")
     args = p.parse_args(argv)
-    res = run(args)
+    res = run_engine(args) if args.engine else run(args)
+    if args.engine:
+        print(
+            f"kernel vs fused: decode x{res['kernel_vs_fused_decode']:.2f}, "
+            f"end to end x{res['kernel_vs_fused_total']:.2f}"
+        )
     if args.json:
         with open(args.json, "w") as f:
             json.dump(res, f, indent=1)

@@ -55,6 +55,9 @@ class ModelRunner:
         self.device = device
         self.block_size = kv.layout.block_size
         self.decode_masks = decode_masks  # the transformers path attends with a bool mask
+        # Decode rows in length groups (attention.group_by_length): a padded batch pays for
+        # its longest row. Off where the decode attention reads each row's length only.
+        self.group_decodes = True
 
     def _long(self, values: list[int] | list[list[int]]) -> torch.Tensor:
         return torch.tensor(values, dtype=torch.long, device=self.device)
@@ -106,7 +109,7 @@ class ModelRunner:
         bs = self.block_size
         ctx = [s.num_computed + 1 for s in batch.decodes]
         blocks = [blocks_for(c, bs) for c in ctx]
-        groups = group_by_length(blocks)
+        groups = group_by_length(blocks) if self.group_decodes else [list(range(len(blocks)))]
         for idx in groups:
             width = max(blocks[i] for i in idx)
             table = [batch.decodes[i].block_ids[:width] for i in idx]
@@ -166,6 +169,7 @@ class NativeRunner(ModelRunner):
             if why_not is None:
                 model.attention.decode = cpu_kernels.paged_decode
                 self.decode_kernel = "cpp"
+                self.group_decodes = False  # it reads each row's own blocks: no padding cost
             else:
                 log.info("decode attention: torch (C++ kernel: %s)", why_not)
 

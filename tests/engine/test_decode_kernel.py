@@ -13,7 +13,7 @@ import torch
 from disagg.engine.engine import LLMEngine
 from disagg.engine.kernels import cpu
 from disagg.engine.paged_attention import fused_decode, gathered_decode
-from disagg.engine.testing import engine_config
+from disagg.engine.testing import OutputCollector, engine_config, prompt_of, request
 
 CPU = torch.device("cpu")
 pytestmark = pytest.mark.skipif(
@@ -111,3 +111,30 @@ def test_the_engine_uses_the_kernel_unless_told_otherwise(tiny_model: str) -> No
     assert torch_path.runner.decode_kernel == "torch"  # type: ignore[attr-defined]
     with pytest.raises(ValueError, match="decode_kernel"):
         engine_config(tiny_model, decode_kernel="avx")
+
+
+def test_rows_of_very_different_lengths_share_one_kernel_call(tiny_model: str, reference) -> None:  # type: ignore[no-untyped-def]
+    # The torch paths split such a batch into length groups (padding costs them); the
+    # kernel reads each row's own length, so one call serves both, greedy-equal.
+    eng = LLMEngine(engine_config(tiny_model, model_impl="native", compile=False))
+    attention = eng.runner.model.attention  # type: ignore[attr-defined]
+    rows: list[int] = []
+    kernel = attention.decode
+
+    def counted(q, *rest):  # type: ignore[no-untyped-def]
+        rows.append(q.shape[0])
+        return kernel(q, *rest)
+
+    attention.decode = counted
+    eng.start()
+    try:
+        sink = OutputCollector()
+        reqs = [request(prompt_of(n, n), sink, max_tokens=12) for n in (3, 200)]
+        for r in reqs:
+            eng.submit(r)
+        sink.wait([r.request_id for r in reqs])
+        for r in reqs:
+            assert sink.tokens(r.request_id) == reference(r.prompt_token_ids, 12)
+    finally:
+        eng.stop()
+    assert 2 in rows  # both rows in one call, though 200 tokens span 13 blocks and 3 one

@@ -167,7 +167,9 @@ def test_long_and_short_decodes_attend_in_length_groups(
     make_engine, reference, monkeypatch
 ) -> None:
     # A 200-token context decoding beside 3-token ones: the runner splits them into length
-    # groups (else every short row pads to 13 blocks); the tokens must not change.
+    # groups (else every short row pads to 13 blocks); the tokens must not change. The torch
+    # decode attention: the C++ kernel reads each row's length and needs no groups
+    # (test_decode_kernel.py).
     from disagg.engine import attention, runner
 
     splits: list[int] = []
@@ -178,7 +180,7 @@ def test_long_and_short_decodes_attend_in_length_groups(
         return groups
 
     monkeypatch.setattr(runner, "group_by_length", spy)
-    eng = make_engine(num_blocks=64)
+    eng = make_engine(num_blocks=64, decode_kernel="torch")
     sink = OutputCollector()
     specs = [(200, 30), (3, 30), (2, 25), (150, 20), (4, 30), (40, 30)]
     reqs = [request(prompt_of(n, 300 + i), sink, max_tokens=m) for i, (n, m) in enumerate(specs)]
