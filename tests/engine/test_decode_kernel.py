@@ -81,6 +81,10 @@ def test_kernel_refuses_lengths_outside_the_table() -> None:
         wrong[1] = bad
         with pytest.raises(ValueError, match="refused"):
             cpu.paged_decode(q, k, v, ids, wrong, 0.25, 0)
+    with pytest.raises(ValueError, match="int64"):  # a wrong dtype would be read as garbage
+        cpu.paged_decode(q, k, v, ids.int(), lens, 0.25, 0)
+    with pytest.raises(ValueError, match="shape"):
+        cpu.paged_decode(q, k, v, ids[:1], lens, 0.25, 0)
     empty = cpu.paged_decode(q[:0], k, v, ids[:0], lens[:0], 0.25, 0)
     assert empty.shape == (0, 4, 16)
 

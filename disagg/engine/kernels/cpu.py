@@ -138,6 +138,20 @@ def paged_decode(
     table, lens = table.contiguous(), lens.contiguous()
     if not (k_cache.is_contiguous() and v_cache.is_contiguous()):
         raise ValueError("the pool's K and V must be contiguous")
+    tensors = (q, k_cache, v_cache, table, lens)
+    if any(t.device.type != "cpu" for t in tensors):
+        raise ValueError("paged_decode runs on CPU tensors")
+    if {q.dtype, k_cache.dtype, v_cache.dtype} != {torch.float32} or {table.dtype, lens.dtype} != {
+        torch.int64
+    }:
+        raise ValueError("paged_decode takes float32 q / K / V and int64 tables and lengths")
+    if (
+        k_cache.shape != v_cache.shape
+        or k_cache.shape[3] != d
+        or table.shape[0] != b
+        or lens.shape != (b,)
+    ):
+        raise ValueError("paged_decode: q, pool, table and lengths disagree in shape")
     out = torch.empty_like(q)
     rc = _lib.disagg_paged_decode_f32(
         q.data_ptr(),
