@@ -6,11 +6,13 @@ changes it. Per layer and step (the metadata is ``attention.PagedMetadata``,
 built once per step by the runner):
 
 1. This step's post-RoPE K/V rows are written into the pool at their slots.
-2. Decode rows, per length group: with the step compiled, one fused kernel
-   (inductor: C++ on CPU, Triton on CUDA) reads each row's K and V straight
-   from the pool blocks its block table names, q.k, softmax, p.v -- the
-   context is never copied out of the pool. Uncompiled, the blocks are
-   gathered (``index_select``) and SDPA attends (ADR 0002's eager best).
+2. Decode rows: ``decode`` (the runner picks it) reads each row's K and V
+   straight from the pool blocks its block table names, q.k, softmax, p.v --
+   the context is never copied out of the pool. On CPU with an fp32 pool that
+   is the C++ kernel of ``engine/kernels`` (all rows in one call); otherwise,
+   per length group, with the step compiled one fused kernel (inductor:
+   Triton on CUDA, C++ on CPU), uncompiled the blocks gathered
+   (``index_select``) and SDPA (ADR 0002's eager best).
 3. Prefill chunks: causal SDPA on the chunk's own K/V when it has no cached
    prefix; a chunk after a cached prefix gathers the prefix once per layer
    (one copy amortised over the chunk's queries) and attends with a causal

@@ -8,10 +8,11 @@
 //   table    [b, width] int64          row r's token t is in block table[r][t / bs]
 //   lens     [b] int64                 row r attends to its tokens [lo, lens[r]),
 //                                      lo = lens[r] - window when window > 0, else 0
-// One task per (row, KV head): the scores of its g query heads over every key
-// in one pass over K, an exact max-subtracted softmax, the weighted sum of V in
-// one pass over V. Block by block, prefetching the next block; nothing is
-// gathered or copied out of the pool.
+// One task per row and range of its KV heads (every head when there are enough
+// rows, else one): the scores of its query heads over every key in one pass
+// over K, an exact max-subtracted softmax, the weighted sum of V in one pass
+// over V. Block by block, prefetching the next block; nothing is gathered or
+// copied out of the pool.
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -19,9 +20,10 @@
 
 namespace {
 
-inline void prefetch_block(const float* p, int64_t bs, int64_t row, int64_t d) {
+// Prefetches `span` floats of each of a block's bs tokens (one 64-byte line per 16 floats).
+inline void prefetch_block(const float* p, int64_t bs, int64_t row, int64_t span) {
   for (int64_t t = 0; t < bs; ++t)
-    for (int64_t x = 0; x < d; x += 16) __builtin_prefetch(p + t * row + x);
+    for (int64_t x = 0; x < span; x += 16) __builtin_prefetch(p + t * row + x);
 }
 
 // One task: row r, KV heads [h0, h0 + nh). D is head_dim when known at compile
