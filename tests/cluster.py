@@ -41,9 +41,8 @@ class Cluster:
         self.credentials = credentials  # the test client's (TLS clusters)
         self.redis_url = redis_url
         eng = EngineConfig(model=model, **{"num_blocks": 256, **(engine or {})})
-        base = WorkerConfig(
-            redis_url=redis_url, engine=eng, heartbeat_s=0.2, heartbeat_ttl_s=1.0, **(worker or {})
-        )
+        beats = {"heartbeat_s": 0.2, "heartbeat_ttl_s": 1.0}  # overridable through worker
+        base = WorkerConfig(redis_url=redis_url, engine=eng, **{**beats, **(worker or {})})
         self.prefill_hosts = [
             make_prefill(dataclasses.replace(base, role="prefill")) for _ in range(prefill)
         ]
