@@ -167,8 +167,8 @@ def test_long_and_short_decodes_attend_in_length_groups(
     make_engine, reference, monkeypatch
 ) -> None:
     # A 200-token context decoding beside 3-token ones: the runner splits them into length
-    # groups (else every short row pads to 13 blocks); the tokens must not change. The torch
-    # decode attention: the C++ kernel reads each row's length and needs no groups
+    # groups (else every short row pads to 13 blocks); the tokens must not change. Run on the
+    # torch decode attention: the C++ kernel reads each row's own length and needs no groups
     # (test_decode_kernel.py).
     from disagg.engine import attention, runner
 

@@ -26,6 +26,22 @@ inline void prefetch_block(const float* p, int64_t bs, int64_t row, int64_t span
     for (int64_t x = 0; x < span; x += 16) __builtin_prefetch(p + t * row + x);
 }
 
+// Calls f(i, p) for each token t = lo + i of [lo, len), p pointing at its
+// first head of interest in `base` (one layer's K or V: element (t, h0) of the
+// row's blocks), block by block, prefetching the next block's `span` floats.
+template <class F>
+inline void each_token(const float* base, const int64_t* blocks, int64_t lo, int64_t len,
+                       int64_t bs, int64_t row, int64_t offset, int64_t span, F&& f) {
+  const int64_t blk = bs * row;
+  const int64_t b0 = lo / bs, b1 = (len - 1) / bs;
+  for (int64_t bi = b0; bi <= b1; ++bi) {
+    const float* pb = base + blocks[bi] * blk + offset;
+    if (bi < b1) prefetch_block(base + blocks[bi + 1] * blk + offset, bs, row, span);
+    const int64_t t0 = std::max(lo, bi * bs), t1 = std::min(len, (bi + 1) * bs);
+    for (int64_t t = t0; t < t1; ++t) f(t - lo, pb + (t - bi * bs) * row);
+  }
+}
+
 // One task: row r, KV heads [h0, h0 + nh). D is head_dim when known at compile
 // time (the loops then unroll into straight vector code), 0 for any other.
 template <int D>
@@ -33,7 +49,6 @@ void attend(const float* q, const float* k, const float* v, const int64_t* block
             float* out, int64_t g, int64_t h0, int64_t nh, int64_t dd, int64_t bs,
             int64_t row, float scale, int64_t window) {
   const int64_t d = D > 0 ? D : dd;
-  const int64_t blk = bs * row;
   const int64_t gh = nh * g;  // query heads of this task
   const int64_t lo = window > 0 ? std::max<int64_t>(0, len - window) : 0;
   const int64_t n = len - lo;
@@ -42,24 +57,18 @@ void attend(const float* q, const float* k, const float* v, const int64_t* block
   float* s = scratch.data();  // [gh, n] scores, then probabilities
   float* acc = s + gh * n;    // [gh, d] weighted sums of V
   float* inv = acc + gh * d;  // [gh] 1 / softmax denominators
-  const int64_t b0 = lo / bs, b1 = (len - 1) / bs;
+  const int64_t offset = h0 * d, span = nh * d;
 
-  for (int64_t bi = b0; bi <= b1; ++bi) {
-    const float* kb = k + blocks[bi] * blk + h0 * d;
-    if (bi < b1) prefetch_block(k + blocks[bi + 1] * blk + h0 * d, bs, row, nh * d);
-    const int64_t t0 = std::max(lo, bi * bs), t1 = std::min(len, (bi + 1) * bs);
-    for (int64_t t = t0; t < t1; ++t) {
-      const float* kt = kb + (t - bi * bs) * row;
-      for (int64_t j = 0; j < gh; ++j) {
-        const float* qj = q + j * d;
-        const float* kj = kt + (j / g) * d;
-        float dot = 0.f;
+  each_token(k, blocks, lo, len, bs, row, offset, span, [&](int64_t i, const float* kt) {
+    for (int64_t j = 0; j < gh; ++j) {
+      const float* qj = q + j * d;
+      const float* kj = kt + (j / g) * d;
+      float dot = 0.f;
 #pragma omp simd reduction(+ : dot)
-        for (int64_t x = 0; x < d; ++x) dot += qj[x] * kj[x];
-        s[j * n + (t - lo)] = dot * scale;
-      }
+      for (int64_t x = 0; x < d; ++x) dot += qj[x] * kj[x];
+      s[j * n + i] = dot * scale;
     }
-  }
+  });
   for (int64_t j = 0; j < gh; ++j) {
     float* sj = s + j * n;
     float m = sj[0];
@@ -73,21 +82,15 @@ void attend(const float* q, const float* k, const float* v, const int64_t* block
     inv[j] = 1.f / sum;
   }
   std::fill(acc, acc + gh * d, 0.f);
-  for (int64_t bi = b0; bi <= b1; ++bi) {
-    const float* vb = v + blocks[bi] * blk + h0 * d;
-    if (bi < b1) prefetch_block(v + blocks[bi + 1] * blk + h0 * d, bs, row, nh * d);
-    const int64_t t0 = std::max(lo, bi * bs), t1 = std::min(len, (bi + 1) * bs);
-    for (int64_t t = t0; t < t1; ++t) {
-      const float* vt = vb + (t - bi * bs) * row;
-      for (int64_t j = 0; j < gh; ++j) {
-        const float p = s[j * n + (t - lo)];
-        const float* vj = vt + (j / g) * d;
-        float* aj = acc + j * d;
+  each_token(v, blocks, lo, len, bs, row, offset, span, [&](int64_t i, const float* vt) {
+    for (int64_t j = 0; j < gh; ++j) {
+      const float p = s[j * n + i];
+      const float* vj = vt + (j / g) * d;
+      float* aj = acc + j * d;
 #pragma omp simd
-        for (int64_t x = 0; x < d; ++x) aj[x] += p * vj[x];
-      }
+      for (int64_t x = 0; x < d; ++x) aj[x] += p * vj[x];
     }
-  }
+  });
   for (int64_t j = 0; j < gh; ++j) {
     float* oj = out + j * d;
     for (int64_t x = 0; x < d; ++x) oj[x] = acc[j * d + x] * inv[j];
