@@ -11,8 +11,8 @@
 // One task per row and range of its KV heads (every head when there are enough
 // rows, else one): the scores of its query heads over every key in one pass
 // over K, an exact max-subtracted softmax, the weighted sum of V in one pass
-// over V. Block by block, prefetching the next block; nothing is gathered or
-// copied out of the pool.
+// over V. Block by block, prefetching the next block as it goes; nothing is
+// gathered or copied out of the pool.
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -20,15 +20,17 @@
 
 namespace {
 
-// Prefetches `span` floats of each of a block's bs tokens (one 64-byte line per 16 floats).
-inline void prefetch_block(const float* p, int64_t bs, int64_t row, int64_t span) {
-  for (int64_t t = 0; t < bs; ++t)
-    for (int64_t x = 0; x < span; x += 16) __builtin_prefetch(p + t * row + x);
+// Prefetches `span` floats of token t of a block (one 64-byte line per 16 floats).
+inline void prefetch_token(const float* p, int64_t t, int64_t row, int64_t span) {
+  for (int64_t x = 0; x < span; x += 16) __builtin_prefetch(p + t * row + x);
 }
 
 // Calls f(i, p) for each token t = lo + i of [lo, len), p pointing at its
 // first head of interest in `base` (one layer's K or V: element (t, h0) of the
-// row's blocks), block by block, prefetching the next block's `span` floats.
+// row's blocks), block by block. The next block is prefetched token by token
+// as this one is read: a whole block's lines requested at once overflow the
+// core's miss buffers and most of them are dropped (measured: no faster than
+// no prefetch at all; spread out, 20-30 % faster on K/V that is not in cache).
 template <class F>
 inline void each_token(const float* base, const int64_t* blocks, int64_t lo, int64_t len,
                        int64_t bs, int64_t row, int64_t offset, int64_t span, F&& f) {
@@ -36,9 +38,14 @@ inline void each_token(const float* base, const int64_t* blocks, int64_t lo, int
   const int64_t b0 = lo / bs, b1 = (len - 1) / bs;
   for (int64_t bi = b0; bi <= b1; ++bi) {
     const float* pb = base + blocks[bi] * blk + offset;
-    if (bi < b1) prefetch_block(base + blocks[bi + 1] * blk + offset, bs, row, span);
-    const int64_t t0 = std::max(lo, bi * bs), t1 = std::min(len, (bi + 1) * bs);
-    for (int64_t t = t0; t < t1; ++t) f(t - lo, pb + (t - bi * bs) * row);
+    const float* pn = bi < b1 ? base + blocks[bi + 1] * blk + offset : nullptr;
+    const int64_t t0 = std::max(lo, bi * bs) - bi * bs, t1 = std::min(len, (bi + 1) * bs) - bi * bs;
+    for (int64_t t = 0; t < t0 && pn; ++t) prefetch_token(pn, t, row, span);
+    for (int64_t t = t0; t < t1; ++t) {
+      if (pn) prefetch_token(pn, t, row, span);
+      f(bi * bs + t - lo, pb + t * row);
+    }
+    for (int64_t t = t1; t < bs && pn; ++t) prefetch_token(pn, t, row, span);
   }
 }
 
