@@ -22,6 +22,11 @@ medians are reported (and each path's best round: other jobs only slow a
 path down). Every round uses fresh prompts (the engine's prefix cache
 must not hit). ``--profile-out`` also writes the cost profile the cluster
 planner calibrates from. See benchmarks/README.md.
+
+``--vllm-ab``: only the end-to-end goal against vLLM's CPU backend: the engine
+(one ``LLMEngine``, default config) and ``vllm_cpu.py`` on the same prompts,
+which one goes first alternating by round; per-round ratios and their median.
+A cheaper, tighter measure of ``engine_vs_vllm_cpu`` than the full run.
 """
 
 from __future__ import annotations
@@ -447,6 +452,42 @@ def vllm_cpu(path: str, batch: list[list[int]], w: Workload) -> float:
     return float(json.loads(result[-1])["tok_s"])
 
 
+def vllm_ab(path: str, w: Workload, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """The engine end to end against vLLM-CPU on the same prompts, rounds interleaved."""
+    torch.set_num_threads(w.threads)
+    eng = LLMEngine(engine_config(path, w, compile_warmup_s=3600.0))
+    eng.start()
+    rounds: list[dict[str, float]] = []
+    try:
+        vocab = eng.info.vocab_size
+        engine_generate(eng, prompts(w, vocab, seed=10_000, n=2, length=8), 4)
+        for r in range(w.rounds):
+            batch = prompts(w, vocab, seed=r)
+            row: dict[str, float] = {}
+            for who in ("engine", "vllm") if r % 2 == 0 else ("vllm", "engine"):
+                if who == "vllm":
+                    row["vllm_cpu_tok_s"] = vllm_cpu(path, batch, w)
+                else:
+                    e = engine_generate(eng, batch, w.new_tokens)
+                    row["engine_total_tok_s"] = e["total_tok_s"]
+                    row["engine_tok_s"] = e["decode_tok_s"]
+            row["engine_vs_vllm_cpu"] = row["engine_total_tok_s"] / row["vllm_cpu_tok_s"]
+            rounds.append(row)
+            log(f"round {r + 1}/{w.rounds}: " + ", ".join(f"{k}={v:.3f}" for k, v in row.items()))
+            gc.collect()
+    finally:
+        eng.stop()
+    med = {k: statistics.median(r[k] for r in rounds) for k in rounds[0]}
+    return {
+        "rounds": rounds,
+        "median": med,
+        "load_avg_1m": os.getloadavg()[0],
+        "workload": {**w.__dict__, "batch_sizes": list(w.batch_sizes)},
+        "model": path,
+        "torch": torch.__version__,
+    }
+
+
 # ------------------------------------------------------------- the profile
 
 
@@ -577,6 +618,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--vllm", action="store_true", help="also vLLM's CPU backend each round (vllm_cpu.py)"
     )
+    p.add_argument(
+        "--vllm-ab",
+        action="store_true",
+        help="only the engine end to end against vLLM-CPU, interleaved (see the docstring)",
+    )
     a = p.parse_args(argv)
     w = QUICK if a.quick else Workload()
     if a.rounds or a.threads:
@@ -584,6 +630,13 @@ def main(argv: list[str] | None = None) -> int:
             **{**w.__dict__, "rounds": a.rounds or w.rounds, "threads": a.threads or w.threads}
         )
     path = resolve_model(a.model)
+    if a.vllm_ab:
+        res = vllm_ab(path, w, log=lambda s: print(s, file=sys.stderr, flush=True))
+        print(json.dumps(res["median"], indent=2))
+        if a.json_path:
+            with open(a.json_path, "w") as f:
+                json.dump(res, f, indent=2)
+        return 0
     if not a.skip_bench:
         res = run(path, w, log=lambda s: print(s, file=sys.stderr, flush=True), vllm=a.vllm)
         print(table(res))
