@@ -49,22 +49,41 @@ _Emit = tuple[Callable[[TokenOutput], None], TokenOutput]
 _Picked = int | Exception | None  # a row's sampled token, no token this step, or its error
 
 
+def _on_passing_thread(fn: Callable[[], None]) -> None:
+    """fn() on a thread that ends with it; its exception is re-raised here.
+
+    OpenMP (torch's CPU threads) keeps a team of worker threads for every
+    thread that ever ran a parallel region, for that thread's whole life. With
+    more of them than cores, libgomp stops spinning between parallel regions
+    (1,000 spins instead of 300,000) and every region of the step then wakes
+    its workers through the kernel. Measured on 2 cores (32 x 128 -> 128):
+    ~89,000 context switches a run and 0.7x the decode tok/s when the model
+    was loaded on the caller's thread, ~20 when loading ran on a thread that
+    exited. So the engine's own torch work before the engine thread (loading,
+    warm-up) runs here, and the engine thread's team is the only one it leaves.
+    """
+    failure: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            fn()
+        except BaseException as e:  # re-raised on the caller's thread
+            failure.append(e)
+
+    t = threading.Thread(target=run, name="disagg-engine-setup", daemon=True)
+    t.start()
+    t.join()
+    if failure:
+        raise failure[0]
+
+
 class LLMEngine:
     def __init__(self, cfg: EngineConfig) -> None:
         self.cfg = cfg
-        model, self.tokenizer, self.info = load_model(cfg)
-        layout = self.info.layout
-        num_blocks = cfg.num_blocks or blocks_for_budget(layout, cfg.kv_cache_mb)
-        device = pick_device(cfg.device)
-        self.kv = KVCache(layout, num_blocks, device)
-        self.allocator = BlockAllocator(num_blocks)
-        native = isinstance(model, NativeModel)
-        self.model_impl = "native" if native else "transformers"
-        self.compiler = StepCompiler(cfg.compile and native, device, cfg.max_num_seqs)
-        self.runner = make_runner(model, self.kv, device, self.compiler, cfg.decode_kernel)
+        _on_passing_thread(self._load)
         self.scheduler = Scheduler(
             self.allocator,
-            layout.block_size,
+            self.info.layout.block_size,
             cfg.max_num_seqs,
             cfg.max_num_batched_tokens,
             cfg.enable_prefix_cache,
@@ -79,10 +98,23 @@ class LLMEngine:
         self._stopping = False
         self.num_preemptions = 0  # requests preempted for recompute since start (a metric)
 
+    def _load(self) -> None:
+        cfg = self.cfg
+        model, self.tokenizer, self.info = load_model(cfg)
+        layout = self.info.layout
+        num_blocks = cfg.num_blocks or blocks_for_budget(layout, cfg.kv_cache_mb)
+        device = pick_device(cfg.device)
+        self.kv = KVCache(layout, num_blocks, device)
+        self.allocator = BlockAllocator(num_blocks)
+        native = isinstance(model, NativeModel)
+        self.model_impl = "native" if native else "transformers"
+        self.compiler = StepCompiler(cfg.compile and native, device, cfg.max_num_seqs)
+        self.runner = make_runner(model, self.kv, device, self.compiler, cfg.decode_kernel)
+
     # Lifecycle.
 
     def start(self) -> None:
-        self._warm_up()
+        _on_passing_thread(self._warm_up)
         with self._lock:
             if self._thread is not None:
                 return
