@@ -39,6 +39,7 @@ from disagg.engine.runner import NativeRunner, make_runner
 from disagg.engine.sampler import make_generator, sample
 from disagg.engine.scheduler import ScheduledBatch, Scheduler
 from disagg.engine.sequence import SeqStatus, Sequence
+from disagg.engine.threads import on_passing_thread
 from disagg.kvpool.allocator import BlockAllocator
 from disagg.kvpool.handoff import KVHandoff
 from disagg.kvpool.hashing import blocks_for
@@ -49,38 +50,10 @@ _Emit = tuple[Callable[[TokenOutput], None], TokenOutput]
 _Picked = int | Exception | None  # a row's sampled token, no token this step, or its error
 
 
-def _on_passing_thread(fn: Callable[[], None]) -> None:
-    """fn() on a thread that ends with it; its exception is re-raised here.
-
-    OpenMP (torch's CPU threads) keeps a team of worker threads for every
-    thread that ever ran a parallel region, for that thread's whole life. With
-    more of them than cores, libgomp stops spinning between parallel regions
-    (1,000 spins instead of 300,000) and every region of the step then wakes
-    its workers through the kernel. Measured on 2 cores (32 x 128 -> 128):
-    ~89,000 context switches a run and 0.7x the decode tok/s when the model
-    was loaded on the caller's thread, ~20 when loading ran on a thread that
-    exited. So the engine's own torch work before the engine thread (loading,
-    warm-up) runs here, and the engine thread's team is the only one it leaves.
-    """
-    failure: list[BaseException] = []
-
-    def run() -> None:
-        try:
-            fn()
-        except BaseException as e:  # re-raised on the caller's thread
-            failure.append(e)
-
-    t = threading.Thread(target=run, name="disagg-engine-setup", daemon=True)
-    t.start()
-    t.join()
-    if failure:
-        raise failure[0]
-
-
 class LLMEngine:
     def __init__(self, cfg: EngineConfig) -> None:
         self.cfg = cfg
-        _on_passing_thread(self._load)
+        on_passing_thread(self._load)
         self.scheduler = Scheduler(
             self.allocator,
             self.info.layout.block_size,
@@ -114,7 +87,7 @@ class LLMEngine:
     # Lifecycle.
 
     def start(self) -> None:
-        _on_passing_thread(self._warm_up)
+        on_passing_thread(self._warm_up)
         with self._lock:
             if self._thread is not None:
                 return

@@ -16,6 +16,7 @@ from collections.abc import AsyncGenerator, Callable
 import grpc
 
 from disagg.engine.api import Engine
+from disagg.engine.threads import serial
 from disagg.transfer import verify
 from disagg.transfer.chunks import Chunk, write_chunks
 from disagg.transfer.errors import OwnerUnreachable, TransferError
@@ -94,7 +95,7 @@ class GrpcTransport:
         on_done()
         final = completed(handle, p)
         nbytes = await self.fetch(final, dst_blocks, engine)
-        await asyncio.to_thread(verify.check_finite, engine, dst_blocks)
+        await asyncio.to_thread(serial(verify.check_finite), engine, dst_blocks)
         return nbytes, final
 
     async def release(self, handle: Handle, consumed: bool) -> bool:

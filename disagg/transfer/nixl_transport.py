@@ -45,6 +45,7 @@ import numpy as np
 
 from disagg.engine.api import Engine
 from disagg.engine.kv_cache import KVCache
+from disagg.engine.threads import serial
 from disagg.transfer import verify
 from disagg.transfer.errors import ReadInFlight, TransferError
 from disagg.transfer.grpc_transport import release_kv
@@ -369,7 +370,7 @@ class NixlTransport:
                 if parts:
                     nbytes += await self._agent.read_layers(pool.agent_name, parts)
                     landed = [(layer, dst) for layer, _, dst in parts]
-                    await asyncio.to_thread(verify.check_finite_parts, engine, landed)
+                    await asyncio.to_thread(serial(verify.check_finite_parts), engine, landed)
                     read = [max(a, b) for a, b in zip(read, ready, strict=True)]
                 if p.done:
                     return nbytes, completed(handle, p)

@@ -36,6 +36,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from disagg.engine.api import Engine
+from disagg.engine.threads import serial
 from disagg.metastore.store import MetaStore
 from disagg.metrics.transfer import TransferMetrics
 from disagg.transfer import verify
@@ -173,7 +174,7 @@ class KvReceiver:
                         self._engine.write_kv(dst[:1], layer, k, v)
                 verify.check_coverage(handle, nbytes)
                 if known.done_at is None or self._fault:  # follow() checked what it read
-                    await asyncio.to_thread(verify.check_finite, self._engine, dst)
+                    await asyncio.to_thread(serial(verify.check_finite), self._engine, dst)
                 if transport.reads_without_owner:
                     await self._confirm(transport, handle)
         except ReadInFlight:

@@ -24,6 +24,7 @@ from typing import Any, Protocol
 import grpc
 
 from disagg.engine.api import Engine
+from disagg.engine.threads import serial_here
 from disagg.metastore.store import Heartbeat, MetaStore
 from disagg.metrics.http import MetricsServer
 from disagg.metrics.transfer import TransferMetrics
@@ -126,6 +127,7 @@ class WorkerHost:
 
     async def run(self, engine: Engine | None = None) -> None:
         cfg = self.cfg
+        serial_here()  # this loop's KV chunk writes and wipes: never a second OpenMP team
         eng = engine if engine is not None else await asyncio.to_thread(make_engine, cfg)
         self.engine = eng
         self.cost = await asyncio.to_thread(self._calibrate, eng)

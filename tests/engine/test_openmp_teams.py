@@ -14,8 +14,9 @@ import sys
 import threading
 
 import pytest
+import torch
 
-from disagg.engine.engine import _on_passing_thread
+from disagg.engine.threads import on_passing_thread, serial
 
 # Builds an engine on the main thread as a server does, then counts the
 # process's voluntary context switches over a decode run.
@@ -59,7 +60,7 @@ eng.stop()
 
 def test_passing_thread_runs_elsewhere_and_ends() -> None:
     seen: list[threading.Thread] = []
-    _on_passing_thread(lambda: seen.append(threading.current_thread()))
+    on_passing_thread(lambda: seen.append(threading.current_thread()))
     assert seen and seen[0] is not threading.current_thread()
     assert not seen[0].is_alive()
 
@@ -69,7 +70,30 @@ def test_passing_thread_reraises() -> None:
         raise ValueError("bad checkpoint")
 
     with pytest.raises(ValueError, match="bad checkpoint"):
-        _on_passing_thread(fail)
+        on_passing_thread(fail)
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="needs Linux /proc")
+def test_serial_thread_starts_no_team() -> None:
+    if torch.get_num_threads() < 2:
+        pytest.skip("one torch thread: there is never a team")
+    x = torch.randn(4_000_000)
+    seen: dict[str, int] = {}
+
+    def work(name: str) -> None:
+        for _ in range(3):
+            x.sum()  # parallel, far above torch's grain size
+        seen[name] = len(os.listdir("/proc/self/task"))
+        seen[name + "-threads"] = torch.get_num_threads()
+
+    for name, fn in (("serial", serial(work)), ("plain", work)):
+        before = len(os.listdir("/proc/self/task"))
+        t = threading.Thread(target=fn, args=(name,))
+        t.start()
+        t.join()
+        seen[name] -= before  # threads alive while it ran, beyond those before it
+    assert seen["serial-threads"] == 1 and seen["serial"] == 1, seen  # itself only
+    assert seen["plain"] > 1, seen  # itself and its team's workers: the test can fail
 
 
 @pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="needs Linux /proc")
