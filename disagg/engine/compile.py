@@ -63,6 +63,8 @@ def compiler_unavailable(device: torch.device) -> str | None:
 
 
 def _configure() -> None:
+    """Dynamo's settings for the engine's graphs. Dynamo's config is per thread:
+    every thread that compiles or runs the step applies them (``configure_thread``)."""
     import torch._dynamo.config as dynamo
 
     # One graph per decode bucket per piece; the default limit (8) would silently
@@ -161,6 +163,11 @@ class StepCompiler:
             head=_symbolic_rows(torch.compile(head), (0, 1, 5)),
         )
         self.decode_attention = _symbolic_decode(torch.compile(fused_decode))
+
+    def configure_thread(self) -> None:
+        """The compile settings on the calling thread (warm-up's, the step thread)."""
+        if self.enabled:
+            _configure()
 
     def decode_fns(self, n: int) -> tuple[StepFns, int]:
         """(pieces, padded row count) for a step of n decodes."""

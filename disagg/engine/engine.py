@@ -100,6 +100,7 @@ class LLMEngine:
         runner = self.runner
         if not isinstance(runner, NativeRunner) or self._thread is not None:
             return
+        self.compiler.configure_thread()
         with self._lock:
             if not self.allocator.can_allocate(1):
                 return
@@ -248,6 +249,7 @@ class LLMEngine:
     # The engine thread.
 
     def _loop(self) -> None:
+        self.compiler.configure_thread()
         while True:
             with self._lock:
                 while not (self._stopping or self._pending or self.scheduler.has_work()):

@@ -38,3 +38,26 @@ def test_compile_off_or_transformers_path_runs_eagerly(tiny_model: str) -> None:
     hf.start()
     assert hf.compiler.compiled_s == {}
     hf.stop()
+
+
+def test_compile_settings_hold_on_the_step_thread(tiny_model: str) -> None:
+    """Dynamo's config is per thread: the step thread applies the engine's own
+    (a bucket past dynamo's default 8 graphs would otherwise run eagerly, and a
+    failing compile would fail the step instead of running it eagerly)."""
+    import torch._dynamo.config as dynamo
+
+    from disagg.engine.testing import OutputCollector, prompt_of, request
+
+    seen: list[tuple[int, bool]] = []
+    sink = OutputCollector()
+
+    def on_output(out) -> None:  # type: ignore[no-untyped-def]
+        seen.append((dynamo.recompile_limit, dynamo.suppress_errors))  # on the engine thread
+        sink(out)
+
+    eng = LLMEngine(engine_config(tiny_model, max_num_seqs=4, compile_warmup_s=0))
+    eng.start()
+    eng.submit(request(prompt_of(5), on_output, rid="c", max_tokens=2))
+    sink.wait(["c"])
+    eng.stop()
+    assert seen and all(limit >= 64 and suppress for limit, suppress in seen), seen
