@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import json
 import re
-import socket
 import subprocess
 import sys
 import time
@@ -31,15 +30,10 @@ from disagg.engine.testing import GreedyReference
 from disagg.metastore.keys import KV_PATTERN
 from disagg.metrics import scrape
 from tests.e2e.test_up import READY_TIMEOUT_S, UpProcess, system_procs
+from tests.ports import free_port as _free_port
 
 REPO = Path(__file__).resolve().parents[2]
 N_VERIFIED = 50
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class Up:

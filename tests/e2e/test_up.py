@@ -31,16 +31,11 @@ import pytest
 
 from disagg.engine.testing import GreedyReference, prompt_of
 from disagg.v1 import scheduler_pb2, scheduler_pb2_grpc
+from tests.ports import free_port as _free_port
 
 READY_TIMEOUT_S = 120.0
 STOP_TIMEOUT_S = 30.0
 REPO = Path(__file__).resolve().parents[2]
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,6 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -45,6 +44,7 @@ from disagg.transfer.nixl_transport import NixlAgent
 from disagg.v1 import common_pb2, worker_pb2, worker_pb2_grpc
 from tests.cluster import Cluster
 from tests.faults.conftest import flush
+from tests.ports import free_port as _free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 N_NEW = 10
@@ -189,12 +189,6 @@ def test_lease_expiry_mid_transfer_fails_the_import_cleanly(
 
 async def _freed(host: Any) -> dict[str, int]:
     return dict(host.servicer.freed)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 # The owner process: `disagg prefill`, whose gRPC pull of a "killed-*" request stops

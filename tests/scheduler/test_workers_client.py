@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 
@@ -33,6 +32,7 @@ from services.scheduler.workers import (
     release_request,
 )
 from tests.control.helpers import run_async
+from tests.ports import free_port as _free_port
 from tests.scheduler import factories
 
 LAYOUT = common_pb2.KvLayout(
@@ -194,12 +194,6 @@ async def _with_server(
 async def _collect(updates: AsyncIterator[DecodeUpdate], into: list[DecodeUpdate]) -> None:
     async for up in updates:
         into.append(up)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def test_prefill_answer_becomes_a_result() -> None:

@@ -7,7 +7,6 @@ on both; the per-client flags are on the scheduler's command line.
 
 from __future__ import annotations
 
-import socket
 from pathlib import Path
 
 import grpc
@@ -16,6 +15,7 @@ import pytest
 
 from disagg.v1 import scheduler_pb2, scheduler_pb2_grpc
 from tests.e2e.test_up import READY_TIMEOUT_S, UpProcess, _generate, system_procs
+from tests.ports import free_port as _free_port
 
 LIMITS = (
     "--max-body-bytes",
@@ -27,12 +27,6 @@ LIMITS = (
     "--http-keepalive-s",
     "20",
 )
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def test_disagg_up_applies_the_client_limits(tiny_model: str, tmp_path: Path) -> None:
