@@ -17,7 +17,10 @@ tokens, ``--new-tokens`` generated each, EOS ignored, greedy):
   ``--chunk``); ``bare_prefill_2048``: one bare forward of the prompt, no cache,
   logits of the last token only (as the engine).
 
-Each path is warmed up once on a tiny workload; rounds are interleaved and the
+Every engine, transformers' generate/bare forward, and its ``generate_batch``
+run in processes of their own (one OpenMP team each: ADR 0006), driven one
+measurement at a time. Each path is warmed up once on a tiny workload;
+rounds are interleaved and the
 medians are reported (and each path's best round: other jobs only slow a
 path down). Every round uses fresh prompts (the engine's prefix cache
 must not hit). ``--profile-out`` also writes the cost profile the cluster
@@ -62,6 +65,7 @@ class Workload:
     new_tokens: int = 128
     prefill_len: int = 2048
     chunk: int = 512  # max_num_batched_tokens of the chunked prefill run
+    prefill_reps: int = 3  # prompts per round of the one-prompt prefill comparison
     rounds: int = 2
     threads: int = 2
     block_size: int = 16
@@ -75,6 +79,7 @@ QUICK = Workload(
     new_tokens=8,
     prefill_len=64,
     chunk=32,
+    prefill_reps=1,
     rounds=1,
     batch_sizes=(1, 6),
     sweep_new_tokens=4,
@@ -287,87 +292,249 @@ PATH_KEYS = {
 }
 
 
+# ------------------------------------------------- one process per role
+#
+# Every engine and each of transformers' paths runs in its own process and is
+# driven over a pipe, one measurement at a time. libgomp keeps a team of
+# OpenMP threads for each thread that ever ran a parallel region, and once a
+# process holds more OpenMP threads than cores it throttles the spin before a
+# worker sleeps (ADR 0006, "OpenMP teams"): six engines' step threads and
+# transformers in one process would run every path throttled.
+
+
+def _role_functions(role: str, path: str, w: Workload, kw: dict[str, Any]) -> dict[str, Any]:
+    """The measurements one role answers, after building its engine or model."""
+    from disagg.engine.threads import on_passing_thread, serial_here
+
+    if role == "hf":  # generate, bare forward: the model runs on this thread
+        model = load_hf(path)
+        return {
+            "generate": lambda b, n: hf_generate(model, b, n),
+            "bare_decode": lambda b, n: bare_decode(model, b, n),
+            "bare_prefill": lambda p: bare_prefill(model, p),
+        }
+    if role == "hf_batch":  # generate_batch steps on its own thread: load off this one
+        box: list[Any] = []
+        on_passing_thread(lambda: box.append(load_hf(path)))
+        serial_here()
+        return {"generate_batch": lambda b, n: hf_generate_batch(box[0], b, n)}
+    t0 = time.perf_counter()
+    eng = LLMEngine(engine_config(path, w, **kw))
+    eng.start()  # native: compiles every decode bucket now, not inside a timed round
+    startup_s = time.perf_counter() - t0
+    serial_here()  # this thread only submits; the engine's step thread computes
+
+    def compile_info() -> dict[str, Any]:
+        c = eng.compiler
+        return {
+            "enabled": c.enabled,
+            "decode_buckets": list(c.buckets),
+            "first_step_s": {str(b): s for b, s in sorted(c.compiled_s.items())},
+            "engine_startup_s": startup_s,  # load + warm-up compile, one engine alone
+        }
+
+    return {
+        "generate": lambda b, n: engine_generate(eng, b, n),
+        "prefill": lambda p: engine_prefill(eng, p),
+        "compile": compile_info,
+        "stop": eng.stop,
+    }
+
+
+def _serve(conn: Any, role: str, path: str, w: Workload, kw: dict[str, Any]) -> None:
+    """A role's process: answers (name, args) with ("ok", value) or ("error", traceback)."""
+    import traceback
+
+    torch.set_num_threads(w.threads)
+    try:
+        fns = _role_functions(role, path, w, kw)
+        fns["rss_mb"] = peak_rss_mb
+        conn.send(("ok", None))
+    except BaseException:
+        conn.send(("error", traceback.format_exc()))
+        return
+    while (msg := conn.recv()) is not None:
+        name, args = msg
+        try:
+            conn.send(("ok", fns[name](*args)))
+        except BaseException:
+            conn.send(("error", traceback.format_exc()))
+    if "stop" in fns:
+        fns["stop"]()
+
+
+class Role:
+    """One role (an engine config, or a transformers path) in its own spawned process."""
+
+    def __init__(self, name: str, path: str, w: Workload, **kw: Any) -> None:
+        import multiprocessing as mp
+
+        ctx = mp.get_context("spawn")
+        self.name = name
+        self.conn, child = ctx.Pipe()
+        self.proc = ctx.Process(target=_serve, args=(child, name, path, w, kw), daemon=True)
+        self.proc.start()
+        child.close()
+        self._answer()  # built (an engine: loaded and compiled)
+
+    def _answer(self) -> Any:
+        try:
+            status, value = self.conn.recv()
+        except EOFError:
+            raise RuntimeError(f"{self.name}: process exited ({self.proc.exitcode})") from None
+        if status != "ok":
+            raise RuntimeError(f"{self.name} failed:\n{value}")
+        return value
+
+    def __call__(self, fn: str, *args: Any) -> Any:
+        self.conn.send((fn, args))
+        return self._answer()
+
+    def close(self) -> None:
+        try:
+            self.conn.send(None)
+        except OSError:
+            pass
+        self.proc.join(timeout=60)
+        if self.proc.is_alive():
+            self.proc.kill()
+
+
 @dataclass
 class PathEngines:
-    """One model path's engines: batch decode, one-chunk prefill, chunked prefill."""
+    """One model path's engines, each in its own process: batch decode, one-chunk
+    prefill, chunked prefill."""
 
-    gen: LLMEngine
-    one: LLMEngine
-    chunk: LLMEngine
+    gen: Role
+    one: Role
+    chunk: Role
 
     @classmethod
     def start(cls, path: str, w: Workload, impl: str) -> PathEngines:
         kw: dict[str, Any] = {"model_impl": impl, "compile_warmup_s": 3600.0}
-        engines = cls(
-            LLMEngine(engine_config(path, w, **kw)),
-            LLMEngine(
-                engine_config(path, w, max_num_batched_tokens=max(w.prefill_len, 2048), **kw)
-            ),
-            LLMEngine(engine_config(path, w, max_num_batched_tokens=w.chunk, **kw)),
+        return cls(
+            Role(f"{impl}-gen", path, w, **kw),
+            Role(f"{impl}-one", path, w, max_num_batched_tokens=max(w.prefill_len, 2048), **kw),
+            Role(f"{impl}-chunk", path, w, max_num_batched_tokens=w.chunk, **kw),
         )
-        for e in engines.all:
-            e.start()  # native: compiles every decode bucket now, not inside a timed round
-        return engines
 
     @property
-    def all(self) -> tuple[LLMEngine, ...]:
+    def all(self) -> tuple[Role, ...]:
         return (self.gen, self.one, self.chunk)
 
     def warm(self, w: Workload, vocab: int) -> None:
-        engine_generate(self.gen, prompts(w, vocab, seed=10_000, n=2, length=8), 4)
+        self.gen("generate", prompts(w, vocab, seed=10_000, n=2, length=8), 4)
         for e in (self.one, self.chunk):  # native: compiles the prefill graph
-            engine_prefill(e, prompts(w, vocab, seed=10_001, n=1, length=64)[0])
+            e("prefill", prompts(w, vocab, seed=10_001, n=1, length=64)[0])
 
-    def measure(self, keys: dict[str, str], w: Workload, batch, long, add) -> None:  # type: ignore[no-untyped-def]
-        e = engine_generate(self.gen, batch, w.new_tokens)
+    def measure(self, keys: dict[str, str], w: Workload, batch, warm: Warm, add) -> None:  # type: ignore[no-untyped-def]
+        self.gen("generate", warm.batch, 4)
+        e = self.gen("generate", batch, w.new_tokens)
         add(keys["decode"], e["decode_tok_s"])
         add(keys["total"], e["total_tok_s"])
-        add(keys["prefill"], w.prefill_len / engine_prefill(self.one, long))
-        add(keys["chunked"], w.prefill_len / engine_prefill(self.chunk, long))
 
 
-def _round(r: int, w: Workload, hf: Any, paths: dict[str, PathEngines], vocab: int, add) -> None:  # type: ignore[no-untyped-def]
+@dataclass(frozen=True)
+class Warm:
+    """Untimed calls each role makes right before a timed one. A role idle for minutes
+    (the others measuring) ran its next call cold: measured, a 2,048-token prefill
+    at 405 tok/s after 90 s idle, 520-570 tok/s back to back."""
+
+    batch: list[list[int]]
+    long: list[int]
+
+
+@dataclass
+class HfRoles:
+    """transformers' paths: generate and the bare forward in one process (its main
+    thread computes), ``generate_batch`` (its own stepping thread) in another."""
+
+    hf: Role
+    batch: Role
+
+
+def _round(
+    r: int, w: Workload, hf: HfRoles, paths: dict[str, PathEngines], vocab: int, add
+) -> None:  # type: ignore[no-untyped-def]
     """One round: each engine path (their order alternating by round), then transformers'."""
     add("load_avg_1m", os.getloadavg()[0])
     batch = prompts(w, vocab, seed=r)
-    long = prompts(w, vocab, seed=1000 + r, n=1, length=w.prefill_len)[0]
+    warm = Warm(
+        prompts(w, vocab, seed=5000 + r, n=2, length=8),
+        prompts(w, vocab, seed=6000 + r, n=1, length=w.prefill_len)[0],
+    )
     order = list(paths) if r % 2 == 0 else list(reversed(paths))
     for impl in order:
-        paths[impl].measure(PATH_KEYS[impl], w, batch, long, add)
-    add("hf_generate_batch_tok_s", hf_generate_batch(hf, batch, w.new_tokens))
-    add("hf_generate_tok_s", hf_generate(hf, batch, w.new_tokens))
-    add("bare_forward_tok_s", bare_decode(hf, batch, w.new_tokens))
-    add("bare_prefill_2048_tok_s", bare_prefill(hf, long))
+        paths[impl].measure(PATH_KEYS[impl], w, batch, warm, add)
+    hf.batch("generate_batch", warm.batch, 4)
+    add("hf_generate_batch_tok_s", hf.batch("generate_batch", batch, w.new_tokens))
+    hf.hf("generate", warm.batch, 4)
+    add("hf_generate_tok_s", hf.hf("generate", batch, w.new_tokens))
+    add("bare_forward_tok_s", hf.hf("bare_decode", batch, w.new_tokens))
+    _prefills(r, w, hf, paths, vocab, warm, add)
     for b in w.batch_sizes:  # decode at other batch sizes, engine paths beside the bare forward
         sweep = prompts(w, vocab, seed=2000 + 10 * r + b, n=b)
         for impl in order:
-            decode = engine_generate(paths[impl].gen, sweep, w.sweep_new_tokens)["decode_tok_s"]
+            paths[impl].gen("generate", warm.batch, 4)
+            decode = paths[impl].gen("generate", sweep, w.sweep_new_tokens)["decode_tok_s"]
             add(f"{PATH_KEYS[impl]['prefix']}_b{b}_tok_s", decode)
-        add(f"bare_b{b}_tok_s", bare_decode(hf, sweep, w.sweep_new_tokens))
+        hf.hf("bare_decode", warm.batch, 4)
+        add(f"bare_b{b}_tok_s", hf.hf("bare_decode", sweep, w.sweep_new_tokens))
+
+
+def _prefills(  # type: ignore[no-untyped-def]
+    r: int, w: Workload, hf: HfRoles, paths: dict[str, PathEngines], vocab: int, warm: Warm, add
+) -> None:
+    """The one-prompt prefills: every path on the same ``prefill_reps`` prompts, their order
+    rotating prompt by prompt; each path's median of them is the round's figure."""
+    roles: list[tuple[str, Role]] = [("bare_prefill_2048_tok_s", hf.hf)]
+    for impl, engines in paths.items():
+        keys = PATH_KEYS[impl]
+        roles += [(keys["prefill"], engines.one), (keys["chunked"], engines.chunk)]
+
+    def tok_s(role: Role, prompt: list[int]) -> float:
+        if role is hf.hf:
+            return float(role("bare_prefill", prompt))
+        return w.prefill_len / role("prefill", prompt)
+
+    for _, role in roles:
+        tok_s(role, warm.long)
+    got: dict[str, list[float]] = {key: [] for key, _ in roles}
+    for i in range(w.prefill_reps):
+        long = prompts(w, vocab, seed=1000 + 10 * r + i, n=1, length=w.prefill_len)[0]
+        k = (r + i) % len(roles)
+        for key, role in roles[k:] + roles[:k]:
+            got[key].append(tok_s(role, long))
+    for key, values in got.items():
+        add(key, statistics.median(values))
 
 
 def run(
     path: str, w: Workload, log: Callable[[str], None] = print, vllm: bool = False
 ) -> dict[str, Any]:
-    torch.set_num_threads(w.threads)
-    hf = load_hf(path)
-    vocab = hf.config.vocab_size
-    t0 = time.perf_counter()
-    paths = {impl: PathEngines.start(path, w, impl) for impl in PATH_KEYS}
-    startup_s = time.perf_counter() - t0
+    from transformers import AutoConfig
+
+    vocab = AutoConfig.from_pretrained(path).vocab_size
+    roles: list[Role] = []
     samples: dict[str, list[float]] = {}
 
     def add(key: str, value: float) -> None:
         samples.setdefault(key, []).append(value)
 
     try:
+        hf = HfRoles(Role("hf", path, w), Role("hf_batch", path, w))
+        roles += [hf.hf, hf.batch]
+        paths: dict[str, PathEngines] = {}
+        for impl in PATH_KEYS:
+            paths[impl] = PathEngines.start(path, w, impl)
+            roles += paths[impl].all
         for p in paths.values():
             p.warm(w, vocab)
         warm = prompts(w, vocab, seed=10_000, n=2, length=8)
-        hf_generate(hf, warm, 4)
-        hf_generate_batch(hf, warm, 4)
-        bare_decode(hf, warm, 4)
-        bare_prefill(hf, prompts(w, vocab, seed=10_002, n=1, length=64)[0])
+        hf.hf("generate", warm, 4)
+        hf.batch("generate_batch", warm, 4)
+        hf.hf("bare_decode", warm, 4)
+        hf.hf("bare_prefill", prompts(w, vocab, seed=10_002, n=1, length=64)[0])
         for r in range(w.rounds):
             _round(r, w, hf, paths, vocab, add)
             if vllm:
@@ -376,20 +543,13 @@ def run(
                 f"round {r + 1}/{w.rounds}: "
                 + ", ".join(f"{k}={v[-1]:.1f}" for k, v in samples.items())
             )
-            gc.collect()
+        res = summarize(samples)
+        res["compile"] = paths["native"].gen("compile")
+        res["peak_rss_mb"] = max(role("rss_mb") for role in roles)  # the largest process
     finally:
-        for p in paths.values():
-            for e in p.all:
-                e.stop()
-    res = summarize(samples)
-    compiler = paths["native"].gen.compiler
-    res["compile"] = {
-        "enabled": compiler.enabled,
-        "decode_buckets": list(compiler.buckets),
-        "first_step_s": {str(b): s for b, s in sorted(compiler.compiled_s.items())},
-        "engines_startup_s": startup_s,  # six engines: load + warm-up compile
-    }
-    res["peak_rss_mb"] = peak_rss_mb()
+        for role in roles:
+            role.close()
+    res["processes"] = [role.name for role in roles]
     res["workload"] = {**w.__dict__, "batch_sizes": list(w.batch_sizes)}
     res["model"] = path
     res["torch"] = torch.__version__
