@@ -438,7 +438,7 @@ class PathEngines:
 class Warm:
     """Untimed calls each role makes right before a timed one. A role idle for minutes
     (the others measuring) ran its next call cold: measured, a 2,048-token prefill
-    at 405 tok/s after 90 s idle, 520-570 tok/s back to back."""
+    at 405 tok/s after 90 s idle, 491-570 tok/s back to back."""
 
     batch: list[list[int]]
     long: list[int]
