@@ -19,8 +19,7 @@ tokens, ``--new-tokens`` generated each, EOS ignored, greedy):
 
 Every engine, transformers' generate/bare forward, and its ``generate_batch``
 run in processes of their own (one OpenMP team each: ADR 0006), driven one
-measurement at a time. Each path is warmed up once on a tiny workload;
-rounds are interleaved and the
+measurement at a time. Rounds are interleaved and the
 medians are reported (and each path's best round: other jobs only slow a
 path down). Every round uses fresh prompts (the engine's prefix cache
 must not hit). ``--profile-out`` also writes the cost profile the cluster
@@ -422,11 +421,6 @@ class PathEngines:
     def all(self) -> tuple[Role, ...]:
         return (self.gen, self.one, self.chunk)
 
-    def warm(self, w: Workload, vocab: int) -> None:
-        self.gen("generate", prompts(w, vocab, seed=10_000, n=2, length=8), 4)
-        for e in (self.one, self.chunk):  # native: compiles the prefill graph
-            e("prefill", prompts(w, vocab, seed=10_001, n=1, length=64)[0])
-
     def measure(self, keys: dict[str, str], w: Workload, batch, warm: Warm, add) -> None:  # type: ignore[no-untyped-def]
         self.gen("generate", warm.batch, 4)
         e = self.gen("generate", batch, w.new_tokens)
@@ -470,6 +464,7 @@ def _round(
     add("hf_generate_batch_tok_s", hf.batch("generate_batch", batch, w.new_tokens))
     hf.hf("generate", warm.batch, 4)
     add("hf_generate_tok_s", hf.hf("generate", batch, w.new_tokens))
+    hf.hf("bare_decode", warm.batch, 4)
     add("bare_forward_tok_s", hf.hf("bare_decode", batch, w.new_tokens))
     _prefills(r, w, hf, paths, vocab, warm, add)
     for b in w.batch_sizes:  # decode at other batch sizes, engine paths beside the bare forward
@@ -528,13 +523,6 @@ def run(
         for impl in PATH_KEYS:
             paths[impl] = PathEngines.start(path, w, impl)
             roles += paths[impl].all
-        for p in paths.values():
-            p.warm(w, vocab)
-        warm = prompts(w, vocab, seed=10_000, n=2, length=8)
-        hf.hf("generate", warm, 4)
-        hf.batch("generate_batch", warm, 4)
-        hf.hf("bare_decode", warm, 4)
-        hf.hf("bare_prefill", prompts(w, vocab, seed=10_002, n=1, length=64)[0])
         for r in range(w.rounds):
             _round(r, w, hf, paths, vocab, add)
             if vllm:

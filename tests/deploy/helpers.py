@@ -25,8 +25,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from tests import ports
-
 REPO = Path(__file__).resolve().parents[2]
 DEPLOY = REPO / "deploy"
 COMPOSE = DEPLOY / "compose.yaml"
@@ -104,10 +102,6 @@ def base_env() -> dict[str, str]:
     process; a worker on another host inherits that and NIXL cannot reach its peers)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("DISAGG_", "UCX_"))}
     return {**env, "PYTHONUNBUFFERED": "1"}
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    return ports.free_port(host)
 
 
 def wait_for(

@@ -34,7 +34,6 @@ from tests.deploy.helpers import (
     REQUIRED,
     base_env,
     environment,
-    free_port,
     generate_ids,
     image_entrypoint,
     list_workers,
@@ -43,6 +42,7 @@ from tests.deploy.helpers import (
     stop_process_group,
     wait_for,
 )
+from tests.ports import free_port
 
 CPU_SETTINGS = {
     "DISAGG_DEVICE": "cpu",

@@ -35,7 +35,6 @@ from disagg.metastore.embedded import start_embedded_valkey
 from disagg.metrics.scrape import parse
 from tests.deploy.helpers import (
     base_env,
-    free_port,
     generate_ids,
     grpc_health_serving,
     list_workers,
@@ -56,6 +55,7 @@ from tests.deploy.k8s import (
     secret_values,
 )
 from tests.deploy.kustomize import Obj, merge, render
+from tests.ports import free_port
 
 READY_S = 180.0
 SMALL_MACHINE = {"DISAGG_KV_CACHE_MB": "16", "DISAGG_THREADS": "1"}
