@@ -241,7 +241,12 @@ def _free_port() -> int:
 
 
 def run_one(
-    n_workers: int, replicas: int, args: argparse.Namespace, redis_url: str, model: str
+    n_workers: int,
+    replicas: int,
+    args: argparse.Namespace,
+    redis_url: str,
+    model: str,
+    decode: str = "session",
 ) -> dict[str, Any]:
     import redis
 
@@ -262,7 +267,8 @@ def run_one(
         raise RuntimeError("workers not ready")
     port_q, out_q = ctx.Queue(), ctx.Queue()
     cfg = {"redis_url": redis_url, "model": model, "port": _free_port(), "http_port": -1,
-           "max_inflight": 4096, "local_prefill_tokens": 16, "reuse_port": replicas > 1}  # fmt: skip
+           "max_inflight": 4096, "local_prefill_tokens": 16, "reuse_port": replicas > 1,
+           "decode_sessions": decode == "session"}  # fmt: skip
     sps = [
         ctx.Process(
             target=scheduler_main,
@@ -317,6 +323,7 @@ def run_one(
     return {
         "workers": n_workers,
         "schedulers": replicas,
+        "decode": decode,
         "scheduler_cpu_s": round(sched_cpu, 2),
         "scheduler_cpu_ms_per_request": round(1000 * sched_cpu / requests, 3),
         "scheduler_cpu_us_per_token": round(
@@ -351,6 +358,14 @@ def main() -> int:
     p.add_argument("--stream-concurrency", type=int, default=64)
     p.add_argument("--stream-tokens", type=int, default=1024)
     p.add_argument("--tokens-per-step", type=int, default=16)
+    p.add_argument(
+        "--decode",
+        nargs="+",
+        choices=["session", "call"],
+        default=["session"],
+        help="how the scheduler reaches decode workers: one DecodeSession per worker (the "
+        "default) and/or a Decode call per request (decode_sessions off); both: one run each",
+    )
     p.add_argument("--json", default="")
     p.add_argument(
         "--profile", default="", help="write each scheduler's cProfile top entries to PATH.*"
@@ -364,12 +379,18 @@ def main() -> int:
     valkey = start_embedded_valkey()
     try:
         counts = [int(x) for x in args.schedulers.split(",") if x.strip()]
-        rows = [run_one(n, k, args, valkey.url, model) for n in args.workers for k in counts]
+        rows = [
+            run_one(n, k, args, valkey.url, model, mode)
+            for n in args.workers
+            for k in counts
+            for mode in args.decode
+        ]
     finally:
         valkey.stop()
     cols = [
         "workers",
         "schedulers",
+        "decode",
         "decision_p50_ms",
         "decision_p99_ms",
         "admitted_rps",
@@ -388,6 +409,7 @@ def main() -> int:
     out: dict[str, Any] = {"runs": rows, "tokens_per_step": args.tokens_per_step}
     for r in rows:
         suffix = f"{r['workers']}" + (f"_x{r['schedulers']}" if r["schedulers"] > 1 else "")
+        suffix += "_calls" if r["decode"] == "call" else ""
         for k in (
             "decision_p50_ms",
             "decision_p99_ms",

@@ -141,6 +141,11 @@ class _UnaryStream(_Token, grpc.aio.UnaryStreamClientInterceptor):
         return await continuation(self._with_token(details), request)
 
 
+class _StreamStream(_Token, grpc.aio.StreamStreamClientInterceptor):
+    async def intercept_stream_stream(self, continuation, details, request_iterator):  # type: ignore[no-untyped-def]
+        return await continuation(self._with_token(details), request_iterator)
+
+
 def send_token(token: str) -> list[grpc.aio.ClientInterceptor]:
     """Client interceptors adding the cluster token to every call ([] when empty)."""
-    return [_UnaryUnary(token), _UnaryStream(token)] if token else []
+    return [_UnaryUnary(token), _UnaryStream(token), _StreamStream(token)] if token else []

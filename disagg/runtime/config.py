@@ -102,6 +102,9 @@ class SchedulerConfig:
     max_concurrent_rpcs: int = 0
     registry_refresh_s: float = 0.25  # how often the worker list is re-read from Redis
     worker_timeout_s: float = 30.0  # deadline of a prefill call
+    # One DecodeSession stream per decode worker carries its requests; False: a Decode
+    # call per request (what workers without the method get anyway)
+    decode_sessions: bool = True
     api_key: str = ""  # required as Bearer / authorization metadata when set
     # Shared secret of the deployment, sent on every call to a worker ("" = none).
     cluster_token: str = dataclasses.field(default="", repr=False)

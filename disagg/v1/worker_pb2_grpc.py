@@ -357,6 +357,11 @@ class DecodeWorkerStub:
                 request_serializer=disagg_dot_v1_dot_worker__pb2.DecodeRequest.SerializeToString,
                 response_deserializer=disagg_dot_v1_dot_worker__pb2.DecodeResponse.FromString,
                 _registered_method=True)
+        self.DecodeSession = channel.stream_stream(
+                '/disagg.v1.DecodeWorker/DecodeSession',
+                request_serializer=disagg_dot_v1_dot_worker__pb2.DecodeSessionRequest.SerializeToString,
+                response_deserializer=disagg_dot_v1_dot_worker__pb2.DecodeSessionResponse.FromString,
+                _registered_method=True)
 
 
 class DecodeWorkerServicer:
@@ -372,6 +377,22 @@ class DecodeWorkerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def DecodeSession(self, request_iterator, context):
+        """Many requests over one long-lived stream: a request is a message, not a
+        call (the scheduler keeps one session per decode worker). Each `start`
+        runs as a Decode call would; its responses come back tagged with its
+        request_id, several requests' in one message, and it ends with a response
+        carrying a finish_reason or with an update carrying an error status (the
+        codes Decode would end with: INVALID_ARGUMENT, ALREADY_EXISTS, and
+        UNAVAILABLE for a start that reaches a draining worker). `cancel` ends a
+        request early (its blocks freed, nothing more sent for it). The session
+        ending or breaking ends every request still on it; a draining worker ends
+        its sessions once their requests are done.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_DecodeWorkerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -379,6 +400,11 @@ def add_DecodeWorkerServicer_to_server(servicer, server):
                     servicer.Decode,
                     request_deserializer=disagg_dot_v1_dot_worker__pb2.DecodeRequest.FromString,
                     response_serializer=disagg_dot_v1_dot_worker__pb2.DecodeResponse.SerializeToString,
+            ),
+            'DecodeSession': grpc.stream_stream_rpc_method_handler(
+                    servicer.DecodeSession,
+                    request_deserializer=disagg_dot_v1_dot_worker__pb2.DecodeSessionRequest.FromString,
+                    response_serializer=disagg_dot_v1_dot_worker__pb2.DecodeSessionResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -412,6 +438,33 @@ class DecodeWorker:
             '/disagg.v1.DecodeWorker/Decode',
             disagg_dot_v1_dot_worker__pb2.DecodeRequest.SerializeToString,
             disagg_dot_v1_dot_worker__pb2.DecodeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DecodeSession(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/disagg.v1.DecodeWorker/DecodeSession',
+            disagg_dot_v1_dot_worker__pb2.DecodeSessionRequest.SerializeToString,
+            disagg_dot_v1_dot_worker__pb2.DecodeSessionResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -5,8 +5,8 @@
 2. Bind gRPC (health + reflection, NOT_SERVING), connect to Redis, start the
    heartbeat, then SERVING.
 3. SERVING until SIGTERM/SIGINT; then drain: NOT_SERVING, leave the registry
-   (no new work is routed here), let in-flight RPCs finish within the grace
-   period, stop the engine.
+   (no new work is routed here), end the decode sessions as their requests
+   end, let in-flight RPCs finish within the grace period, stop the engine.
 """
 
 from __future__ import annotations
@@ -48,6 +48,8 @@ _ROLES = {"prefill": common_pb2.WORKER_ROLE_PREFILL, "decode": common_pb2.WORKER
 
 
 class Servicer(Protocol):
+    def drain(self) -> None: ...  # before the server stops: end long-lived calls when idle
+
     def close(self) -> None: ...
 
 
@@ -172,6 +174,7 @@ class WorkerHost:
             await prefix.stop()
             if metrics is not None:
                 await metrics.stop()
+            servicer.drain()
             await server.stop(grace_s=10.0)
             servicer.close()
             if self.kv.agent is not None:

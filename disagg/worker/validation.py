@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Protocol
+
 import grpc
 
 from disagg.engine.api import Engine
@@ -9,9 +11,14 @@ from disagg.engine.api import Engine
 MAX_CACHE_SALT_BYTES = 64  # a request's cache_salt (the scheduler sends 16)
 
 
-async def validate_prompt(
-    engine: Engine, ids: list[int], context: grpc.aio.ServicerContext
-) -> None:
+class Aborter(Protocol):
+    """What the checks need of a call: a grpc.aio.ServicerContext, or one request of
+    a session (services.decode.session), which ends that request alone."""
+
+    async def abort(self, code: grpc.StatusCode, details: str = "") -> None: ...
+
+
+async def validate_prompt(engine: Engine, ids: list[int], context: Aborter) -> None:
     info = engine.info
     if not ids:
         await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "prompt_token_ids: empty")

@@ -26,7 +26,7 @@ import contextlib
 import dataclasses
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 
 import grpc
 
@@ -45,7 +45,8 @@ from disagg.v1 import common_pb2, worker_pb2, worker_pb2_grpc
 from disagg.wire import sampling_from_pb
 from disagg.worker.bridge import run_request
 from disagg.worker.host import KvPlane
-from disagg.worker.validation import MAX_CACHE_SALT_BYTES, validate_prompt
+from disagg.worker.validation import MAX_CACHE_SALT_BYTES, Aborter, validate_prompt
+from services.decode.session import DecodeSessions
 
 log = logging.getLogger(__name__)
 
@@ -86,10 +87,30 @@ class DecodeServicer(worker_pb2_grpc.DecodeWorkerServicer):
             metrics=kv.metrics,
             check_owner=self._owners.check if self._owners is not None else None,
         )
+        self._sessions = DecodeSessions(self.responses)
 
     async def Decode(
         self, request: worker_pb2.DecodeRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[worker_pb2.DecodeResponse]:  # type: ignore[override]
+        async for resp in self.responses(request, context):
+            yield resp
+
+    async def DecodeSession(
+        self,
+        request_iterator: AsyncIterator[worker_pb2.DecodeSessionRequest],
+        context: grpc.aio.ServicerContext,
+    ) -> None:
+        await self._sessions.serve(request_iterator, context)
+
+    def drain(self) -> None:
+        """Starts on open sessions are refused from now on (UNAVAILABLE); each
+        session ends once its requests have."""
+        self._sessions.drain()
+
+    async def responses(
+        self, request: worker_pb2.DecodeRequest, context: Aborter
+    ) -> AsyncGenerator[worker_pb2.DecodeResponse, None]:
+        """One request's responses; errors end it through context.abort."""
         plan = await self._plan(request, context)
         if plan is None:
             return
@@ -126,9 +147,7 @@ class DecodeServicer(worker_pb2_grpc.DecodeWorkerServicer):
                 self._engine.release(rid)
         return resp
 
-    async def _plan(
-        self, request: worker_pb2.DecodeRequest, context: grpc.aio.ServicerContext
-    ) -> _Plan | None:
+    async def _plan(self, request: worker_pb2.DecodeRequest, context: Aborter) -> _Plan | None:
         """What the engine runs for this request; None after aborting the call."""
         ids = list(request.prompt_token_ids)
         await validate_prompt(self._engine, ids, context)

@@ -247,5 +247,9 @@ class PrefillServicer(worker_pb2_grpc.PrefillWorkerServicer):
         """Waits for the Redis writes issued so far (tests, shutdown): never on a request."""
         await self._sender.settle()
 
+    def drain(self) -> None:
+        """Nothing to end early: every call here is one request, and the server's
+        grace period lets them finish."""
+
     def close(self) -> None:
         self._sender.close()

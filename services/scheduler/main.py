@@ -108,11 +108,14 @@ class SchedulerApp:
             credentials=channel_credentials(tls_of(cfg)),
             interceptors=send_token(cfg.cluster_token),
         )
+        self._workers = WorkerClient(
+            channels.get_channel, cfg.worker_timeout_s, sessions=cfg.decode_sessions
+        )
         self.orchestrator = Orchestrator(
             registry,
             tok.tokenizer,
             tok.eos_token_ids,
-            WorkerClient(channels.get_channel, cfg.worker_timeout_s),
+            self._workers,
             cfg.max_inflight,
             self.metrics,
             admission,
@@ -167,6 +170,7 @@ class SchedulerApp:
         if http is not None:
             await http.stop()
         await server.stop(grace_s=10.0)
+        await self._workers.close()
         await self.orchestrator.verifier.close()
         await registry.stop()
         await registry.leave()

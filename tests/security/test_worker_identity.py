@@ -67,6 +67,15 @@ class Counting(worker_pb2_grpc.PrefillWorkerServicer, worker_pb2_grpc.DecodeWork
         self.calls += 1
         yield worker_pb2.DecodeResponse(token_ids=[1], finish_reason="length")
 
+    async def DecodeSession(self, request_iterator, context):  # type: ignore[no-untyped-def]
+        self.calls += 1
+        async for msg in request_iterator:
+            for req in msg.start:
+                done = worker_pb2.DecodeResponse(token_ids=[1], finish_reason="length")
+                update = worker_pb2.DecodeSessionUpdate(request_id=req.request_id, response=done)
+                yield worker_pb2.DecodeSessionResponse(updates=[update])
+            return
+
 
 def worker_calls(channel: grpc.aio.Channel) -> list[tuple[str, Any]]:
     """(name, a coroutine function running it to the end) per worker method."""
@@ -79,6 +88,7 @@ def worker_calls(channel: grpc.aio.Channel) -> list[tuple[str, Any]]:
     start = worker_pb2.StartKvReadRequest(request_id="x")
     stream = worker_pb2.PrefillStreamRequest(prefill=pre)
     watch = worker_pb2.WatchKvRequest(request_id="x")
+    session = worker_pb2.DecodeSessionRequest(start=[dec])
 
     async def drain(call: Any) -> list[Any]:
         return [m async for m in call]
@@ -91,6 +101,12 @@ def worker_calls(channel: grpc.aio.Channel) -> list[tuple[str, Any]]:
         ("PrefillStream", lambda **kw: drain(prefill.PrefillStream(stream, timeout=5, **kw))),
         ("WatchKv", lambda **kw: drain(prefill.WatchKv(watch, timeout=5, **kw))),
         ("Decode", lambda **kw: drain(decode.Decode(dec, timeout=5, **kw))),
+        (
+            "DecodeSession",
+            lambda **kw: drain(
+                decode.DecodeSession(iter([session]), timeout=5, **kw)  # type: ignore[arg-type]
+            ),
+        ),
     ]
 
 

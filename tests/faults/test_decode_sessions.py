@@ -1,0 +1,177 @@
+"""DecodeSession: many requests over one stream, each ending on its own.
+
+Real decode workers (the tiny model) in an in-process cluster with a real
+Valkey; the session driven over real gRPC, by the scheduler or by hand:
+- the scheduler's concurrent streams share one session per decode worker and
+  give the same greedy tokens as with a Decode call per request;
+- on one session: a bad prompt ends only its own request (INVALID_ARGUMENT), a
+  duplicate id is refused (ALREADY_EXISTS) without touching the running one, a
+  cancelled request stops and frees its blocks, the others complete exactly;
+- a draining worker refuses new starts (UNAVAILABLE), finishes the running
+  ones, then ends the session; closing the session cancels what is left on it.
+Nothing leaks in any of them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import grpc
+
+from disagg.v1 import common_pb2, worker_pb2, worker_pb2_grpc
+
+PROMPTS = [[5 + (i * 37 + j * 11) % 400 for j in range(6 + 3 * i)] for i in range(8)]
+
+
+def _greedy(n: int) -> common_pb2.SamplingParams:
+    return common_pb2.SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True)
+
+
+def _start(rid: str, prompt: list[int], n: int) -> worker_pb2.DecodeRequest:
+    return worker_pb2.DecodeRequest(request_id=rid, prompt_token_ids=prompt, sampling=_greedy(n))
+
+
+def _generate_all(cluster: Any) -> list[list[int]]:
+    def one(prompt: list[int]) -> list[int]:
+        ids, _, last = cluster.generate(
+            prompt_token_ids=prompt, max_tokens=24, temperature=0.0, ignore_eos=True
+        )
+        assert last.finish_reason == "length"
+        return ids
+
+    with ThreadPoolExecutor(len(PROMPTS)) as pool:
+        return list(pool.map(one, PROMPTS))
+
+
+def test_streams_share_one_session_and_match_calls(make_cluster) -> None:  # type: ignore[no-untyped-def]
+    calls = make_cluster(prefill=0, scheduler={"decode_sessions": False})
+    expected = _generate_all(calls)
+    assert calls.app._workers.sessions_opened == 0
+    calls.stop()
+
+    cluster = make_cluster(prefill=0)
+    got = _generate_all(cluster)
+    assert got == expected  # same greedy tokens, request by request
+    assert all(len(ids) == 24 for ids in got)
+    assert cluster.app._workers.sessions_opened == 1  # 8 concurrent streams, one session
+    cluster.wait_no_leaks()
+
+
+class _Session:
+    """A hand-driven DecodeSession: write messages, collect updates per request."""
+
+    def __init__(self, address: str) -> None:
+        self.channel = grpc.aio.insecure_channel(address)
+        self.call = worker_pb2_grpc.DecodeWorkerStub(self.channel).DecodeSession()
+        self.updates: dict[str, list[worker_pb2.DecodeSessionUpdate]] = defaultdict(list)
+        self.ended: asyncio.Future[grpc.StatusCode] = asyncio.get_running_loop().create_future()
+        self._reader = asyncio.ensure_future(self._read())
+
+    async def _read(self) -> None:
+        try:
+            async for resp in self.call:
+                for u in resp.updates:
+                    self.updates[u.request_id].append(u)
+            self.ended.set_result(grpc.StatusCode.OK)
+        except grpc.aio.AioRpcError as e:
+            self.ended.set_result(e.code())
+
+    def tokens(self, rid: str) -> list[int]:
+        return [t for u in self.updates[rid] for t in u.response.token_ids]
+
+    def finish(self, rid: str) -> str:
+        ups = self.updates[rid]
+        return ups[-1].response.finish_reason if ups else ""
+
+    def error(self, rid: str) -> grpc.StatusCode | None:
+        codes = {c.value[0]: c for c in grpc.StatusCode}
+        return next((codes[u.code] for u in self.updates[rid] if u.code), None)
+
+    async def until(self, cond: Any, timeout_s: float = 20.0) -> None:
+        deadline = asyncio.get_running_loop().time() + timeout_s
+        while not cond():
+            assert asyncio.get_running_loop().time() < deadline, dict(self.updates)
+            await asyncio.sleep(0.01)
+
+    async def close(self) -> None:
+        self.call.cancel()
+        await asyncio.gather(self._reader, return_exceptions=True)
+        await self.channel.close()
+
+
+def test_requests_end_on_their_own(make_cluster, tiny_reference) -> None:  # type: ignore[no-untyped-def]
+    cluster = make_cluster(prefill=0)
+    address = cluster.decode_hosts[0].address
+
+    async def body() -> None:
+        s = _Session(address)
+        try:
+            starts = [
+                _start("a", PROMPTS[0], 40),
+                _start("bad", [], 5),
+                _start("c", PROMPTS[2], 400),
+                _start("d", PROMPTS[3], 12),
+            ]
+            await s.call.write(worker_pb2.DecodeSessionRequest(start=starts))
+            await s.until(lambda: s.tokens("c"))
+            await s.call.write(  # a duplicate of the running "a", and c cancelled
+                worker_pb2.DecodeSessionRequest(start=[_start("a", PROMPTS[1], 3)], cancel=["c"])
+            )
+            await s.until(lambda: s.finish("a") and s.finish("d") and s.error("a"))
+            assert s.error("bad") == grpc.StatusCode.INVALID_ARGUMENT
+            assert "empty" in s.updates["bad"][0].details
+            assert s.error("a") == grpc.StatusCode.ALREADY_EXISTS  # refused, "a" untouched
+            assert s.tokens("a") == tiny_reference(PROMPTS[0], 40)
+            assert s.tokens("d") == tiny_reference(PROMPTS[3], 12)
+            assert s.finish("a") == s.finish("d") == "length"
+            n = len(s.tokens("c"))
+            await asyncio.sleep(0.3)
+            assert not s.finish("c") and len(s.tokens("c")) == n  # nothing after the cancel
+            assert n < 400
+            assert not s.ended.done()  # the session outlives its requests
+        finally:
+            await s.close()
+
+    cluster.run(body(), timeout_s=60)
+    cluster.wait_no_leaks()
+
+
+def test_draining_worker_finishes_then_ends_the_session(make_cluster, tiny_reference) -> None:  # type: ignore[no-untyped-def]
+    cluster = make_cluster(prefill=0)
+    host = cluster.decode_hosts[0]
+
+    async def body() -> None:
+        s = _Session(host.address)
+        try:
+            await s.call.write(worker_pb2.DecodeSessionRequest(start=[_start("r", PROMPTS[4], 60)]))
+            await s.until(lambda: s.tokens("r"))
+            host.servicer.drain()
+            await s.call.write(
+                worker_pb2.DecodeSessionRequest(start=[_start("late", PROMPTS[5], 4)])
+            )
+            assert await asyncio.wait_for(s.ended, 30) == grpc.StatusCode.OK  # after "r"
+            assert s.error("late") == grpc.StatusCode.UNAVAILABLE
+            assert s.tokens("r") == tiny_reference(PROMPTS[4], 60)
+            assert s.finish("r") == "length"
+        finally:
+            await s.close()
+
+    cluster.run(body(), timeout_s=60)
+    cluster.wait_no_leaks()
+
+
+def test_closing_the_session_cancels_its_requests(make_cluster) -> None:  # type: ignore[no-untyped-def]
+    cluster = make_cluster(prefill=0)
+
+    async def body() -> None:
+        s = _Session(cluster.decode_hosts[0].address)
+        starts = [_start(f"r{i}", p, 500) for i, p in enumerate(PROMPTS[:4])]
+        await s.call.write(worker_pb2.DecodeSessionRequest(start=starts))
+        await s.until(lambda: all(s.tokens(f"r{i}") for i in range(4)))
+        await s.close()
+
+    cluster.run(body(), timeout_s=60)
+    cluster.wait_no_leaks()
