@@ -71,6 +71,10 @@ class Keys:
         return self.prefix + "schedulers"
 
     @property
+    def scheduler_loads_channel(self) -> str:  # pub/sub: SchedulerLoads pushed on change
+        return self.prefix + "scheduler-loads"
+
+    @property
     def prefix_set_prefix(self) -> str:  # + worker_id -> hash {version, set: PrefixSet} (TTL)
         return self.prefix + "prefix:"
 

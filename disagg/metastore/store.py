@@ -32,7 +32,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Collection, Iterator
+from collections.abc import AsyncIterator, Callable, Collection, Iterator
 from urllib.parse import urlsplit, urlunsplit
 
 import redis.asyncio as aioredis
@@ -222,14 +222,40 @@ class MetaStore:
 
     # -- scheduler replicas ----------------------------------------------
 
-    async def put_scheduler_loads(self, loads: control_pb2.SchedulerLoads, ttl_s: float) -> None:
-        """One replica's in-flight work per worker; it vanishes ttl_s after the last write."""
+    async def put_scheduler_loads(
+        self, loads: control_pb2.SchedulerLoads, ttl_s: float, *, push: bool = False
+    ) -> None:
+        """One replica's in-flight work per worker; it vanishes ttl_s after the last write.
+        push: also PUBLISHed to the replicas watching (``watch_scheduler_loads``)."""
         key = self.keys.scheduler(loads.replica_id)
+        raw = loads.SerializeToString()
         with _unavailable_on_error():
             async with self._client.pipeline(transaction=True) as pipe:
-                pipe.set(key, loads.SerializeToString(), px=_px(ttl_s))
+                pipe.set(key, raw, px=_px(ttl_s))
                 pipe.sadd(self.keys.scheduler_index, loads.replica_id)
+                if push:
+                    pipe.publish(self.keys.scheduler_loads_channel, raw)
                 await pipe.execute()
+
+    async def watch_scheduler_loads(self) -> AsyncIterator[control_pb2.SchedulerLoads]:
+        """The records replicas push, as they come (a dedicated connection); ends by
+        raising MetaStoreUnavailable when the connection fails."""
+        pubsub = self._client.pubsub(ignore_subscribe_messages=True)
+        try:
+            with _unavailable_on_error():
+                await pubsub.subscribe(self.keys.scheduler_loads_channel)
+            while True:
+                with _unavailable_on_error():
+                    msg = await pubsub.get_message(timeout=1.0)  # None after 1 s quiet
+                if msg is None or msg.get("type") != "message":
+                    continue
+                try:
+                    yield control_pb2.SchedulerLoads.FromString(_raw(msg["data"]))
+                except DecodeError as e:
+                    self._bad("scheduler", e)
+        finally:
+            with contextlib.suppress(Exception):
+                await pubsub.aclose()
 
     async def remove_scheduler(self, replica_id: str) -> None:
         with _unavailable_on_error():

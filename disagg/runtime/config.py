@@ -46,7 +46,9 @@ class WorkerConfig:
     metrics_port: int = -1  # Prometheus /metrics port; -1 = off, 0 = any free port
     mock: bool = False  # model-free MockEngine (disagg.mock): time per its cost model, no weights
     kv_transport: str = "auto"  # KV data plane: auto (nixl where both ends have it) | nixl | grpc
-    max_concurrent_rpcs: int = 1024  # gRPC calls served at once; more get RESOURCE_EXHAUSTED
+    # gRPC calls served at once, and requests on a decode worker's DecodeSessions: more get
+    # RESOURCE_EXHAUSTED
+    max_concurrent_rpcs: int = 1024
     # Shared secret of the deployment: required on worker methods, sent to peers ("" = off).
     cluster_token: str = dataclasses.field(default="", repr=False)
     engine: EngineConfig = dataclasses.field(default_factory=EngineConfig)

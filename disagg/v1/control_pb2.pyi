@@ -19,14 +19,16 @@ class WorkerLoad(_message.Message):
     def __init__(self, worker_id: _Optional[str] = ..., requests: _Optional[int] = ..., tokens: _Optional[int] = ..., blocks: _Optional[int] = ...) -> None: ...
 
 class SchedulerLoads(_message.Message):
-    __slots__ = ("replica_id", "loads", "unix_ms")
+    __slots__ = ("replica_id", "loads", "unix_ms", "seq")
     REPLICA_ID_FIELD_NUMBER: _ClassVar[int]
     LOADS_FIELD_NUMBER: _ClassVar[int]
     UNIX_MS_FIELD_NUMBER: _ClassVar[int]
+    SEQ_FIELD_NUMBER: _ClassVar[int]
     replica_id: str
     loads: _containers.RepeatedCompositeFieldContainer[WorkerLoad]
     unix_ms: int
-    def __init__(self, replica_id: _Optional[str] = ..., loads: _Optional[_Iterable[_Union[WorkerLoad, _Mapping]]] = ..., unix_ms: _Optional[int] = ...) -> None: ...
+    seq: int
+    def __init__(self, replica_id: _Optional[str] = ..., loads: _Optional[_Iterable[_Union[WorkerLoad, _Mapping]]] = ..., unix_ms: _Optional[int] = ..., seq: _Optional[int] = ...) -> None: ...
 
 class PrefixSet(_message.Message):
     __slots__ = ("worker_id", "version", "block_hashes")

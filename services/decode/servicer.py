@@ -87,7 +87,7 @@ class DecodeServicer(worker_pb2_grpc.DecodeWorkerServicer):
             metrics=kv.metrics,
             check_owner=self._owners.check if self._owners is not None else None,
         )
-        self._sessions = DecodeSessions(self.responses)
+        self._sessions = DecodeSessions(self.responses, cfg.max_concurrent_rpcs)
 
     async def Decode(
         self, request: worker_pb2.DecodeRequest, context: grpc.aio.ServicerContext

@@ -13,7 +13,8 @@ write is in flight (several requests' tokens from one engine step) leaves as
 one message. The session ending -- the scheduler closing it, the connection
 breaking -- cancels every request still on it. A draining worker refuses new
 starts (UNAVAILABLE, so the scheduler decodes them elsewhere) and ends each
-session once its requests are done.
+session once its requests are done. The worker's RPC limit bounds the requests
+on its sessions as it bounds calls (RESOURCE_EXHAUSTED beyond it).
 """
 
 from __future__ import annotations
@@ -59,9 +60,10 @@ def _error(rid: str, code: grpc.StatusCode, details: str) -> worker_pb2.DecodeSe
 
 
 class _Session:
-    def __init__(self, responses: Responses, draining: asyncio.Event) -> None:
-        self._responses = responses
-        self._draining = draining
+    def __init__(self, sessions: DecodeSessions) -> None:
+        self._sessions = sessions
+        self._responses = sessions.responses
+        self._draining = sessions.draining
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._out: list[worker_pb2.DecodeSessionUpdate] = []
         self._wake = asyncio.Event()
@@ -108,12 +110,17 @@ class _Session:
 
     def _start(self, req: worker_pb2.DecodeRequest) -> None:
         rid = req.request_id
+        sessions = self._sessions
         if self._draining.is_set():
             self._emit(_error(rid, grpc.StatusCode.UNAVAILABLE, "the decode worker is draining"))
         elif rid in self._tasks:
             why = f"request_id: {rid!r} is running on this session"
             self._emit(_error(rid, grpc.StatusCode.ALREADY_EXISTS, why))
+        elif sessions.active >= sessions.max_requests:
+            why = f"{sessions.active} requests in flight on this decode worker's sessions (limit)"
+            self._emit(_error(rid, grpc.StatusCode.RESOURCE_EXHAUSTED, why))
         else:
+            sessions.active += 1
             self._tasks[rid] = asyncio.ensure_future(self._run(req))
 
     async def _run(self, req: worker_pb2.DecodeRequest) -> None:
@@ -133,6 +140,7 @@ class _Session:
             log.exception("decode session request failed request_id=%s", rid)
             self._emit(_error(rid, grpc.StatusCode.INTERNAL, f"{type(e).__name__}: {e}"))
         finally:
+            self._sessions.active -= 1
             self._tasks.pop(rid, None)
             self._wake.set()
 
@@ -142,18 +150,24 @@ class _Session:
 
 
 class DecodeSessions:
-    """The decode worker's sessions: each served by ``serve``; ``drain`` for all."""
+    """The decode worker's sessions: each served by ``serve``; ``drain`` for all.
+    At most ``max_requests`` requests run on them at once (more: RESOURCE_EXHAUSTED,
+    as a Decode call over the server's RPC limit gets)."""
 
-    def __init__(self, responses: Responses) -> None:
-        self._responses = responses
-        self._draining = asyncio.Event()
+    def __init__(self, responses: Responses, max_requests: int) -> None:
+        if max_requests < 1:
+            raise ValueError(f"max_requests must be >= 1, got {max_requests}")
+        self.responses = responses
+        self.max_requests = max_requests
+        self.active = 0  # requests running on every session
+        self.draining = asyncio.Event()
 
     async def serve(
         self,
         requests: AsyncIterator[worker_pb2.DecodeSessionRequest],
         context: grpc.aio.ServicerContext,
     ) -> None:
-        await _Session(self._responses, self._draining).serve(requests, context)
+        await _Session(self).serve(requests, context)
 
     def drain(self) -> None:
-        self._draining.set()
+        self.draining.set()

@@ -16,8 +16,11 @@
    (requests, KV blocks). Exact and immediate, where heartbeats lag.
    Replicas share them (docs/adr/0005): each refresh writes this replica's
    loads to Redis (``SchedulerLoads``, TTL a few refreshes) and reads the
-   others'; decisions see own + peers' loads, the peers' at most about two
-   refresh periods old. A dead replica's loads vanish with its record's TTL.
+   others'; with peers live, each change is also pushed (rewritten and
+   PUBLISHed, at most one push in flight and one every ``PUSH_MIN_S``) and
+   the peers' pushes are taken in as they come. Decisions see own + peers'
+   loads, the peers' milliseconds old (two refresh periods when pushes do not
+   arrive). A dead replica's loads vanish with its record's TTL.
 3. Cost models: each observed ``prefill_ms`` refines that worker's model; the
    models of workers no longer in the view are dropped.
 4. Prefix index: prompts prefilled on a worker are recorded there at once (in
@@ -46,6 +49,8 @@ log = logging.getLogger(__name__)
 
 RESTARTS_REFRESH_S = 2.0  # how often the supervisor's restart counts are re-read
 PREFIX_REFRESH_S = 1.0  # how often the workers' published prefix caches are checked
+PUSH_MIN_S = 0.002  # the least time between two pushes of this replica's loads
+WATCH_RETRY_S = 1.0  # the peers' pushes not received (Redis away): watch again after this
 
 _ROLE = {common_pb2.WORKER_ROLE_PREFILL: "prefill", common_pb2.WORKER_ROLE_DECODE: "decode"}
 
@@ -175,6 +180,12 @@ class WorkerRegistry:
         self.restarts: dict[str, int] = {}  # service -> restarts by `disagg up` (for /metrics)
         self.replica_id = replica_id
         self.peers: dict[str, Load] = {}  # the other replicas' loads, summed per worker
+        self._peer_records: dict[str, control_pb2.SchedulerLoads] = {}  # replica -> newest
+        self._seq = 0  # of this replica's load records
+        self._push: asyncio.Task[None] | None = None  # pushing this replica's loads
+        self._pushed_dirty = False  # loads changed since the push in flight read them
+        self._watch: asyncio.Task[None] | None = None
+        self._stopped = False
         self._prefix_versions: dict[str, int] = {}  # worker -> version of its set we applied
         self.replicas = 1  # live scheduler replicas, this one included (last refresh)
         self._task: asyncio.Task[None] | None = None
@@ -185,13 +196,18 @@ class WorkerRegistry:
 
     async def start(self) -> None:
         await self.refresh()
-        self._task = asyncio.get_running_loop().create_task(self._loop())
+        loop = asyncio.get_running_loop()
+        self._task = loop.create_task(self._loop())
+        if self.replica_id:
+            self._watch = loop.create_task(self._watch_peers())
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        self._stopped = True  # no push after this: leave() withdraws the record for good
+        for task in (self._task, self._watch, self._push):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
 
     @property
     def call_timeout_s(self) -> float:
@@ -234,9 +250,9 @@ class WorkerRegistry:
         have = {i.worker_id for i in records}
         return [*records, *(i for i in self._records if i.worker_id not in have)]
 
-    async def _share_loads(self) -> None:
-        """Publishes this replica's loads and takes in the other replicas'."""
-        mine = control_pb2.SchedulerLoads(
+    def _record(self) -> control_pb2.SchedulerLoads:
+        self._seq += 1
+        return control_pb2.SchedulerLoads(
             replica_id=self.replica_id,
             loads=[
                 control_pb2.WorkerLoad(
@@ -245,16 +261,72 @@ class WorkerRegistry:
                 for w, x in self.loads.items()
             ],
             unix_ms=int(time.time() * 1000),
+            seq=self._seq,
         )
+
+    async def _share_loads(self) -> None:
+        """Publishes this replica's loads and takes in the other replicas' (the listing
+        says who is live; of two records of a replica, the newer counts)."""
         try:
             async with asyncio.timeout(self.call_timeout_s):
-                await self._store.put_scheduler_loads(mine, self.loads_ttl_s)
+                await self._store.put_scheduler_loads(self._record(), self.loads_ttl_s)
                 records = await self._store.list_scheduler_loads()
         except Exception as e:
             log.warning("sharing scheduler loads failed: %s", e or type(e).__name__)
             return
-        self.peers = sum_loads(r for r in records if r.replica_id != self.replica_id)
+        known, self._peer_records = self._peer_records, {}
+        for r in records:
+            if r.replica_id != self.replica_id:
+                had = known.get(r.replica_id)
+                self._peer_records[r.replica_id] = r if had is None or r.seq > had.seq else had
+        self.peers = sum_loads(self._peer_records.values())
         self.replicas = max(1, len(records))
+
+    def _take_push(self, r: control_pb2.SchedulerLoads) -> None:
+        """A peer's pushed record: counts at once if newer than what we have."""
+        if r.replica_id == self.replica_id:
+            return
+        had = self._peer_records.get(r.replica_id)
+        if had is not None and r.seq <= had.seq:
+            return
+        self._peer_records[r.replica_id] = r
+        self.peers = sum_loads(self._peer_records.values())
+
+    async def _watch_peers(self) -> None:
+        while True:
+            try:
+                async for record in self._store.watch_scheduler_loads():
+                    self._take_push(record)
+            except Exception as e:
+                log.warning("watching peer scheduler loads failed: %s", e or type(e).__name__)
+            await asyncio.sleep(WATCH_RETRY_S)
+
+    def _loads_changed(self) -> None:
+        """Pushes this replica's loads soon, when there are peers to tell."""
+        if not self.replica_id or self.replicas <= 1 or self._stopped:
+            return  # alone: the refresh's write is enough for a replica that joins
+        if self._push is not None and not self._push.done():
+            self._pushed_dirty = True
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # booked outside a loop (tests): the refresh writes them
+            return
+        self._push = loop.create_task(self._push_loads())
+
+    async def _push_loads(self) -> None:
+        self._pushed_dirty = True
+        while self._pushed_dirty:
+            self._pushed_dirty = False
+            try:
+                async with asyncio.timeout(self.call_timeout_s):
+                    await self._store.put_scheduler_loads(
+                        self._record(), self.loads_ttl_s, push=True
+                    )
+            except Exception as e:
+                log.warning("pushing scheduler loads failed: %s", e or type(e).__name__)
+                return  # the refresh writes them again
+            await asyncio.sleep(PUSH_MIN_S)
 
     @property
     def loads_ttl_s(self) -> float:
@@ -384,6 +456,7 @@ class WorkerRegistry:
             self.loads.pop(worker_id, None)
         else:
             self.loads[worker_id] = new
+        self._loads_changed()
 
     # --- learning ------------------------------------------------------------------------
 

@@ -1,8 +1,9 @@
 """Scheduler replicas share their in-flight loads through a real Valkey.
 
 Two registries (two replicas) on one server: what replica A books on a worker
-reaches replica B's routing snapshot after one refresh of each, and leaves it
-when A finishes the request, leaves, or dies (its record's TTL).
+reaches replica B's routing snapshot after one refresh of each -- or, pushed,
+within milliseconds and no refresh at all -- and leaves it when A finishes the
+request, leaves, or dies (its record's TTL).
 """
 
 from __future__ import annotations
@@ -10,6 +11,9 @@ from __future__ import annotations
 import asyncio
 import time
 
+import redis.asyncio as aioredis
+
+from disagg.metastore.keys import DEFAULT
 from disagg.metastore.store import MetaStore
 from disagg.policy.routing import Decision, Load, RouteRequest, decide
 from disagg.v1 import common_pb2
@@ -109,6 +113,46 @@ def test_leaving_withdraws_at_once(valkey_url: str) -> None:
         assert b.peers == {} and b.replicas == 1
         await b.leave()
         assert await store.list_scheduler_loads() == []
+        await store.close()
+
+    asyncio.run(body())
+
+
+def test_pushed_loads_reach_the_peer_without_a_refresh(valkey_url: str) -> None:
+    async def body() -> None:
+        store, a, b = await _cluster(valkey_url)
+        for reg in (a, b):
+            reg._refresh_s = 60.0  # no refresh during the test: what arrives is pushed
+        await a.refresh()
+        await b.start()  # watches the peers' pushes
+        raw = aioredis.Redis.from_url(valkey_url)
+        channel = DEFAULT.scheduler_loads_channel
+        while (await raw.pubsub_numsub(channel))[0][1] < 1:
+            await asyncio.sleep(0.01)
+        assert a.replicas == b.replicas == 2 and b.peers == {}
+
+        async def seen_by_b(cond) -> float:  # type: ignore[no-untyped-def]
+            t0 = time.monotonic()
+            while not cond(b.policy_snapshot().loads):
+                assert time.monotonic() - t0 < 2.0, b.policy_snapshot().loads
+                await asyncio.sleep(0.001)
+            return time.monotonic() - t0
+
+        booking = a.reserve(_book(a, "prefill-a", 3000), prompt_tokens=3000, max_tokens=16)
+        lag = await seen_by_b(lambda loads: loads.get("prefill-a") == Load(1, 3000))
+        assert lag < 0.5  # pushed: milliseconds here, where a refresh would take a minute
+        req = RouteRequest(prompt_tokens=500, max_tokens=16)
+        assert decide(b.policy_snapshot(), req).prefill.worker_id == "prefill-b"  # type: ignore[union-attr]
+
+        a.prefill_done(booking)
+        await seen_by_b(lambda loads: "prefill-a" not in loads)
+        a.release(booking)
+        await seen_by_b(lambda loads: loads == {})
+        for reg in (a, b):
+            await reg.stop()
+            await reg.leave()
+        assert await store.list_scheduler_loads() == []  # no push after stop revived a record
+        await raw.aclose()
         await store.close()
 
     asyncio.run(body())

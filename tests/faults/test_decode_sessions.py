@@ -175,3 +175,27 @@ def test_closing_the_session_cancels_its_requests(make_cluster) -> None:  # type
 
     cluster.run(body(), timeout_s=60)
     cluster.wait_no_leaks()
+
+
+def test_requests_beyond_the_rpc_limit_are_refused(make_cluster) -> None:  # type: ignore[no-untyped-def]
+    cluster = make_cluster(prefill=0, worker={"max_concurrent_rpcs": 3})
+
+    async def body() -> None:
+        s = _Session(cluster.decode_hosts[0].address)
+        try:
+            starts = [_start(f"r{i}", p, 30) for i, p in enumerate(PROMPTS[:5])]
+            await s.call.write(worker_pb2.DecodeSessionRequest(start=starts))
+            await s.until(lambda: all(s.finish(f"r{i}") or s.error(f"r{i}") for i in range(5)))
+            assert [s.error(f"r{i}") for i in range(5)] == [None] * 3 + [
+                grpc.StatusCode.RESOURCE_EXHAUSTED
+            ] * 2
+            assert all(s.finish(f"r{i}") == "length" for i in range(3))
+            await s.call.write(
+                worker_pb2.DecodeSessionRequest(start=[_start("again", PROMPTS[6], 3)])
+            )
+            await s.until(lambda: s.finish("again"))  # the slots came back
+        finally:
+            await s.close()
+
+    cluster.run(body(), timeout_s=60)
+    cluster.wait_no_leaks()
