@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17\x64isagg/v1/control.proto\x12\tdisagg.v1\"Q\n\nWorkerLoad\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x10\n\x08requests\x18\x02 \x01(\x05\x12\x0e\n\x06tokens\x18\x03 \x01(\x03\x12\x0e\n\x06\x62locks\x18\x04 \x01(\x03\"h\n\x0eSchedulerLoads\x12\x12\n\nreplica_id\x18\x01 \x01(\t\x12$\n\x05loads\x18\x02 \x03(\x0b\x32\x15.disagg.v1.WorkerLoad\x12\x0f\n\x07unix_ms\x18\x03 \x01(\x03\x12\x0b\n\x03seq\x18\x04 \x01(\x04\"E\n\tPrefixSet\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12\x14\n\x0c\x62lock_hashes\x18\x03 \x03(\x0c\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17\x64isagg/v1/control.proto\x12\tdisagg.v1\"{\n\nWorkerLoad\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x10\n\x08requests\x18\x02 \x01(\x05\x12\x0e\n\x06tokens\x18\x03 \x01(\x03\x12\x0e\n\x06\x62locks\x18\x04 \x01(\x03\x12\x12\n\ndispatched\x18\x05 \x01(\x05\x12\x14\n\x0chead_rank_ms\x18\x06 \x01(\x01\"h\n\x0eSchedulerLoads\x12\x12\n\nreplica_id\x18\x01 \x01(\t\x12$\n\x05loads\x18\x02 \x03(\x0b\x32\x15.disagg.v1.WorkerLoad\x12\x0f\n\x07unix_ms\x18\x03 \x01(\x03\x12\x0b\n\x03seq\x18\x04 \x01(\x04\"E\n\tPrefixSet\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12\x14\n\x0c\x62lock_hashes\x18\x03 \x03(\x0c\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -32,9 +32,9 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'disagg.v1.control_pb2', _gl
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_WORKERLOAD']._serialized_start=38
-  _globals['_WORKERLOAD']._serialized_end=119
-  _globals['_SCHEDULERLOADS']._serialized_start=121
-  _globals['_SCHEDULERLOADS']._serialized_end=225
-  _globals['_PREFIXSET']._serialized_start=227
-  _globals['_PREFIXSET']._serialized_end=296
+  _globals['_WORKERLOAD']._serialized_end=161
+  _globals['_SCHEDULERLOADS']._serialized_start=163
+  _globals['_SCHEDULERLOADS']._serialized_end=267
+  _globals['_PREFIXSET']._serialized_start=269
+  _globals['_PREFIXSET']._serialized_end=338
 # @@protoc_insertion_point(module_scope)

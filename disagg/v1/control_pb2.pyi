@@ -7,16 +7,20 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class WorkerLoad(_message.Message):
-    __slots__ = ("worker_id", "requests", "tokens", "blocks")
+    __slots__ = ("worker_id", "requests", "tokens", "blocks", "dispatched", "head_rank_ms")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     REQUESTS_FIELD_NUMBER: _ClassVar[int]
     TOKENS_FIELD_NUMBER: _ClassVar[int]
     BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    DISPATCHED_FIELD_NUMBER: _ClassVar[int]
+    HEAD_RANK_MS_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     requests: int
     tokens: int
     blocks: int
-    def __init__(self, worker_id: _Optional[str] = ..., requests: _Optional[int] = ..., tokens: _Optional[int] = ..., blocks: _Optional[int] = ...) -> None: ...
+    dispatched: int
+    head_rank_ms: float
+    def __init__(self, worker_id: _Optional[str] = ..., requests: _Optional[int] = ..., tokens: _Optional[int] = ..., blocks: _Optional[int] = ..., dispatched: _Optional[int] = ..., head_rank_ms: _Optional[float] = ...) -> None: ...
 
 class SchedulerLoads(_message.Message):
     __slots__ = ("replica_id", "loads", "unix_ms", "seq")

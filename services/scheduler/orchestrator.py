@@ -227,8 +227,14 @@ class Orchestrator:
         for worker_id, model in registry.costs.items():  # seeded before the hook existed
             self.decisions.cost(worker_id, model)
         self._dispatch = PrefillDispatch(
-            self.admission.queue, self.admission.dispatch_depth, lambda: registry.replicas
+            self.admission.queue,
+            self.admission.dispatch_depth,
+            lambda: registry.replicas,
+            peers=registry.peer_slots,
+            on_change=registry.loads_changed,
         )
+        registry.dispatch_state = self._dispatch.state
+        registry.on_peers = self._dispatch.kick
         self._seq = itertools.count()
         self._tok = tokenizer
         self._eos = frozenset(eos_token_ids)

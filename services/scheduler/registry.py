@@ -35,6 +35,7 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
+import math
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -44,6 +45,7 @@ from disagg.policy.cost import CostModel
 from disagg.policy.prefix import PrefixIndex
 from disagg.policy.routing import NO_LOAD, Decision, Load, Snapshot, WorkerView, blocks_needed
 from disagg.v1 import common_pb2, control_pb2
+from services.scheduler.dispatch import NO_PEERS, PeerSlots
 
 log = logging.getLogger(__name__)
 
@@ -186,6 +188,11 @@ class WorkerRegistry:
         self._pushed_dirty = False  # loads changed since the push in flight read them
         self._watch: asyncio.Task[None] | None = None
         self._stopped = False
+        self._peer_slots: dict[str, PeerSlots] = {}
+        # Hooks of the dispatch queue: its per-worker (in flight, best waiter's rank), and
+        # a call when the peers' figures changed.
+        self.dispatch_state: Callable[[], dict[str, tuple[int, float]]] = dict
+        self.on_peers: Callable[[], None] = lambda: None
         self._prefix_versions: dict[str, int] = {}  # worker -> version of its set we applied
         self.replicas = 1  # live scheduler replicas, this one included (last refresh)
         self._task: asyncio.Task[None] | None = None
@@ -252,17 +259,44 @@ class WorkerRegistry:
 
     def _record(self) -> control_pb2.SchedulerLoads:
         self._seq += 1
+        slots = self.dispatch_state()
+        loads = []
+        for w in {**self.loads, **slots}:
+            x = self.loads.get(w, NO_LOAD)
+            running, head = slots.get(w, (0, 0.0))
+            loads.append(
+                control_pb2.WorkerLoad(
+                    worker_id=w,
+                    requests=x.requests,
+                    tokens=x.tokens,
+                    blocks=x.blocks,
+                    dispatched=running,
+                    head_rank_ms=head,
+                )
+            )
         return control_pb2.SchedulerLoads(
             replica_id=self.replica_id,
-            loads=[
-                control_pb2.WorkerLoad(
-                    worker_id=w, requests=x.requests, tokens=x.tokens, blocks=x.blocks
-                )
-                for w, x in self.loads.items()
-            ],
+            loads=loads,
             unix_ms=int(time.time() * 1000),
             seq=self._seq,
         )
+
+    def _peers_changed(self) -> None:
+        records = self._peer_records.values()
+        self.peers = sum_loads(records)
+        slots: dict[str, PeerSlots] = {}
+        for r in records:
+            for x in r.loads:
+                if x.dispatched or x.head_rank_ms:
+                    had = slots.get(x.worker_id, NO_PEERS)
+                    head = x.head_rank_ms or math.inf
+                    slots[x.worker_id] = PeerSlots(had.running + x.dispatched, min(had.head, head))
+        self._peer_slots = slots
+        self.on_peers()
+
+    def peer_slots(self, worker_id: str) -> PeerSlots:
+        """The other replicas' prefills in flight on the worker and their best waiter."""
+        return self._peer_slots.get(worker_id, NO_PEERS)
 
     async def _share_loads(self) -> None:
         """Publishes this replica's loads and takes in the other replicas' (the listing
@@ -279,7 +313,7 @@ class WorkerRegistry:
             if r.replica_id != self.replica_id:
                 had = known.get(r.replica_id)
                 self._peer_records[r.replica_id] = r if had is None or r.seq > had.seq else had
-        self.peers = sum_loads(self._peer_records.values())
+        self._peers_changed()
         self.replicas = max(1, len(records))
 
     def _take_push(self, r: control_pb2.SchedulerLoads) -> None:
@@ -290,7 +324,7 @@ class WorkerRegistry:
         if had is not None and r.seq <= had.seq:
             return
         self._peer_records[r.replica_id] = r
-        self.peers = sum_loads(self._peer_records.values())
+        self._peers_changed()
 
     async def _watch_peers(self) -> None:
         while True:
@@ -301,7 +335,7 @@ class WorkerRegistry:
                 log.warning("watching peer scheduler loads failed: %s", e or type(e).__name__)
             await asyncio.sleep(WATCH_RETRY_S)
 
-    def _loads_changed(self) -> None:
+    def loads_changed(self) -> None:
         """Pushes this replica's loads soon, when there are peers to tell."""
         if not self.replica_id or self.replicas <= 1 or self._stopped:
             return  # alone: the refresh's write is enough for a replica that joins
@@ -456,7 +490,7 @@ class WorkerRegistry:
             self.loads.pop(worker_id, None)
         else:
             self.loads[worker_id] = new
-        self._loads_changed()
+        self.loads_changed()
 
     # --- learning ------------------------------------------------------------------------
 

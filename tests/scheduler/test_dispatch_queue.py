@@ -2,7 +2,8 @@
 
 test_policy_parts covers the aging trade-off and the wait bound under a stream
 of short prompts; here: ranks and ties, then ``PrefillDispatch`` itself (depth,
-release order, cancellation) on a real event loop.
+release order, cancellation) on a real event loop, alone and as two replicas
+sharing a worker's depth through their published slots.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import itertools
 import pytest
 
 from disagg.policy.queue import QueueOrder, Waiting
-from services.scheduler.dispatch import PrefillDispatch
+from services.scheduler.dispatch import DEFER_MAX_S, PeerSlots, PrefillDispatch
 from tests.control.helpers import run_async
 
 # --- QueueOrder ----------------------------------------------------------------------------
@@ -242,3 +243,95 @@ def test_cancelled_inside_the_slot_frees_it() -> None:
 def test_depth_must_be_positive() -> None:
     with pytest.raises(ValueError):
         PrefillDispatch(QueueOrder(), depth=0)
+
+
+# --- replicas sharing the depth through their published slots -------------------------------
+
+
+class _Pair:
+    """Replicas A and B on one loop, each reading the other's ``state`` as its peers'
+    slots: a push that arrives at once (the registry pushes it in milliseconds)."""
+
+    def __init__(self, order: QueueOrder, depth: int) -> None:
+        self.frozen: dict[str, PeerSlots] = {}  # replica -> slots its peer reads instead
+        self.a: PrefillDispatch = self._make("a", order, depth)
+        self.b: PrefillDispatch = self._make("b", order, depth)
+
+    def _make(self, name: str, order: QueueOrder, depth: int) -> PrefillDispatch:
+        def peers(worker_id: str) -> PeerSlots:
+            other = "b" if name == "a" else "a"
+            if other in self.frozen:
+                return self.frozen[other]
+            running, head = getattr(self, other).state().get(worker_id, (0, 0.0))
+            return PeerSlots(running, head or float("inf"))
+
+        def changed() -> None:  # our state changed: the peer re-checks its queue
+            asyncio.get_running_loop().call_soon(getattr(self, "b" if name == "a" else "a").kick)
+
+        return PrefillDispatch(order, depth, replicas=lambda: 2, peers=peers, on_change=changed)
+
+
+def test_replicas_keep_the_workers_depth_and_hand_a_free_slot_to_the_best_waiter() -> None:
+    async def scenario() -> None:
+        pair = _Pair(QueueOrder(aging=1.0, max_wait_ms=1e9), depth=1)
+        a, b = _Probe(pair.a), _Probe(pair.b)
+        tasks = [a.start("a1", 50.0)]
+        await _settle()
+        tasks += [b.start("b1", 500.0)]  # queues: A's a1 holds the worker's one slot
+        await _settle()
+        tasks += [a.start("a2", 100.0), b.start("b2", 5.0)]
+        await _settle()
+        assert a.entered == ["a1"] and b.entered == [] and pair.b.waiting("p0") == 2
+        a.go["a1"].set()  # the slot goes to B's b2 (best rank of either), not to A's a2
+        await _settle()
+        assert b.entered == ["b2"] and a.entered == ["a1"]
+        b.go["b2"].set()
+        await _settle()
+        assert a.entered == ["a1", "a2"]  # ranks 100 before 500, whichever replica
+        a.go["a2"].set()
+        await _settle()
+        assert b.entered == ["b2", "b1"]
+        b.go["b1"].set()
+        await asyncio.gather(*tasks)
+        assert a.max_inside + b.max_inside == 2 and max(a.inside, b.inside) == 0
+        assert pair.a.state() == {} and pair.b.state() == {}  # nothing left to publish
+
+    run_async(scenario())
+
+
+def test_a_slot_left_to_a_peer_that_does_not_take_it_is_taken_after_the_deferral() -> None:
+    async def scenario() -> None:
+        pair = _Pair(QueueOrder(aging=1.0, max_wait_ms=1e9), depth=1)
+        a = _Probe(pair.a)
+        # B published a better waiter a moment ago, which is gone (its push not here yet).
+        pair.frozen["b"] = PeerSlots(running=0, head=0.0)
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+        task = a.start("a1", 10.0)
+        await _settle()
+        assert a.entered == []  # left to B's better waiter
+        while not a.entered:
+            await asyncio.sleep(0.002)
+        assert loop.time() - t0 >= DEFER_MAX_S * 0.9
+        a.go["a1"].set()
+        await task
+
+    run_async(scenario())
+
+
+def test_a_peers_prefills_in_flight_count_against_the_depth() -> None:
+    async def scenario() -> None:
+        pair = _Pair(QueueOrder(aging=1.0, max_wait_ms=1e9), depth=2)
+        pair.frozen["b"] = PeerSlots(running=2, head=float("inf"))  # B fills the worker
+        a = _Probe(pair.a)
+        task = a.start("a1", 10.0)
+        await asyncio.sleep(2 * DEFER_MAX_S)
+        assert a.entered == []
+        pair.frozen["b"] = PeerSlots(running=1, head=float("inf"))  # one of B's ended
+        pair.a.kick()  # as the registry does when B's push arrives
+        await _settle()
+        assert a.entered == ["a1"]
+        a.go["a1"].set()
+        await task
+
+    run_async(scenario())
