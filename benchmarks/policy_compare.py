@@ -23,8 +23,13 @@ of requests with TTFT <= ``--slo-ttft-ms``.
 one port through SO_REUSEPORT and their loads through Redis; the client spreads
 its requests over several connections): the routing quality of N replicas
 against one, same trace, same workers (``p99_ttft_ratio_x2`` in the JSON).
+The p99 of 400 requests is the 4th-worst TTFT: one long prompt more or less
+behind another moves it by 40 %. ``--rounds R`` replays R traces (seeds
+``seed`` .. ``seed + R - 1``) against every replica count, interleaved round by
+round, and compares the p99 of all R x 400 TTFTs per count (each round's ratio
+is reported beside it).
 
-    python benchmarks/policy_compare.py --json /tmp/policies.json [--schedulers 1,2]
+    python benchmarks/policy_compare.py --json /tmp/policies.json [--schedulers 1,2 --rounds 3]
 """
 
 from __future__ import annotations
@@ -115,6 +120,7 @@ def run_policy(
     model: str,
     salt: int,
     replicas: int = 1,
+    seed: int | None = None,
 ) -> dict[str, Any]:
     ctx = mp.get_context("spawn")
     stop, port_q, out_q = ctx.Event(), ctx.Queue(), ctx.Queue()
@@ -141,21 +147,28 @@ def run_policy(
     ports = [port_q.get(timeout=120) for _ in sps]  # one port, shared
     address = f"127.0.0.1:{ports[0]}"
     time.sleep(1.0)
-    trace = make_trace(args.requests, args.rate, args.seed, salt)
+    trace = make_trace(args.requests, args.rate, args.seed if seed is None else seed, salt)
     ttfts = asyncio.run(replay(address, trace, args.max_tokens))
     stop.set()
     for sp in sps:
         out_q.get(timeout=60)
         sp.join(30)
+    return _stats(policy if replicas == 1 else f"{policy}_x{replicas}", replicas, ttfts, args)
+
+
+def _stats(
+    name: str, replicas: int, ttfts: list[float], args: argparse.Namespace
+) -> dict[str, Any]:
     met = sum(t <= args.slo_ttft_ms for t in ttfts)
     return {
-        "policy": policy if replicas == 1 else f"{policy}_x{replicas}",
+        "policy": name,
         "schedulers": replicas,
         "requests": len(ttfts),
         "mean_ttft_ms": round(statistics.fmean(ttfts), 1),
         "p50_ttft_ms": round(_pct(ttfts, 50), 1),
         "p99_ttft_ms": round(_pct(ttfts, 99), 1),
         "slo_attainment": round(met / len(ttfts), 4),
+        "ttfts": ttfts,
     }
 
 
@@ -173,6 +186,9 @@ def main() -> int:
     p.add_argument("--prefill-ms-per-token", type=float, default=0.05, help="mock cost model")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--schedulers", default="1", help="replica counts for length_aware, e.g. 1,2")
+    p.add_argument(
+        "--rounds", type=int, default=1, help="traces (seeds) per replica count, interleaved"
+    )
     p.add_argument("--json", default="")
     args = p.parse_args()
 
@@ -199,24 +215,49 @@ def main() -> int:
         for salt, policy in enumerate(POLICIES):
             rows.append(run_policy(policy, args, valkey.url, model, salt + 1))
         counts = [int(x) for x in args.schedulers.split(",") if x.strip()]
-        for k in (c for c in counts if c > 1):  # same lengths and arrivals, fresh prompt tokens
-            salt = len(POLICIES) + k
-            rows.append(run_policy("length_aware", args, valkey.url, model, salt, k))
+        # per replica count, one run per round (round 0 of one replica: the row above);
+        # same lengths and arrivals in a round, fresh prompt tokens in every run
+        runs: dict[int, list[dict[str, Any]]] = {1: [rows[-1]]}
+        salt = len(POLICIES) + 1
+        for r in range(args.rounds):
+            for k in (c for c in counts if c > 1 or r > 0):
+                salt += 1
+                run = run_policy("length_aware", args, valkey.url, model, salt, k, args.seed + r)
+                runs.setdefault(k, []).append(run)
+                if args.rounds == 1:
+                    rows.append(run)
         stop_w.set()
         wp.join(60)
     finally:
         valkey.stop()
+    if args.rounds > 1:  # every count's TTFTs over all rounds
+        for k in sorted(runs):
+            name = "length_aware" + (f"_x{k}" if k > 1 else "") + f"_{args.rounds}rounds"
+            pooled = _stats(name, k, [t for run in runs[k] for t in run["ttfts"]], args)
+            rows.append({**pooled, "round_p99_ttft_ms": [run["p99_ttft_ms"] for run in runs[k]]})
     cols = ["policy", "requests", "mean_ttft_ms", "p50_ttft_ms", "p99_ttft_ms", "slo_attainment"]
     print(" | ".join(cols))
     for r in rows:
         print(" | ".join(str(r[c]) for c in cols))
-    out: dict[str, Any] = {"runs": rows, "slo_ttft_ms": args.slo_ttft_ms, "rate": args.rate}
     for r in rows:
-        for k in ("mean_ttft_ms", "p99_ttft_ms", "slo_attainment"):
-            out[f"{k}_{r['policy']}"] = r[k]
-        if r["schedulers"] > 1:
-            one = out["p99_ttft_ms_length_aware"]
-            out[f"p99_ttft_ratio_x{r['schedulers']}"] = round(r["p99_ttft_ms"] / one, 3)
+        r.pop("ttfts")
+    out: dict[str, Any] = {
+        "runs": rows,
+        "slo_ttft_ms": args.slo_ttft_ms,
+        "rate": args.rate,
+        "rounds": args.rounds,
+    }
+    for r in rows:
+        for key in ("mean_ttft_ms", "p99_ttft_ms", "slo_attainment"):
+            out[f"{key}_{r['policy']}"] = r[key]
+    tail = f"_{args.rounds}rounds" if args.rounds > 1 else ""
+    for k in (c for c in runs if c > 1):
+        one = out[f"p99_ttft_ms_length_aware{tail}"]
+        out[f"p99_ttft_ratio_x{k}"] = round(out[f"p99_ttft_ms_length_aware_x{k}{tail}"] / one, 3)
+        out[f"p99_ttft_ratio_x{k}_by_round"] = [
+            round(x["p99_ttft_ms"] / o["p99_ttft_ms"], 3)
+            for x, o in zip(runs[k], runs[1], strict=True)
+        ]
     if args.json:
         with open(args.json, "w") as f:
             json.dump(out, f, indent=2)

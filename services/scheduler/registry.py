@@ -183,6 +183,7 @@ class WorkerRegistry:
         self.replica_id = replica_id
         self.peers: dict[str, Load] = {}  # the other replicas' loads, summed per worker
         self._peer_records: dict[str, control_pb2.SchedulerLoads] = {}  # replica -> newest
+        self._peer_seen: dict[str, float] = {}  # replica -> monotonic time its record came
         self._seq = 0  # of this replica's load records
         self._push: asyncio.Task[None] | None = None  # pushing this replica's loads
         self._pushed_dirty = False  # loads changed since the push in flight read them
@@ -307,14 +308,31 @@ class WorkerRegistry:
                 records = await self._store.list_scheduler_loads()
         except Exception as e:
             log.warning("sharing scheduler loads failed: %s", e or type(e).__name__)
+            self._forget_silent_peers()
             return
         known, self._peer_records = self._peer_records, {}
+        now = time.monotonic()
         for r in records:
             if r.replica_id != self.replica_id:
                 had = known.get(r.replica_id)
                 self._peer_records[r.replica_id] = r if had is None or r.seq > had.seq else had
+                self._peer_seen[r.replica_id] = now
+        self._peer_seen = {p: t for p, t in self._peer_seen.items() if p in self._peer_records}
         self._peers_changed()
         self.replicas = max(1, len(records))
+
+    def _forget_silent_peers(self) -> None:
+        """Redis out of reach: a peer record not heard of for its TTL no longer counts
+        (as it would have expired in Redis), so a dead or cut-off peer's prefills in
+        flight cannot hold a worker's slots for the length of the outage."""
+        cutoff = time.monotonic() - self.loads_ttl_s
+        silent = [p for p, t in self._peer_seen.items() if t < cutoff]
+        if silent:
+            for p in silent:
+                self._peer_records.pop(p, None)
+                self._peer_seen.pop(p, None)
+            self._peers_changed()
+            self.replicas = 1 + len(self._peer_records)
 
     def _take_push(self, r: control_pb2.SchedulerLoads) -> None:
         """A peer's pushed record: counts at once if newer than what we have."""
@@ -324,6 +342,7 @@ class WorkerRegistry:
         if had is not None and r.seq <= had.seq:
             return
         self._peer_records[r.replica_id] = r
+        self._peer_seen[r.replica_id] = time.monotonic()
         self._peers_changed()
 
     async def _watch_peers(self) -> None:

@@ -156,3 +156,25 @@ def test_pushed_loads_reach_the_peer_without_a_refresh(valkey_url: str) -> None:
         await store.close()
 
     asyncio.run(body())
+
+
+def test_a_peer_unheard_of_through_an_outage_stops_holding_slots(valkey_url: str) -> None:
+    async def body() -> None:
+        store, a, b = await _cluster(valkey_url)
+        slots = {"prefill-a": (1, 0.0)}  # A has a prefill in flight there
+        a.dispatch_state = lambda: slots
+        await a.refresh()
+        await b.refresh()
+        assert b.peer_slots("prefill-a").running == 1 and b.replicas == 2
+        await b._store.close()  # B loses Redis: its refreshes fail from now on
+        b._store = MetaStore("redis://127.0.0.1:1/0", timeout_s=0.2, retries=0)
+        await b.refresh()
+        assert b.peer_slots("prefill-a").running == 1  # within A's TTL: still counts
+        b._peer_seen = {p: t - b.loads_ttl_s - 0.1 for p, t in b._peer_seen.items()}
+        await b.refresh()
+        assert b.peer_slots("prefill-a").running == 0 and b.replicas == 1
+        await b._store.close()
+        await a.leave()
+        await store.close()
+
+    asyncio.run(body())
