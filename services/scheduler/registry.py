@@ -16,8 +16,9 @@
    (requests, KV blocks). Exact and immediate, where heartbeats lag.
    Replicas share them (docs/adr/0005): each refresh writes this replica's
    loads to Redis (``SchedulerLoads``, TTL a few refreshes) and reads the
-   others'; with peers live, each change is also pushed (rewritten and
-   PUBLISHed, at most one push in flight and one every ``PUSH_MIN_S``) and
+   others'; with peers live, each change on a prefill worker (bookings,
+   dispatch slots) is also pushed (rewritten and PUBLISHed, at most one push
+   in flight and one every ``PUSH_MIN_S``) and
    the peers' pushes are taken in as they come. Decisions see own + peers'
    loads, the peers' milliseconds old (two refresh periods when pushes do not
    arrive). A dead replica's loads vanish with its record's TTL.
@@ -51,7 +52,7 @@ log = logging.getLogger(__name__)
 
 RESTARTS_REFRESH_S = 2.0  # how often the supervisor's restart counts are re-read
 PREFIX_REFRESH_S = 1.0  # how often the workers' published prefix caches are checked
-PUSH_MIN_S = 0.002  # the least time between two pushes of this replica's loads
+PUSH_MIN_S = 0.005  # the least time between two pushes of this replica's loads
 WATCH_RETRY_S = 1.0  # the peers' pushes not received (Redis away): watch again after this
 
 _ROLE = {common_pb2.WORKER_ROLE_PREFILL: "prefill", common_pb2.WORKER_ROLE_DECODE: "decode"}
@@ -190,6 +191,7 @@ class WorkerRegistry:
         self._watch: asyncio.Task[None] | None = None
         self._stopped = False
         self._peer_slots: dict[str, PeerSlots] = {}
+        self._prefill_ids: set[str] = set()  # prefill workers in view: their loads are pushed
         # Hooks of the dispatch queue: its per-worker (in flight, best waiter's rank), and
         # a call when the peers' figures changed.
         self.dispatch_state: Callable[[], dict[str, tuple[int, float]]] = dict
@@ -414,6 +416,7 @@ class WorkerRegistry:
             for i in infos:
                 self._seed_cost(i)
             self._views = views
+            self._prefill_ids = {v.worker_id for v in views if v.role == "prefill"}
             self.decode_capacity = max(
                 (v.total_blocks * v.block_size for v in views if v.role == "decode"), default=0
             )
@@ -509,7 +512,8 @@ class WorkerRegistry:
             self.loads.pop(worker_id, None)
         else:
             self.loads[worker_id] = new
-        self.loads_changed()
+        if worker_id in self._prefill_ids:  # decode loads: the refresh shares them
+            self.loads_changed()
 
     # --- learning ------------------------------------------------------------------------
 
