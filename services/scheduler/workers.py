@@ -170,7 +170,7 @@ class WorkerClient:
         self._timeout_s = timeout_s  # deadline of a prefill call
         self._use_sessions = sessions
         self._sessions: dict[str, _Session] = {}  # decode worker address -> its session
-        self._no_sessions: set[str] = set()  # decode workers without DecodeSession
+        self._no_sessions: set[str] = set()  # without DecodeSession (until a restart)
         self.sessions_opened = 0  # DecodeSession calls made (a new one after each end)
 
     async def prefill(self, worker: WorkerView, req: GenerationRequest) -> PrefillResult:
@@ -222,10 +222,15 @@ class WorkerClient:
     def _session(self, address: str) -> _Session:
         session = self._sessions.get(address)
         if session is None or session.closed:
-            session = _Session(worker_pb2_grpc.DecodeWorkerStub(self._channel_for(address)))
+            stub = worker_pb2_grpc.DecodeWorkerStub(self._channel_for(address))
+            session = _Session(stub, lambda s: self._ended(address, s))
             self._sessions[address] = session
             self.sessions_opened += 1
         return session
+
+    def _ended(self, address: str, session: _Session) -> None:
+        if self._sessions.get(address) is session:  # a worker gone for good leaves nothing
+            del self._sessions[address]
 
     async def close(self) -> None:
         """Ends every decode session (their requests get DecodeLost)."""
@@ -270,7 +275,10 @@ class _Session:
     the next request opens a new one.
     """
 
-    def __init__(self, stub: worker_pb2_grpc.DecodeWorkerStub) -> None:
+    def __init__(
+        self, stub: worker_pb2_grpc.DecodeWorkerStub, on_end: Callable[[_Session], None]
+    ) -> None:
+        self._on_end = on_end
         self._call = stub.DecodeSession()
         self._queues: dict[str, asyncio.Queue[object]] = {}
         self._starts: list[worker_pb2.DecodeRequest] = []
@@ -339,6 +347,7 @@ class _Session:
         for queue in self._queues.values():
             queue.put_nowait(why)
         self._queues.clear()
+        self._on_end(self)
 
 
 _CODES = {c.value[0]: c for c in grpc.StatusCode}

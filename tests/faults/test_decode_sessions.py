@@ -3,7 +3,7 @@
 Real decode workers (the tiny model) in an in-process cluster with a real
 Valkey; the session driven over real gRPC, by the scheduler or by hand:
 - the scheduler's concurrent streams share one session per decode worker and
-  give the same greedy tokens as with a Decode call per request;
+  give transformers' greedy tokens;
 - on one session: a bad prompt ends only its own request (INVALID_ARGUMENT), a
   duplicate id is refused (ALREADY_EXISTS) without touching the running one, a
   cancelled request stops and frees its blocks, the others complete exactly;
@@ -46,16 +46,10 @@ def _generate_all(cluster: Any) -> list[list[int]]:
         return list(pool.map(one, PROMPTS))
 
 
-def test_streams_share_one_session_and_match_calls(make_cluster) -> None:  # type: ignore[no-untyped-def]
-    calls = make_cluster(prefill=0, scheduler={"decode_sessions": False})
-    expected = _generate_all(calls)
-    assert calls.app._workers.sessions_opened == 0
-    calls.stop()
-
+def test_streams_share_one_session_and_stay_greedy(make_cluster, tiny_reference) -> None:  # type: ignore[no-untyped-def]
     cluster = make_cluster(prefill=0)
     got = _generate_all(cluster)
-    assert got == expected  # same greedy tokens, request by request
-    assert all(len(ids) == 24 for ids in got)
+    assert got == [tiny_reference(p, 24) for p in PROMPTS]  # request by request
     assert cluster.app._workers.sessions_opened == 1  # 8 concurrent streams, one session
     cluster.wait_no_leaks()
 
@@ -132,8 +126,11 @@ def test_requests_end_on_their_own(make_cluster, tiny_reference) -> None:  # typ
             assert not s.finish("c") and len(s.tokens("c")) == n  # nothing after the cancel
             assert n < 400
             assert not s.ended.done()  # the session outlives its requests
+            long = [_start(f"r{i}", p, 500) for i, p in enumerate(PROMPTS[4:7])]
+            await s.call.write(worker_pb2.DecodeSessionRequest(start=long))
+            await s.until(lambda: all(s.tokens(f"r{i}") for i in range(3)))
         finally:
-            await s.close()
+            await s.close()  # with r0-r2 running: closing the session cancels them
 
     cluster.run(body(), timeout_s=60)
     cluster.wait_no_leaks()
@@ -158,20 +155,6 @@ def test_draining_worker_finishes_then_ends_the_session(make_cluster, tiny_refer
             assert s.finish("r") == "length"
         finally:
             await s.close()
-
-    cluster.run(body(), timeout_s=60)
-    cluster.wait_no_leaks()
-
-
-def test_closing_the_session_cancels_its_requests(make_cluster) -> None:  # type: ignore[no-untyped-def]
-    cluster = make_cluster(prefill=0)
-
-    async def body() -> None:
-        s = _Session(cluster.decode_hosts[0].address)
-        starts = [_start(f"r{i}", p, 500) for i, p in enumerate(PROMPTS[:4])]
-        await s.call.write(worker_pb2.DecodeSessionRequest(start=starts))
-        await s.until(lambda: all(s.tokens(f"r{i}") for i in range(4)))
-        await s.close()
 
     cluster.run(body(), timeout_s=60)
     cluster.wait_no_leaks()
