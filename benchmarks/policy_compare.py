@@ -39,6 +39,7 @@ import asyncio
 import json
 import multiprocessing as mp
 import os
+import queue
 import random
 import statistics
 import sys
@@ -151,7 +152,10 @@ def run_policy(
     ttfts = asyncio.run(replay(address, trace, args.max_tokens))
     stop.set()
     for sp in sps:
-        out_q.get(timeout=60)
+        try:
+            out_q.get(timeout=60)
+        except queue.Empty:  # its shutdown hung: the deadline ended it, stacks on stderr
+            print(f"a scheduler did not stop cleanly (exit code {sp.exitcode})", file=sys.stderr)
         sp.join(30)
     return _stats(policy if replicas == 1 else f"{policy}_x{replicas}", replicas, ttfts, args)
 

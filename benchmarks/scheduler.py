@@ -131,7 +131,7 @@ def _scheduler(cfg_kwargs: dict[str, Any], port_q: Any, stop: Any, out_q: Any) -
     logging.basicConfig(level=logging.WARNING)
     from disagg.runtime.config import SchedulerConfig
     from services.scheduler import orchestrator
-    from services.scheduler.main import SchedulerApp
+    from services.scheduler.main import SHUTDOWN_DEADLINE_S, SchedulerApp
 
     times: list[tuple[float, float]] = []  # (monotonic end, seconds)
     route = orchestrator.Orchestrator.route
@@ -145,6 +145,7 @@ def _scheduler(cfg_kwargs: dict[str, Any], port_q: Any, stop: Any, out_q: Any) -
 
     orchestrator.Orchestrator.route = timed  # type: ignore[method-assign]
     app = SchedulerApp(SchedulerConfig(**cfg_kwargs))
+    app.exit_deadline_s = SHUTDOWN_DEADLINE_S  # as `disagg scheduler`: a hung stop says where
 
     async def main() -> None:
         ready = asyncio.Event()

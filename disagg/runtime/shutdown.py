@@ -6,12 +6,15 @@ hooks, grpc's own cleanup). Whoever stops it waits a bounded time before
 SIGKILL (Kubernetes' ``terminationGracePeriodSeconds``, ``disagg up``'s stop
 timeout), and a SIGKILL leaves no trace of what hung. So once the shutdown
 begins, a daemon timer runs beside it; still alive at ``deadline_s``, it writes
-every thread's stack to stderr and ends the process itself: exit 0 when the
-orderly part had finished (only the teardown hung), 1 when it had not.
+every thread's stack to stderr -- and, given the service's event loop, the
+stack of every task still on it, which is where an await that never returns
+shows -- and ends the process itself: exit 0 when the orderly part had finished
+(only the teardown hung), 1 when it had not.
 """
 
 from __future__ import annotations
 
+import asyncio
 import faulthandler
 import os
 import sys
@@ -19,9 +22,12 @@ import threading
 
 
 class ShutdownDeadline:
-    def __init__(self, service: str, deadline_s: float) -> None:
+    def __init__(
+        self, service: str, deadline_s: float, loop: asyncio.AbstractEventLoop | None = None
+    ) -> None:
         self._service = service
         self._deadline_s = deadline_s
+        self._loop = loop
         self._drained = False
         self._timer: threading.Timer | None = None
 
@@ -45,4 +51,19 @@ class ShutdownDeadline:
         )
         os.write(sys.stderr.fileno(), line.encode())
         faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
+        if self._loop is not None:
+            self._dump_tasks(self._loop)
         os._exit(0 if self._drained else 1)
+
+    @staticmethod
+    def _dump_tasks(loop: asyncio.AbstractEventLoop) -> None:
+        """The loop's tasks and where each awaits (read from this timer thread while the
+        loop is stuck: a diagnostic on the way out, so a race is tolerated)."""
+        try:
+            tasks = list(asyncio.all_tasks(loop))
+            os.write(sys.stderr.fileno(), f"{len(tasks)} tasks on the event loop:\n".encode())
+            for task in tasks:
+                task.print_stack(file=sys.stderr)
+            sys.stderr.flush()
+        except Exception as e:  # the loop changed under us: the thread stacks stand
+            os.write(sys.stderr.fileno(), f"(tasks not listed: {e!r})\n".encode())

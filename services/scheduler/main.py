@@ -84,7 +84,9 @@ class SchedulerApp:
             log.info("scheduler draining replica=%s", registry.replica_id)
             deadline = None
             if self.exit_deadline_s is not None:
-                deadline = ShutdownDeadline("scheduler", self.exit_deadline_s).start()
+                deadline = ShutdownDeadline(
+                    "scheduler", self.exit_deadline_s, asyncio.get_running_loop()
+                ).start()
             await self._shutdown(server, http, registry, store)
             if deadline is not None:
                 deadline.drained()

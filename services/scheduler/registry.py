@@ -201,7 +201,7 @@ class WorkerRegistry:
         self._task: asyncio.Task[None] | None = None
         self._listed_at = float("-inf")  # monotonic start of the last worker listing that landed
         self._heartbeat_ms: dict[str, int] = {}  # worker -> wall time of its last heartbeat read
-        self._done_ms: dict[str, int] = {}  # worker -> wall time a prefill of ours ended there
+        self._done_ms: dict[str, int] = {}  # worker -> wall time a prefill (ours, a peer's) ended
         self._refreshing: asyncio.Future[None] | None = None
 
     async def start(self) -> None:
@@ -317,6 +317,8 @@ class WorkerRegistry:
         for r in records:
             if r.replica_id != self.replica_id:
                 had = known.get(r.replica_id)
+                if had is not None and r.seq > had.seq:
+                    self._note_peer_prefills_done(had, r)
                 self._peer_records[r.replica_id] = r if had is None or r.seq > had.seq else had
                 self._peer_seen[r.replica_id] = now
         self._peer_seen = {p: t for p, t in self._peer_seen.items() if p in self._peer_records}
@@ -343,9 +345,22 @@ class WorkerRegistry:
         had = self._peer_records.get(r.replica_id)
         if had is not None and r.seq <= had.seq:
             return
+        if had is not None:
+            self._note_peer_prefills_done(had, r)
         self._peer_records[r.replica_id] = r
         self._peer_seen[r.replica_id] = time.monotonic()
         self._peers_changed()
+
+    def _note_peer_prefills_done(
+        self, old: control_pb2.SchedulerLoads, new: control_pb2.SchedulerLoads
+    ) -> None:
+        """A worker where a peer's queued prefill tokens went down had a prefill end (as
+        ``prefill_done`` notes ours): its heartbeat queue from before no longer holds."""
+        now_tokens = {x.worker_id: x.tokens for x in new.loads}
+        stamp = int(time.time() * 1000)
+        for x in old.loads:
+            if x.tokens > now_tokens.get(x.worker_id, 0) and x.worker_id in self._prefill_ids:
+                self._done_ms[x.worker_id] = stamp
 
     async def _watch_peers(self) -> None:
         while True:
@@ -466,9 +481,10 @@ class WorkerRegistry:
 
     def _current_views(self) -> list[WorkerView]:
         """The views, less a heartbeat's prefill queue where the heartbeat predates a
-        prefill of ours that ended there since: that queue was (also) the one we know is
-        done, and taking it as a floor priced a prefix holder out right after it served.
-        Our own and our peers' bookings still count (``loads``)."""
+        prefill that ended there since (ours, or a peer's by its pushed loads): that queue
+        was (also) the one we know is done, and taking it as a floor priced a prefix
+        holder out right after it served. Our own and our peers' bookings still count
+        (``loads``)."""
         views = self.snapshot()
         if not self._done_ms:
             return views

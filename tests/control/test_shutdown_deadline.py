@@ -58,3 +58,25 @@ def test_a_shutdown_that_finishes_is_not_cut_short() -> None:
     )
     run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=30)
     assert run.returncode == 0 and run.stdout.strip() == "done" and not run.stderr
+
+
+def test_a_hung_await_shows_in_the_tasks_stacks() -> None:
+    script = textwrap.dedent(
+        """
+        import asyncio
+        from disagg.runtime.shutdown import ShutdownDeadline
+
+        async def awaits_forever():
+            await asyncio.Event().wait()
+
+        async def main():
+            ShutdownDeadline("svc", 0.5, asyncio.get_running_loop()).start()
+            await asyncio.gather(awaits_forever(), asyncio.sleep(60))
+
+        asyncio.run(main())
+        """
+    )
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=30)
+    assert run.returncode == 1, run.stderr
+    assert "tasks on the event loop" in run.stderr
+    assert "awaits_forever" in run.stderr  # the coroutine's await, not only the thread's select
