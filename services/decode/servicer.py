@@ -17,7 +17,9 @@ A PREFILLING handle (layer-wise) is taken while its prompt still runs on the
 prefill worker; the first token is learnt at the end of the import, so the
 stream starts with it (or, when the import failed before the owner was done,
 the prompt is prefilled here and the engine samples it).
-This file converts protobuf, plans the fallback and streams the engine's tokens.
+This file converts protobuf, plans the fallback and streams the engine's tokens:
+``responses`` is one request's stream, for a Decode call or for one request of a
+DecodeSession (``services.decode.session``: many requests over one stream).
 """
 
 from __future__ import annotations

@@ -188,6 +188,7 @@ class WorkerRegistry:
         self._seq = 0  # of this replica's load records
         self._push: asyncio.Task[None] | None = None  # pushing this replica's loads
         self._pushed_dirty = False  # loads changed since the push in flight read them
+        self._push_failing = False  # the last push failed (logged once until one lands)
         self._watch: asyncio.Task[None] | None = None
         self._stopped = False
         self._peer_slots: dict[str, PeerSlots] = {}
@@ -394,8 +395,13 @@ class WorkerRegistry:
                         self._record(), self.loads_ttl_s, push=True
                     )
             except Exception as e:
-                log.warning("pushing scheduler loads failed: %s", e or type(e).__name__)
+                if not self._push_failing:  # once per outage: pushes come with every change
+                    log.warning("pushing scheduler loads failed: %s", e or type(e).__name__)
+                self._push_failing = True
                 return  # the refresh writes them again
+            if self._push_failing:
+                log.info("pushing scheduler loads again")
+                self._push_failing = False
             await asyncio.sleep(PUSH_MIN_S)
 
     @property
