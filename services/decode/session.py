@@ -121,7 +121,16 @@ class _Session:
             self._emit(_error(rid, grpc.StatusCode.RESOURCE_EXHAUSTED, why))
         else:
             sessions.active += 1
-            self._tasks[rid] = asyncio.ensure_future(self._run(req))
+            task = asyncio.ensure_future(self._run(req))
+            self._tasks[rid] = task
+            # on the task, not in it: one cancelled before its first step runs no finally
+            task.add_done_callback(lambda t: self._done(rid, t))
+
+    def _done(self, rid: str, task: asyncio.Task[None]) -> None:
+        self._sessions.active -= 1
+        if self._tasks.get(rid) is task:
+            del self._tasks[rid]
+        self._wake.set()
 
     async def _run(self, req: worker_pb2.DecodeRequest) -> None:
         rid, finished = req.request_id, False
@@ -139,10 +148,6 @@ class _Session:
         except Exception as e:
             log.exception("decode session request failed request_id=%s", rid)
             self._emit(_error(rid, grpc.StatusCode.INTERNAL, f"{type(e).__name__}: {e}"))
-        finally:
-            self._sessions.active -= 1
-            self._tasks.pop(rid, None)
-            self._wake.set()
 
     def _emit(self, update: worker_pb2.DecodeSessionUpdate) -> None:
         self._out.append(update)

@@ -126,6 +126,13 @@ def test_requests_end_on_their_own(make_cluster, tiny_reference) -> None:  # typ
             assert not s.finish("c") and len(s.tokens("c")) == n  # nothing after the cancel
             assert n < 400
             assert not s.ended.done()  # the session outlives its requests
+            # started and cancelled in one message: cancelled before it ever ran
+            await s.call.write(
+                worker_pb2.DecodeSessionRequest(start=[_start("x", PROMPTS[3], 9)], cancel=["x"])
+            )
+            sessions = cluster.decode_hosts[0].servicer._sessions
+            await s.until(lambda: sessions.active == 0)
+            assert not s.updates["x"]
             long = [_start(f"r{i}", p, 500) for i, p in enumerate(PROMPTS[4:7])]
             await s.call.write(worker_pb2.DecodeSessionRequest(start=long))
             await s.until(lambda: all(s.tokens(f"r{i}") for i in range(3)))
