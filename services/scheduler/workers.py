@@ -30,6 +30,7 @@ import contextlib
 import logging
 from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass
+from typing import Any
 
 import grpc
 
@@ -172,16 +173,38 @@ class WorkerClient:
         self._sessions: dict[str, _Session] = {}  # decode worker address -> its session
         self._no_sessions: set[str] = set()  # without DecodeSession (until a restart)
         self.sessions_opened = 0  # DecodeSession calls made (a new one after each end)
+        self._releasing: set[asyncio.Future[Any]] = set()  # ReleaseKv calls in flight
 
     async def prefill(self, worker: WorkerView, req: GenerationRequest) -> PrefillResult:
         stub = worker_pb2_grpc.PrefillWorkerStub(self._channel_for(worker.address))
         try:
             resp = await stub.Prefill(prefill_request(req), timeout=self._timeout_s)
+        except asyncio.CancelledError:
+            self._release_unanswered(worker.address, req.request_id)
+            raise
         except grpc.aio.AioRpcError as e:
+            if e.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
+                self._release_unanswered(worker.address, req.request_id)
             if _rejected(e):
                 raise _invalid(e, "prefill") from e
             raise PrefillUnreachable(e.code().name, e.details()) from e
         return prefill_result(resp)
+
+    def _release_unanswered(self, address: str, request_id: str) -> None:
+        """A Prefill call given up before its answer: the worker may have held the KV
+        already (its answer on the way), and only its answer carried the handle. Released
+        by id in the background; the worker sees our cancel first, so a prefill still
+        running there is aborted, not held after this."""
+        stub = worker_pb2_grpc.PrefillWorkerStub(self._channel_for(address))
+        request = worker_pb2.ReleaseKvRequest(request_id=request_id, consumed=False)
+        task = asyncio.ensure_future(stub.ReleaseKv(request, timeout=_RELEASE_TIMEOUT_S))
+        self._releasing.add(task)
+        task.add_done_callback(self._released)
+
+    def _released(self, task: asyncio.Future[Any]) -> None:
+        self._releasing.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.debug("release of an unanswered prefill failed: %s", task.exception())
 
     async def prefill_stream(
         self, worker: WorkerView, req: GenerationRequest

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 import threading
 import time
 
@@ -33,6 +34,33 @@ def test_unpulled_kv_is_freed_when_its_lease_expires(make_cluster) -> None:  # t
         assert err.value.code() == grpc.StatusCode.NOT_FOUND
     servicer_freed = cluster.run(_freed(prefill))
     assert servicer_freed["expired"] == 1
+
+
+def test_a_request_cancelled_around_its_prefill_leaves_nothing_held(make_cluster) -> None:  # type: ignore[no-untyped-def]
+    """Generate calls cancelled at random points before, during and right after their
+    remote prefill. A call cancelled after the prefill worker had held the KV, with its
+    answer (the only carrier of the handle) still on the way, left the blocks held until
+    the lease (30 s) ran out: the scheduler now releases such a prefill by id."""
+    cluster = make_cluster()
+    prefill = cluster.prefill_hosts[0]
+    stub = cluster.stub()
+    rng = random.Random(7)
+    for i in range(80):
+        call = stub.Generate(
+            scheduler_pb2.GenerateRequest(
+                prompt_token_ids=[3 + (i * 7 + j) % 200 for j in range(48)],
+                max_tokens=4,
+                prefill_worker=prefill.worker_id,
+            ),
+            timeout=30,
+        )
+        time.sleep(rng.random() * 0.03)
+        call.cancel()
+    cluster.wait_no_leaks(timeout_s=3.0)
+    freed = cluster.run(_freed(prefill))
+    # some were cancelled with their KV held there (freed by a release, as "failed"),
+    # some reached the decode worker ("consumed"); none waited for the lease
+    assert freed["failed"] > 0 and freed["consumed"] > 0 and freed["expired"] == 0, freed
 
 
 async def _freed(host):  # type: ignore[no-untyped-def]
