@@ -79,12 +79,16 @@ def make_trace(n: int, rate: float, seed: int, salt: int) -> list[Item]:
     return out
 
 
-async def replay(address: str, trace: list[Item], max_tokens: int) -> list[float]:
+async def replay(
+    address: str, trace: list[Item], max_tokens: int
+) -> tuple[list[float], list[dict[str, Any]]]:
+    """Each request's client TTFT (ms, in completion order) and what its last response said."""
     import grpc
 
     from disagg.v1 import scheduler_pb2, scheduler_pb2_grpc
 
     ttfts: list[float] = []
+    details: list[dict[str, Any]] = []
     # several connections (local subchannel pools): replicas behind one port each get some
     channels = [
         grpc.aio.insecure_channel(address, [("grpc.use_local_subchannel_pool", 1)])
@@ -100,18 +104,30 @@ async def replay(address: str, trace: list[Item], max_tokens: int) -> list[float
             req = scheduler_pb2.GenerateRequest(
                 prompt_token_ids=item.prompt, max_tokens=max_tokens, ignore_eos=True
             )
-            first = None
+            first, last = None, None
             async for resp in stub.Generate(req):
                 if first is None and resp.token_ids:
                     first = time.monotonic()
+                last = resp
             ttfts.append(((first or time.monotonic()) - sent) * 1000)
+            if last is not None:
+                t = last.timings
+                details.append({"index": k, "at_s": round(item.at_s, 4),
+                                "prompt_tokens": len(item.prompt),
+                                "cached_tokens": last.usage.cached_prompt_tokens,
+                                "ttft_ms": round(ttfts[-1], 2), "queue_ms": round(t.queue_ms, 2),
+                                "prefill_ms": round(t.prefill_ms, 2),
+                                "kv_transfer_ms": round(t.kv_transfer_ms, 2),
+                                "server_ttft_ms": round(t.ttft_ms, 2),
+                                "prefill_worker": last.prefill_worker,
+                                "decode_worker": last.decode_worker})  # fmt: skip
 
         t0 = time.monotonic() + 0.2
         await asyncio.gather(*(one(k, it, t0) for k, it in enumerate(trace)))
     finally:
         for ch in channels:
             await ch.close()
-    return ttfts
+    return ttfts, details
 
 
 def run_policy(
@@ -148,8 +164,9 @@ def run_policy(
     ports = [port_q.get(timeout=120) for _ in sps]  # one port, shared
     address = f"127.0.0.1:{ports[0]}"
     time.sleep(1.0)
-    trace = make_trace(args.requests, args.rate, args.seed if seed is None else seed, salt)
-    ttfts = asyncio.run(replay(address, trace, args.max_tokens))
+    seed = args.seed if seed is None else seed
+    trace = make_trace(args.requests, args.rate, seed, salt)
+    ttfts, details = asyncio.run(replay(address, trace, args.max_tokens))
     stop.set()
     for sp in sps:
         try:
@@ -157,7 +174,12 @@ def run_policy(
         except queue.Empty:  # its shutdown hung: the deadline ended it, stacks on stderr
             print(f"a scheduler did not stop cleanly (exit code {sp.exitcode})", file=sys.stderr)
         sp.join(30)
-    return _stats(policy if replicas == 1 else f"{policy}_x{replicas}", replicas, ttfts, args)
+    name = policy if replicas == 1 else f"{policy}_x{replicas}"
+    if args.details:
+        with open(args.details, "a") as f:
+            for d in details:
+                f.write(json.dumps({"policy": name, "seed": seed, **d}) + "\n")
+    return _stats(name, replicas, ttfts, args)
 
 
 def _stats(
@@ -194,6 +216,15 @@ def main() -> int:
         "--rounds", type=int, default=1, help="traces (seeds) per replica count, interleaved"
     )
     p.add_argument("--json", default="")
+    p.add_argument(
+        "--details", default="", help="JSONL file: one line per request (timings, workers)"
+    )
+    p.add_argument(
+        "--baselines",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also run round_robin and least_loaded (--no-baselines: length_aware only)",
+    )
     args = p.parse_args()
 
     import redis
@@ -217,7 +248,8 @@ def main() -> int:
         if not ready.wait(120):
             raise RuntimeError("workers not ready")
         for salt, policy in enumerate(POLICIES):
-            rows.append(run_policy(policy, args, valkey.url, model, salt + 1))
+            if args.baselines or policy == "length_aware":
+                rows.append(run_policy(policy, args, valkey.url, model, salt + 1))
         counts = [int(x) for x in args.schedulers.split(",") if x.strip()]
         # per replica count, one run per round (round 0 of one replica: the row above);
         # same lengths and arrivals in a round, fresh prompt tokens in every run

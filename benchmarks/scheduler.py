@@ -146,6 +146,7 @@ def _scheduler(cfg_kwargs: dict[str, Any], port_q: Any, stop: Any, out_q: Any) -
     orchestrator.Orchestrator.route = timed  # type: ignore[method-assign]
     app = SchedulerApp(SchedulerConfig(**cfg_kwargs))
     app.exit_deadline_s = SHUTDOWN_DEADLINE_S  # as `disagg scheduler`: a hung stop says where
+    app.owns_process = True  # ... and its garbage collector tuned as there
 
     async def main() -> None:
         ready = asyncio.Event()

@@ -27,6 +27,7 @@ VERIFY = PREFIX + "verify"  # counter, label result: match | mismatch (online co
 VERIFY_SKIPPED = PREFIX + "verify_skipped"  # counter, label reason: queue_full | error
 REGISTRY_BAD_RECORDS = PREFIX + "registry_bad_records"  # counter: malformed Redis records skipped
 SERVICE_RESTARTS = PREFIX + "service_restarts"  # counter, label service: restarts by `disagg up`
+GC_PAUSE = PREFIX + "gc_pause_seconds"  # histogram, label generation: the collector's stalls
 
 RUNNING = PREFIX + "requests_running"
 WAITING = PREFIX + "requests_waiting"
@@ -45,5 +46,6 @@ GPU_POWER = PREFIX + "gpu_power_watts"
 # Seconds. Fine at the low end: a tiny model on CPU answers in milliseconds.
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.4,
                    0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0)  # fmt: skip
+GC_PAUSE_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
 TOKEN_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.015, 0.02, 0.025, 0.03, 0.04, 0.05,
                  0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0)  # fmt: skip

@@ -19,6 +19,7 @@ from disagg.metrics.scheduler import SchedulerMetrics
 from disagg.runtime.channels import ChannelCache
 from disagg.runtime.cluster_auth import send_token
 from disagg.runtime.config import SchedulerConfig, tls_of
+from disagg.runtime.gc_pauses import GcPauses, freeze_startup
 from disagg.runtime.grpc_server import GrpcServer, create_grpc_server
 from disagg.runtime.ids import default_worker_id
 from disagg.runtime.shutdown import ShutdownDeadline
@@ -51,6 +52,9 @@ class SchedulerApp:
         # Set by the process's entry point (``main``): the shutdown then ends the process
         # within this many seconds, whatever hangs (disagg.runtime.shutdown). None in-process.
         self.exit_deadline_s: float | None = None
+        # Set by the process's entry point too: the app owns its process, whose garbage
+        # collector it tunes once serving (disagg.runtime.gc_pauses). False in-process.
+        self.owns_process = False
         self._server: GrpcServer | None = None
         self.slots = ClientSlots(cfg.max_inflight_per_client)  # both front ends' clients
 
@@ -76,11 +80,17 @@ class SchedulerApp:
             registry.replica_id,
         )
         self._install_signals()
+        pauses = None
+        if self.owns_process:
+            freeze_startup()
+            pauses = GcPauses(self.metrics.gc_paused).install()
         if ready is not None:
             ready.set()
         try:
             await self._stop.wait()
         finally:
+            if pauses is not None:
+                pauses.remove()
             log.info("scheduler draining replica=%s", registry.replica_id)
             deadline = None
             if self.exit_deadline_s is not None:
@@ -191,4 +201,5 @@ class SchedulerApp:
 def main(cfg: SchedulerConfig) -> None:
     app = SchedulerApp(cfg)
     app.exit_deadline_s = SHUTDOWN_DEADLINE_S
+    app.owns_process = True
     asyncio.run(app.run())

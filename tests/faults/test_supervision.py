@@ -127,6 +127,11 @@ def test_killed_decode_worker_is_restarted_while_streams_migrate(
             return not keys and all(w.free_blocks == w.total_blocks for w in ws.values())
 
         _wait(no_leaks, 10, "every block free and no KV key", up.logs)
+        # the scheduler process times its garbage collector's pauses (it froze startup's)
+        with urllib.request.urlopen(f"http://127.0.0.1:{http_port}/metrics", timeout=5) as r:
+            samples = parse(r.read().decode())
+        young = samples[("disagg:gc_pause_seconds_count", (("generation", "0"),))]
+        assert young > 0
     finally:
         up.kill_everything(system_procs(up.proc.pid, up.port))
 
