@@ -105,8 +105,16 @@ async def _run_workers(
 
 
 def scheduler_main(
-    cfg_kwargs: dict[str, Any], port_q: Any, stop: Any, out_q: Any, core: int, profile: str = ""
+    cfg_kwargs: dict[str, Any],
+    port_q: Any,
+    stop: Any,
+    out_q: Any,
+    core: int,
+    profile: str = "",
+    gc_freeze: bool = True,
 ) -> None:
+    """gc_freeze: the process's garbage collector as `disagg scheduler` sets it up
+    (startup frozen, disagg.runtime.gc_pauses); False: Python's defaults."""
     _pin(core)
     if profile:  # the whole process under cProfile; its top entries go to a text file
         import cProfile
@@ -115,17 +123,19 @@ def scheduler_main(
         prof = cProfile.Profile()
         prof.enable()
         try:
-            _scheduler(cfg_kwargs, port_q, stop, out_q)
+            _scheduler(cfg_kwargs, port_q, stop, out_q, gc_freeze)
         finally:
             prof.disable()
             with open(profile, "w") as f:
                 pstats.Stats(prof, stream=f).sort_stats("tottime").print_stats(40)
                 pstats.Stats(prof, stream=f).sort_stats("cumulative").print_stats(80)
         return
-    _scheduler(cfg_kwargs, port_q, stop, out_q)
+    _scheduler(cfg_kwargs, port_q, stop, out_q, gc_freeze)
 
 
-def _scheduler(cfg_kwargs: dict[str, Any], port_q: Any, stop: Any, out_q: Any) -> None:
+def _scheduler(
+    cfg_kwargs: dict[str, Any], port_q: Any, stop: Any, out_q: Any, gc_freeze: bool
+) -> None:
     import logging
 
     logging.basicConfig(level=logging.WARNING)
@@ -146,7 +156,7 @@ def _scheduler(cfg_kwargs: dict[str, Any], port_q: Any, stop: Any, out_q: Any) -
     orchestrator.Orchestrator.route = timed  # type: ignore[method-assign]
     app = SchedulerApp(SchedulerConfig(**cfg_kwargs))
     app.exit_deadline_s = SHUTDOWN_DEADLINE_S  # as `disagg scheduler`: a hung stop says where
-    app.owns_process = True  # ... and its garbage collector tuned as there
+    app.owns_process = gc_freeze  # ... and its garbage collector tuned as there
 
     async def main() -> None:
         ready = asyncio.Event()
@@ -249,6 +259,7 @@ def run_one(
     redis_url: str,
     model: str,
     decode: str = "session",
+    gc: str = "freeze",
 ) -> dict[str, Any]:
     import redis
 
@@ -281,6 +292,7 @@ def run_one(
                 out_q,
                 0,
                 f"{args.profile}.{n_workers}w.{replicas}x.{i}" if args.profile else "",
+                gc == "freeze",
             ),
         )
         for i in range(replicas)
@@ -326,6 +338,7 @@ def run_one(
         "workers": n_workers,
         "schedulers": replicas,
         "decode": decode,
+        "gc": gc,
         "scheduler_cpu_s": round(sched_cpu, 2),
         "scheduler_cpu_ms_per_request": round(1000 * sched_cpu / requests, 3),
         "scheduler_cpu_us_per_token": round(
@@ -368,6 +381,14 @@ def main() -> int:
         help="how the scheduler reaches decode workers: one DecodeSession per worker (the "
         "default) and/or a Decode call per request (decode_sessions off); both: one run each",
     )
+    p.add_argument(
+        "--gc",
+        nargs="+",
+        choices=["freeze", "default"],
+        default=["freeze"],
+        help="the scheduler's garbage collector: startup frozen, as `disagg scheduler` (the "
+        "default), and/or Python's defaults; both: one run each",
+    )
     p.add_argument("--json", default="")
     p.add_argument(
         "--profile", default="", help="write each scheduler's cProfile top entries to PATH.*"
@@ -382,10 +403,11 @@ def main() -> int:
     try:
         counts = [int(x) for x in args.schedulers.split(",") if x.strip()]
         rows = [
-            run_one(n, k, args, valkey.url, model, mode)
+            run_one(n, k, args, valkey.url, model, mode, gc)
             for n in args.workers
             for k in counts
             for mode in args.decode
+            for gc in args.gc
         ]
     finally:
         valkey.stop()
@@ -393,6 +415,7 @@ def main() -> int:
         "workers",
         "schedulers",
         "decode",
+        "gc",
         "decision_p50_ms",
         "decision_p99_ms",
         "admitted_rps",
@@ -412,6 +435,7 @@ def main() -> int:
     for r in rows:
         suffix = f"{r['workers']}" + (f"_x{r['schedulers']}" if r["schedulers"] > 1 else "")
         suffix += "_calls" if r["decode"] == "call" else ""
+        suffix += "_gcdefault" if r["gc"] == "default" else ""
         for k in (
             "decision_p50_ms",
             "decision_p99_ms",
