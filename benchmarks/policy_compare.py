@@ -166,8 +166,10 @@ def run_policy(
     time.sleep(1.0)
     seed = args.seed if seed is None else seed
     trace = make_trace(args.requests, args.rate, seed, salt)
-    ttfts, details = asyncio.run(replay(address, trace, args.max_tokens))
-    stop.set()
+    try:
+        ttfts, details = asyncio.run(replay(address, trace, args.max_tokens))
+    finally:  # the schedulers stop even when the replay failed (else they keep us alive)
+        stop.set()
     for sp in sps:
         try:
             out_q.get(timeout=60)
@@ -238,12 +240,12 @@ def main() -> int:
     stop_w, ready = ctx.Event(), ctx.Event()
     env = {"DISAGG_MOCK_PREFILL_MS_PER_TOKEN": str(args.prefill_ms_per_token)}
     rows = []
+    wp = ctx.Process(
+        target=workers_main, args=(valkey.url, args.prefill, args.decode, env, ready, stop_w, 1)
+    )
     try:
         with redis.Redis.from_url(valkey.url) as r:
             r.flushall()
-        wp = ctx.Process(
-            target=workers_main, args=(valkey.url, args.prefill, args.decode, env, ready, stop_w, 1)
-        )
         wp.start()
         if not ready.wait(120):
             raise RuntimeError("workers not ready")
@@ -262,9 +264,10 @@ def main() -> int:
                 runs.setdefault(k, []).append(run)
                 if args.rounds == 1:
                     rows.append(run)
-        stop_w.set()
-        wp.join(60)
     finally:
+        stop_w.set()
+        if wp.pid is not None:
+            wp.join(60)
         valkey.stop()
     if args.rounds > 1:  # every count's TTFTs over all rounds
         for k in sorted(runs):
