@@ -154,9 +154,9 @@ def _scheduler(
             times.append((time.monotonic(), time.perf_counter() - t0))
 
     orchestrator.Orchestrator.route = timed  # type: ignore[method-assign]
-    app = SchedulerApp(SchedulerConfig(**cfg_kwargs))
+    app = SchedulerApp(SchedulerConfig(**{**cfg_kwargs, "gc_freeze": gc_freeze}))
     app.exit_deadline_s = SHUTDOWN_DEADLINE_S  # as `disagg scheduler`: a hung stop says where
-    app.owns_process = gc_freeze  # ... and its garbage collector tuned as there
+    app.owns_process = True  # ... and its garbage collector timed and tuned as there
 
     async def main() -> None:
         ready = asyncio.Event()

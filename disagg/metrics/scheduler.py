@@ -26,6 +26,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from disagg.metrics import names
+from disagg.metrics.process import gc_pause_observer
 
 _REJECTION_REASONS = {
     "Overloaded": "overloaded",
@@ -97,14 +98,7 @@ class SchedulerMetrics:
         )
         for result in ("match", "mismatch"):  # both series exist from the start
             self.verify.labels(result)
-        self.gc_pause = Histogram(
-            names.GC_PAUSE,
-            "Time the process stood still in a garbage collection, by generation",
-            ["generation"],
-            buckets=names.GC_PAUSE_BUCKETS,
-            registry=r,
-        )
-        self._gc_by_generation = [self.gc_pause.labels(str(g)) for g in range(3)]
+        self.gc_paused = gc_pause_observer(r)  # (generation, seconds) of one collection
 
     def bind(
         self,
@@ -117,9 +111,6 @@ class SchedulerMetrics:
         the restarts of supervised services (as last read from Redis) and the malformed
         Redis records the registry skipped."""
         self.registry.register(_FleetCollector(running, infos, restarts, bad_records))
-
-    def gc_paused(self, generation: int, seconds: float) -> None:
-        self._gc_by_generation[generation].observe(seconds)
 
     def trace(self, arrival: float) -> RequestTrace:
         return RequestTrace(self, arrival)

@@ -51,6 +51,9 @@ class WorkerConfig:
     max_concurrent_rpcs: int = 1024
     # Shared secret of the deployment: required on worker methods, sent to peers ("" = off).
     cluster_token: str = dataclasses.field(default="", repr=False)
+    # The process's garbage collector: startup's objects frozen out of its scans once
+    # serving (disagg.runtime.gc_pauses); False: Python's defaults
+    gc_freeze: bool = True
     engine: EngineConfig = dataclasses.field(default_factory=EngineConfig)
 
     def __post_init__(self) -> None:
@@ -107,6 +110,7 @@ class SchedulerConfig:
     # One DecodeSession stream per decode worker carries its requests; False: a Decode
     # call per request (what workers without the method get anyway)
     decode_sessions: bool = True
+    gc_freeze: bool = True  # startup's objects frozen out of the garbage collector's scans
     api_key: str = ""  # required as Bearer / authorization metadata when set
     # Shared secret of the deployment, sent on every call to a worker ("" = none).
     cluster_token: str = dataclasses.field(default="", repr=False)

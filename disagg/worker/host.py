@@ -27,11 +27,13 @@ from disagg.engine.api import Engine
 from disagg.engine.threads import serial_here
 from disagg.metastore.store import Heartbeat, MetaStore
 from disagg.metrics.http import MetricsServer
+from disagg.metrics.process import gc_pause_observer
 from disagg.metrics.transfer import TransferMetrics
 from disagg.metrics.worker import worker_registry
 from disagg.runtime.cluster_auth import ENV as CLUSTER_TOKEN_ENV
 from disagg.runtime.cluster_auth import require_token
 from disagg.runtime.config import WorkerConfig, tls_of
+from disagg.runtime.gc_pauses import GcPauses, freeze_startup
 from disagg.runtime.grpc_server import create_grpc_server
 from disagg.runtime.ids import default_worker_id
 from disagg.runtime.telemetry import nvml_device, read_gpu_sample, read_gpu_telemetry
@@ -123,6 +125,10 @@ class WorkerHost:
         self.address = ""
         self.metrics_port = 0  # bound /metrics port once serving (cfg.metrics_port -1: stays 0)
         self.kv = KvPlane(None, TransferMetrics())  # its NIXL agent is made at startup
+        # Set by the process's entry point: the host owns its process, whose garbage
+        # collector it times (on /metrics) and tunes (cfg.gc_freeze) once serving.
+        self.owns_process = False
+        self._gc_pauses: GcPauses | None = None
 
     def request_stop(self) -> None:
         self._stop.set()
@@ -162,6 +168,8 @@ class WorkerHost:
         prefix = PrefixPublisher(store, eng, self.worker_id, cfg.heartbeat_s, cfg.heartbeat_ttl_s)
         prefix.start()
         metrics = await self._start_metrics()
+        if self.owns_process and cfg.gc_freeze:
+            freeze_startup()  # the model's and the libraries' objects: never scanned again
         await server.set_serving(True)
         log.info("%s serving worker_id=%s address=%s", cfg.role, self.worker_id, self.address)
         self._install_signals()
@@ -169,6 +177,8 @@ class WorkerHost:
             await self._stop.wait()
         finally:
             log.info("%s draining worker_id=%s", cfg.role, self.worker_id)
+            if self._gc_pauses is not None:
+                self._gc_pauses.remove()
             await server.set_serving(False)
             await heartbeat.stop()
             await prefix.stop()
@@ -193,6 +203,9 @@ class WorkerHost:
             lambda: read_gpu_sample(nvml_device(self.cfg.engine.device)),
         )
         self.kv.metrics.register(registry)
+        observe_gc = gc_pause_observer(registry)
+        if self.owns_process:
+            self._gc_pauses = GcPauses(observe_gc).install()
         server = MetricsServer(
             registry,
             self.cfg.host,

@@ -30,4 +30,6 @@ def make_host(cfg: WorkerConfig) -> WorkerHost:
 
 
 def main(cfg: WorkerConfig) -> None:
-    asyncio.run(make_host(cfg).run())
+    host = make_host(cfg)
+    host.owns_process = True
+    asyncio.run(host.run())

@@ -53,7 +53,7 @@ class SchedulerApp:
         # within this many seconds, whatever hangs (disagg.runtime.shutdown). None in-process.
         self.exit_deadline_s: float | None = None
         # Set by the process's entry point too: the app owns its process, whose garbage
-        # collector it tunes once serving (disagg.runtime.gc_pauses). False in-process.
+        # collector it times (and tunes, cfg.gc_freeze) once serving. False in-process.
         self.owns_process = False
         self._server: GrpcServer | None = None
         self.slots = ClientSlots(cfg.max_inflight_per_client)  # both front ends' clients
@@ -82,7 +82,8 @@ class SchedulerApp:
         self._install_signals()
         pauses = None
         if self.owns_process:
-            freeze_startup()
+            if cfg.gc_freeze:
+                freeze_startup()
             pauses = GcPauses(self.metrics.gc_paused).install()
         if ready is not None:
             ready.set()

@@ -219,6 +219,7 @@ def test_cpu_overlay_serves_as_local_processes(pods: LocalPods, tmp_path: Path) 
         port = pods.port(role, int(notes["prometheus.io/port"]))
         scraped[role] = {n for (n, _) in _scrape(port, notes["prometheus.io/path"])}
         assert any(n.startswith("disagg:") for n in scraped[role]), role
+        assert "disagg:gc_pause_seconds_count" in scraped[role], role  # the process's stalls
     hpa = one(render(TREES["production"]), "HorizontalPodAutoscaler", "disagg-decode")
     assert hpa["spec"]["metrics"][0]["pods"]["metric"]["name"] in scraped["decode"]
 
