@@ -167,9 +167,9 @@ class WorkerHost:
         await heartbeat.start()
         prefix = PrefixPublisher(store, eng, self.worker_id, cfg.heartbeat_s, cfg.heartbeat_ttl_s)
         prefix.start()
-        metrics = await self._start_metrics()
         if self.owns_process and cfg.gc_freeze:
             freeze_startup()  # the model's and the libraries' objects: never scanned again
+        metrics = await self._start_metrics()  # (its pause timing: from here, serving)
         await server.set_serving(True)
         log.info("%s serving worker_id=%s address=%s", cfg.role, self.worker_id, self.address)
         self._install_signals()
