@@ -10,11 +10,13 @@ every request that arrives meanwhile waits before the scheduler even sees it: th
 p99 TTFT was made of these stalls. ``freeze_startup`` moves what startup made into
 the permanent generation (``gc.freeze``), which no collection scans: full
 collections then scan what serving made (~15 k objects there) and the stalls were
-gone from the trace. The frozen objects are never freed by the collector, which is
-right for what lives as long as the process (and reference counting still frees
-the rest).
+gone from the trace. Workers hold more (torch, the model): an overloaded decode
+worker of SmolLM2 stood still twice for ~660 ms in one of two runs with Python's
+defaults, never while serving in two runs frozen. The frozen objects are never
+freed by the collector, which is right for what lives as long as the process (and
+reference counting still frees the rest).
 
-``GcPauses`` hands the duration of every collection to a callback (the scheduler's
+``GcPauses`` hands the duration of every collection to a callback (the service's
 ``disagg:gc_pause_seconds`` histogram), so a stall of this kind shows on /metrics.
 """
 
