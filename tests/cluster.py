@@ -8,7 +8,9 @@ tests talk to them over gRPC and read the engines' pool counters directly.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import dataclasses
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -151,6 +153,10 @@ class Cluster:
         for t in self._tasks:
             try:
                 t.result(timeout=30)
+            except concurrent.futures.TimeoutError:  # a service's stop hangs: say where
+                print(f"a service did not stop within 30 s: {t}", file=sys.stderr)
+                for task in asyncio.all_tasks(self._loop):
+                    task.print_stack(file=sys.stderr)
             except Exception:
                 pass
         self._loop.call_soon_threadsafe(self._loop.stop)
