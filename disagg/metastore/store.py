@@ -237,14 +237,17 @@ class MetaStore:
                     pipe.publish(self.keys.scheduler_loads_channel, raw)
                 await pipe.execute()
 
-    async def watch_scheduler_loads(self) -> AsyncIterator[control_pb2.SchedulerLoads]:
-        """The records replicas push, as they come (a dedicated connection); ends by
-        raising MetaStoreUnavailable when the connection fails."""
+    async def watch_scheduler_loads(
+        self, until: Callable[[], bool] = lambda: False
+    ) -> AsyncIterator[control_pb2.SchedulerLoads]:
+        """The records replicas push, as they come (a dedicated connection); ends when
+        until() turns true (checked at least every second), or by raising
+        MetaStoreUnavailable when the connection fails."""
         pubsub = self._client.pubsub(ignore_subscribe_messages=True)
         try:
             with _unavailable_on_error():
                 await pubsub.subscribe(self.keys.scheduler_loads_channel)
-            while True:
+            while not until():
                 with _unavailable_on_error():
                     msg = await pubsub.get_message(timeout=1.0)  # None after 1 s quiet
                 if msg is None or msg.get("type") != "message":

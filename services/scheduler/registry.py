@@ -213,12 +213,20 @@ class WorkerRegistry:
             self._watch = loop.create_task(self._watch_peers())
 
     async def stop(self) -> None:
-        self._stopped = True  # no push after this: leave() withdraws the record for good
+        # No push after this (leave() withdraws the record for good), and the loops end at
+        # their next turn even if the cancel below is lost: redis-py can turn a
+        # cancellation in the middle of a command into a ConnectionError, which the loops
+        # take as an outage and go on (the scheduler's stop then hung for good).
+        self._stopped = True
         for task in (self._task, self._watch, self._push):
             if task is not None:
                 task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
+                try:
                     await task
+                except asyncio.CancelledError:
+                    current = asyncio.current_task()
+                    if current is not None and current.cancelling():
+                        raise  # our caller cancelled the stop itself: not ours to swallow
 
     @property
     def call_timeout_s(self) -> float:
@@ -364,9 +372,9 @@ class WorkerRegistry:
                 self._done_ms[x.worker_id] = stamp
 
     async def _watch_peers(self) -> None:
-        while True:
+        while not self._stopped:
             try:
-                async for record in self._store.watch_scheduler_loads():
+                async for record in self._store.watch_scheduler_loads(lambda: self._stopped):
                     self._take_push(record)
             except Exception as e:
                 log.warning("watching peer scheduler loads failed: %s", e or type(e).__name__)
@@ -554,7 +562,7 @@ class WorkerRegistry:
     async def _loop(self) -> None:
         loop = asyncio.get_running_loop()
         restarts_due = prefix_due = 0.0
-        while True:
+        while not self._stopped:
             await asyncio.sleep(self._refresh_s)
             await self.refresh()
             if loop.time() >= prefix_due:

@@ -9,7 +9,9 @@ request, leaves, or dies (its record's TTL).
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
+from typing import Any
 
 import redis.asyncio as aioredis
 
@@ -180,3 +182,48 @@ def test_a_peer_unheard_of_through_an_outage_stops_holding_slots(valkey_url: str
         await store.close()
 
     asyncio.run(body())
+
+
+def test_a_cancel_lost_in_a_redis_call_does_not_hang_the_stop(valkey_url: str) -> None:
+    """redis-py can answer a cancellation in the middle of a command with a
+    ConnectionError: the refresh took it for an outage, the loop went on, and the
+    registry's stop (so the scheduler's) waited for it for good."""
+
+    async def body() -> None:
+        store, a, b = await _cluster(valkey_url)
+        for reg in (a, b):
+            await reg.start()
+        in_call = asyncio.Event()
+
+        async def lossy_list_workers() -> list[common_pb2.WorkerInfo]:
+            in_call.set()
+            try:
+                await asyncio.sleep(30)  # a command in flight
+            except asyncio.CancelledError:
+                raise ConnectionError("Connection closed by server.") from None
+            return []
+
+        a._store.list_workers = lossy_list_workers  # type: ignore[method-assign]
+        await asyncio.wait_for(in_call.wait(), 5)  # the refresh loop is in the call
+        started = time.monotonic()
+        await asyncio.wait_for(a.stop(), 5)
+        await asyncio.wait_for(b.stop(), 5)  # its watch of the pushes ends too
+        assert time.monotonic() - started < 5
+        for reg in (a, b):
+            await reg.leave()
+        await store.close()
+
+    # in a thread: a stop that hangs would hang asyncio.run's own cleanup too
+    errors: list[BaseException] = []
+    t = threading.Thread(target=_run_catching, args=(body, errors), daemon=True)
+    t.start()
+    t.join(20)
+    assert not t.is_alive(), "the registry's stop hung"
+    assert not errors, errors
+
+
+def _run_catching(body: Any, errors: list[BaseException]) -> None:
+    try:
+        asyncio.run(body())
+    except BaseException as e:
+        errors.append(e)
