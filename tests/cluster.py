@@ -156,7 +156,15 @@ class Cluster:
             except concurrent.futures.TimeoutError:  # a service's stop hangs: say where
                 print(f"a service did not stop within 30 s: {t}", file=sys.stderr)
                 for task in asyncio.all_tasks(self._loop):
-                    task.print_stack(file=sys.stderr)
+                    try:  # a diagnostic: never what fails the test (grpc's frames lack lines)
+                        print(task, file=sys.stderr)
+                        for frame in task.get_stack():
+                            c = frame.f_code
+                            print(
+                                f"  {c.co_filename}:{frame.f_lineno} {c.co_name}", file=sys.stderr
+                            )
+                    except Exception as e:
+                        print(f"  (stack not read: {e!r})", file=sys.stderr)
             except Exception:
                 pass
         self._loop.call_soon_threadsafe(self._loop.stop)
