@@ -260,6 +260,7 @@ def run_one(
     model: str,
     decode: str = "session",
     gc: str = "freeze",
+    prefill: str = "session",
 ) -> dict[str, Any]:
     import redis
 
@@ -281,7 +282,8 @@ def run_one(
     port_q, out_q = ctx.Queue(), ctx.Queue()
     cfg = {"redis_url": redis_url, "model": model, "port": _free_port(), "http_port": -1,
            "max_inflight": 4096, "local_prefill_tokens": 16, "reuse_port": replicas > 1,
-           "decode_sessions": decode == "session"}  # fmt: skip
+           "decode_sessions": decode == "session",
+           "prefill_sessions": prefill == "session"}  # fmt: skip
     sps = [
         ctx.Process(
             target=scheduler_main,
@@ -338,6 +340,7 @@ def run_one(
         "workers": n_workers,
         "schedulers": replicas,
         "decode": decode,
+        "prefill": prefill,
         "gc": gc,
         "scheduler_cpu_s": round(sched_cpu, 2),
         "scheduler_cpu_ms_per_request": round(1000 * sched_cpu / requests, 3),
@@ -382,6 +385,14 @@ def main() -> int:
         "default) and/or a Decode call per request (decode_sessions off); both: one run each",
     )
     p.add_argument(
+        "--prefill",
+        nargs="+",
+        choices=["session", "call"],
+        default=["session"],
+        help="how the scheduler reaches prefill workers: one PrefillSession per worker (the "
+        "default) and/or a Prefill call per request (prefill_sessions off); both: one run each",
+    )
+    p.add_argument(
         "--gc",
         nargs="+",
         choices=["freeze", "default"],
@@ -403,11 +414,12 @@ def main() -> int:
     try:
         counts = [int(x) for x in args.schedulers.split(",") if x.strip()]
         rows = [
-            run_one(n, k, args, valkey.url, model, mode, gc)
+            run_one(n, k, args, valkey.url, model, mode, gc, prefill)
             for n in args.workers
             for k in counts
             for mode in args.decode
             for gc in args.gc
+            for prefill in args.prefill
         ]
     finally:
         valkey.stop()
@@ -415,6 +427,7 @@ def main() -> int:
         "workers",
         "schedulers",
         "decode",
+        "prefill",
         "gc",
         "decision_p50_ms",
         "decision_p99_ms",
@@ -435,6 +448,7 @@ def main() -> int:
     for r in rows:
         suffix = f"{r['workers']}" + (f"_x{r['schedulers']}" if r["schedulers"] > 1 else "")
         suffix += "_calls" if r["decode"] == "call" else ""
+        suffix += "_prefillcalls" if r["prefill"] == "call" else ""
         suffix += "_gcdefault" if r["gc"] == "default" else ""
         for k in (
             "decision_p50_ms",

@@ -13,6 +13,7 @@ import dataclasses
 import sys
 import threading
 import time
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -154,17 +155,18 @@ class Cluster:
             try:
                 t.result(timeout=30)
             except concurrent.futures.TimeoutError:  # a service's stop hangs: say where
-                print(f"a service did not stop within 30 s: {t}", file=sys.stderr)
+                lines = [f"a service did not stop within 30 s: {t}"]
                 for task in asyncio.all_tasks(self._loop):
                     try:  # a diagnostic: never what fails the test (grpc's frames lack lines)
-                        print(task, file=sys.stderr)
+                        lines.append(repr(task))
                         for frame in task.get_stack():
                             c = frame.f_code
-                            print(
-                                f"  {c.co_filename}:{frame.f_lineno} {c.co_name}", file=sys.stderr
-                            )
+                            lines.append(f"  {c.co_filename}:{frame.f_lineno} {c.co_name}")
                     except Exception as e:
-                        print(f"  (stack not read: {e!r})", file=sys.stderr)
+                        lines.append(f"  (stack not read: {e!r})")
+                print("\n".join(lines), file=sys.stderr)
+                # in the run's warnings summary too: a passing test's stderr is not shown
+                warnings.warn("\n".join(lines), RuntimeWarning, stacklevel=1)
             except Exception:
                 pass
         self._loop.call_soon_threadsafe(self._loop.stop)

@@ -106,10 +106,11 @@ class SchedulerConfig:
     # it must exceed max_inflight (admission answers first, with a retry hint)
     max_concurrent_rpcs: int = 0
     registry_refresh_s: float = 0.25  # how often the worker list is re-read from Redis
-    worker_timeout_s: float = 30.0  # deadline of a prefill call
+    worker_timeout_s: float = 30.0  # deadline of a prefill
     # One DecodeSession stream per decode worker carries its requests; False: a Decode
     # call per request (what workers without the method get anyway)
     decode_sessions: bool = True
+    prefill_sessions: bool = True  # the same for prefill workers (PrefillSession)
     gc_freeze: bool = True  # startup's objects frozen out of the garbage collector's scans
     api_key: str = ""  # required as Bearer / authorization metadata when set
     # Shared secret of the deployment, sent on every call to a worker ("" = none).

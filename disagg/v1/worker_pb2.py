@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from disagg.v1 import common_pb2 as disagg_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16\x64isagg/v1/worker.proto\x12\tdisagg.v1\x1a\x16\x64isagg/v1/common.proto\"\x7f\n\x0ePrefillRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\x05\x12+\n\x08sampling\x18\x03 \x01(\x0b\x32\x19.disagg.v1.SamplingParams\x12\x12\n\ncache_salt\x18\x04 \x01(\x0c\"s\n\x0fPrefillResponse\x12#\n\x06handle\x18\x01 \x01(\x0b\x32\x13.disagg.v1.KvHandle\x12\x10\n\x08queue_ms\x18\x02 \x01(\x01\x12\x12\n\nprefill_ms\x18\x03 \x01(\x01\x12\x15\n\rcached_tokens\x18\x04 \x01(\x05\"B\n\x14PrefillStreamRequest\x12*\n\x07prefill\x18\x01 \x01(\x0b\x32\x19.disagg.v1.PrefillRequest\"D\n\x15PrefillStreamResponse\x12+\n\x07prefill\x18\x01 \x01(\x0b\x32\x1a.disagg.v1.PrefillResponse\"<\n\rPullKvRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x17\n\x0fmax_chunk_bytes\x18\x02 \x01(\x05\"W\n\x07KvChunk\x12\r\n\x05layer\x18\x01 \x01(\x05\x12\x13\n\x0b\x66irst_block\x18\x02 \x01(\x05\x12\x12\n\nnum_blocks\x18\x03 \x01(\x05\x12\t\n\x01k\x18\x04 \x01(\x0c\x12\t\n\x01v\x18\x05 \x01(\x0c\"8\n\x10ReleaseKvRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x10\n\x08\x63onsumed\x18\x02 \x01(\x08\"%\n\x11ReleaseKvResponse\x12\x10\n\x08released\x18\x01 \x01(\x08\"H\n\x12StartKvReadRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x1e\n\x16include_agent_metadata\x18\x02 \x01(\x08\"d\n\x13StartKvReadResponse\x12\x12\n\nagent_name\x18\x01 \x01(\t\x12\x16\n\x0e\x61gent_metadata\x18\x02 \x01(\x0c\x12!\n\x04pool\x18\x03 \x01(\x0b\x32\x13.disagg.v1.NixlPool\"R\n\x0eWatchKvRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04nixl\x18\x02 \x01(\x08\x12\x1e\n\x16include_agent_metadata\x18\x03 \x01(\x08\"\xc4\x01\n\nKvProgress\x12\x11\n\tblock_ids\x18\x01 \x03(\x05\x12\x10\n\x08\x63omputed\x18\x02 \x01(\x05\x12\x0c\n\x04upto\x18\x03 \x01(\x05\x12\x0e\n\x06layers\x18\x04 \x01(\x05\x12\x0c\n\x04\x64one\x18\x05 \x01(\x08\x12\x16\n\x0e\x66irst_token_id\x18\x06 \x01(\x05\x12\x12\n\nagent_name\x18\x07 \x01(\t\x12\x16\n\x0e\x61gent_metadata\x18\x08 \x01(\x0c\x12!\n\x04pool\x18\t \x01(\x0b\x32\x13.disagg.v1.NixlPool\"\xa3\x01\n\rDecodeRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\x05\x12+\n\x08sampling\x18\x03 \x01(\x0b\x32\x19.disagg.v1.SamplingParams\x12#\n\x06handle\x18\x04 \x01(\x0b\x32\x13.disagg.v1.KvHandle\x12\x12\n\ncache_salt\x18\x05 \x01(\x0c\"\xa1\x01\n\x0e\x44\x65\x63odeResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12\x15\n\rfinish_reason\x18\x02 \x01(\t\x12\x16\n\x0ekv_transfer_ms\x18\x03 \x01(\x01\x12\x12\n\nprefill_ms\x18\x04 \x01(\x01\x12\x10\n\x08queue_ms\x18\x05 \x01(\x01\x12\x11\n\tdecode_ms\x18\x06 \x01(\x01\x12\x14\n\x0ckv_transport\x18\x07 \x01(\t\"O\n\x14\x44\x65\x63odeSessionRequest\x12\'\n\x05start\x18\x01 \x03(\x0b\x32\x18.disagg.v1.DecodeRequest\x12\x0e\n\x06\x63\x61ncel\x18\x02 \x03(\t\"u\n\x13\x44\x65\x63odeSessionUpdate\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12+\n\x08response\x18\x02 \x01(\x0b\x32\x19.disagg.v1.DecodeResponse\x12\x0c\n\x04\x63ode\x18\x03 \x01(\x05\x12\x0f\n\x07\x64\x65tails\x18\x04 \x01(\t\"H\n\x15\x44\x65\x63odeSessionResponse\x12/\n\x07updates\x18\x01 \x03(\x0b\x32\x1e.disagg.v1.DecodeSessionUpdate2\xb6\x03\n\rPrefillWorker\x12@\n\x07Prefill\x12\x19.disagg.v1.PrefillRequest\x1a\x1a.disagg.v1.PrefillResponse\x12\x38\n\x06PullKv\x12\x18.disagg.v1.PullKvRequest\x1a\x12.disagg.v1.KvChunk0\x01\x12\x46\n\tReleaseKv\x12\x1b.disagg.v1.ReleaseKvRequest\x1a\x1c.disagg.v1.ReleaseKvResponse\x12L\n\x0bStartKvRead\x12\x1d.disagg.v1.StartKvReadRequest\x1a\x1e.disagg.v1.StartKvReadResponse\x12T\n\rPrefillStream\x12\x1f.disagg.v1.PrefillStreamRequest\x1a .disagg.v1.PrefillStreamResponse0\x01\x12=\n\x07WatchKv\x12\x19.disagg.v1.WatchKvRequest\x1a\x15.disagg.v1.KvProgress0\x01\x32\xa7\x01\n\x0c\x44\x65\x63odeWorker\x12?\n\x06\x44\x65\x63ode\x12\x18.disagg.v1.DecodeRequest\x1a\x19.disagg.v1.DecodeResponse0\x01\x12V\n\rDecodeSession\x12\x1f.disagg.v1.DecodeSessionRequest\x1a .disagg.v1.DecodeSessionResponse(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16\x64isagg/v1/worker.proto\x12\tdisagg.v1\x1a\x16\x64isagg/v1/common.proto\"\x7f\n\x0ePrefillRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\x05\x12+\n\x08sampling\x18\x03 \x01(\x0b\x32\x19.disagg.v1.SamplingParams\x12\x12\n\ncache_salt\x18\x04 \x01(\x0c\"s\n\x0fPrefillResponse\x12#\n\x06handle\x18\x01 \x01(\x0b\x32\x13.disagg.v1.KvHandle\x12\x10\n\x08queue_ms\x18\x02 \x01(\x01\x12\x12\n\nprefill_ms\x18\x03 \x01(\x01\x12\x15\n\rcached_tokens\x18\x04 \x01(\x05\"B\n\x14PrefillStreamRequest\x12*\n\x07prefill\x18\x01 \x01(\x0b\x32\x19.disagg.v1.PrefillRequest\"D\n\x15PrefillStreamResponse\x12+\n\x07prefill\x18\x01 \x01(\x0b\x32\x1a.disagg.v1.PrefillResponse\"Q\n\x15PrefillSessionRequest\x12(\n\x05start\x18\x01 \x03(\x0b\x32\x19.disagg.v1.PrefillRequest\x12\x0e\n\x06\x63\x61ncel\x18\x02 \x03(\t\"w\n\x14PrefillSessionUpdate\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12,\n\x08response\x18\x02 \x01(\x0b\x32\x1a.disagg.v1.PrefillResponse\x12\x0c\n\x04\x63ode\x18\x03 \x01(\x05\x12\x0f\n\x07\x64\x65tails\x18\x04 \x01(\t\"J\n\x16PrefillSessionResponse\x12\x30\n\x07updates\x18\x01 \x03(\x0b\x32\x1f.disagg.v1.PrefillSessionUpdate\"<\n\rPullKvRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x17\n\x0fmax_chunk_bytes\x18\x02 \x01(\x05\"W\n\x07KvChunk\x12\r\n\x05layer\x18\x01 \x01(\x05\x12\x13\n\x0b\x66irst_block\x18\x02 \x01(\x05\x12\x12\n\nnum_blocks\x18\x03 \x01(\x05\x12\t\n\x01k\x18\x04 \x01(\x0c\x12\t\n\x01v\x18\x05 \x01(\x0c\"8\n\x10ReleaseKvRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x10\n\x08\x63onsumed\x18\x02 \x01(\x08\"%\n\x11ReleaseKvResponse\x12\x10\n\x08released\x18\x01 \x01(\x08\"H\n\x12StartKvReadRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x1e\n\x16include_agent_metadata\x18\x02 \x01(\x08\"d\n\x13StartKvReadResponse\x12\x12\n\nagent_name\x18\x01 \x01(\t\x12\x16\n\x0e\x61gent_metadata\x18\x02 \x01(\x0c\x12!\n\x04pool\x18\x03 \x01(\x0b\x32\x13.disagg.v1.NixlPool\"R\n\x0eWatchKvRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04nixl\x18\x02 \x01(\x08\x12\x1e\n\x16include_agent_metadata\x18\x03 \x01(\x08\"\xc4\x01\n\nKvProgress\x12\x11\n\tblock_ids\x18\x01 \x03(\x05\x12\x10\n\x08\x63omputed\x18\x02 \x01(\x05\x12\x0c\n\x04upto\x18\x03 \x01(\x05\x12\x0e\n\x06layers\x18\x04 \x01(\x05\x12\x0c\n\x04\x64one\x18\x05 \x01(\x08\x12\x16\n\x0e\x66irst_token_id\x18\x06 \x01(\x05\x12\x12\n\nagent_name\x18\x07 \x01(\t\x12\x16\n\x0e\x61gent_metadata\x18\x08 \x01(\x0c\x12!\n\x04pool\x18\t \x01(\x0b\x32\x13.disagg.v1.NixlPool\"\xa3\x01\n\rDecodeRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\x05\x12+\n\x08sampling\x18\x03 \x01(\x0b\x32\x19.disagg.v1.SamplingParams\x12#\n\x06handle\x18\x04 \x01(\x0b\x32\x13.disagg.v1.KvHandle\x12\x12\n\ncache_salt\x18\x05 \x01(\x0c\"\xa1\x01\n\x0e\x44\x65\x63odeResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12\x15\n\rfinish_reason\x18\x02 \x01(\t\x12\x16\n\x0ekv_transfer_ms\x18\x03 \x01(\x01\x12\x12\n\nprefill_ms\x18\x04 \x01(\x01\x12\x10\n\x08queue_ms\x18\x05 \x01(\x01\x12\x11\n\tdecode_ms\x18\x06 \x01(\x01\x12\x14\n\x0ckv_transport\x18\x07 \x01(\t\"O\n\x14\x44\x65\x63odeSessionRequest\x12\'\n\x05start\x18\x01 \x03(\x0b\x32\x18.disagg.v1.DecodeRequest\x12\x0e\n\x06\x63\x61ncel\x18\x02 \x03(\t\"u\n\x13\x44\x65\x63odeSessionUpdate\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12+\n\x08response\x18\x02 \x01(\x0b\x32\x19.disagg.v1.DecodeResponse\x12\x0c\n\x04\x63ode\x18\x03 \x01(\x05\x12\x0f\n\x07\x64\x65tails\x18\x04 \x01(\t\"H\n\x15\x44\x65\x63odeSessionResponse\x12/\n\x07updates\x18\x01 \x03(\x0b\x32\x1e.disagg.v1.DecodeSessionUpdate2\x91\x04\n\rPrefillWorker\x12@\n\x07Prefill\x12\x19.disagg.v1.PrefillRequest\x1a\x1a.disagg.v1.PrefillResponse\x12\x38\n\x06PullKv\x12\x18.disagg.v1.PullKvRequest\x1a\x12.disagg.v1.KvChunk0\x01\x12\x46\n\tReleaseKv\x12\x1b.disagg.v1.ReleaseKvRequest\x1a\x1c.disagg.v1.ReleaseKvResponse\x12L\n\x0bStartKvRead\x12\x1d.disagg.v1.StartKvReadRequest\x1a\x1e.disagg.v1.StartKvReadResponse\x12T\n\rPrefillStream\x12\x1f.disagg.v1.PrefillStreamRequest\x1a .disagg.v1.PrefillStreamResponse0\x01\x12=\n\x07WatchKv\x12\x19.disagg.v1.WatchKvRequest\x1a\x15.disagg.v1.KvProgress0\x01\x12Y\n\x0ePrefillSession\x12 .disagg.v1.PrefillSessionRequest\x1a!.disagg.v1.PrefillSessionResponse(\x01\x30\x01\x32\xa7\x01\n\x0c\x44\x65\x63odeWorker\x12?\n\x06\x44\x65\x63ode\x12\x18.disagg.v1.DecodeRequest\x1a\x19.disagg.v1.DecodeResponse0\x01\x12V\n\rDecodeSession\x12\x1f.disagg.v1.DecodeSessionRequest\x1a .disagg.v1.DecodeSessionResponse(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -40,34 +40,40 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_PREFILLSTREAMREQUEST']._serialized_end=373
   _globals['_PREFILLSTREAMRESPONSE']._serialized_start=375
   _globals['_PREFILLSTREAMRESPONSE']._serialized_end=443
-  _globals['_PULLKVREQUEST']._serialized_start=445
-  _globals['_PULLKVREQUEST']._serialized_end=505
-  _globals['_KVCHUNK']._serialized_start=507
-  _globals['_KVCHUNK']._serialized_end=594
-  _globals['_RELEASEKVREQUEST']._serialized_start=596
-  _globals['_RELEASEKVREQUEST']._serialized_end=652
-  _globals['_RELEASEKVRESPONSE']._serialized_start=654
-  _globals['_RELEASEKVRESPONSE']._serialized_end=691
-  _globals['_STARTKVREADREQUEST']._serialized_start=693
-  _globals['_STARTKVREADREQUEST']._serialized_end=765
-  _globals['_STARTKVREADRESPONSE']._serialized_start=767
-  _globals['_STARTKVREADRESPONSE']._serialized_end=867
-  _globals['_WATCHKVREQUEST']._serialized_start=869
-  _globals['_WATCHKVREQUEST']._serialized_end=951
-  _globals['_KVPROGRESS']._serialized_start=954
-  _globals['_KVPROGRESS']._serialized_end=1150
-  _globals['_DECODEREQUEST']._serialized_start=1153
-  _globals['_DECODEREQUEST']._serialized_end=1316
-  _globals['_DECODERESPONSE']._serialized_start=1319
-  _globals['_DECODERESPONSE']._serialized_end=1480
-  _globals['_DECODESESSIONREQUEST']._serialized_start=1482
-  _globals['_DECODESESSIONREQUEST']._serialized_end=1561
-  _globals['_DECODESESSIONUPDATE']._serialized_start=1563
-  _globals['_DECODESESSIONUPDATE']._serialized_end=1680
-  _globals['_DECODESESSIONRESPONSE']._serialized_start=1682
-  _globals['_DECODESESSIONRESPONSE']._serialized_end=1754
-  _globals['_PREFILLWORKER']._serialized_start=1757
-  _globals['_PREFILLWORKER']._serialized_end=2195
-  _globals['_DECODEWORKER']._serialized_start=2198
-  _globals['_DECODEWORKER']._serialized_end=2365
+  _globals['_PREFILLSESSIONREQUEST']._serialized_start=445
+  _globals['_PREFILLSESSIONREQUEST']._serialized_end=526
+  _globals['_PREFILLSESSIONUPDATE']._serialized_start=528
+  _globals['_PREFILLSESSIONUPDATE']._serialized_end=647
+  _globals['_PREFILLSESSIONRESPONSE']._serialized_start=649
+  _globals['_PREFILLSESSIONRESPONSE']._serialized_end=723
+  _globals['_PULLKVREQUEST']._serialized_start=725
+  _globals['_PULLKVREQUEST']._serialized_end=785
+  _globals['_KVCHUNK']._serialized_start=787
+  _globals['_KVCHUNK']._serialized_end=874
+  _globals['_RELEASEKVREQUEST']._serialized_start=876
+  _globals['_RELEASEKVREQUEST']._serialized_end=932
+  _globals['_RELEASEKVRESPONSE']._serialized_start=934
+  _globals['_RELEASEKVRESPONSE']._serialized_end=971
+  _globals['_STARTKVREADREQUEST']._serialized_start=973
+  _globals['_STARTKVREADREQUEST']._serialized_end=1045
+  _globals['_STARTKVREADRESPONSE']._serialized_start=1047
+  _globals['_STARTKVREADRESPONSE']._serialized_end=1147
+  _globals['_WATCHKVREQUEST']._serialized_start=1149
+  _globals['_WATCHKVREQUEST']._serialized_end=1231
+  _globals['_KVPROGRESS']._serialized_start=1234
+  _globals['_KVPROGRESS']._serialized_end=1430
+  _globals['_DECODEREQUEST']._serialized_start=1433
+  _globals['_DECODEREQUEST']._serialized_end=1596
+  _globals['_DECODERESPONSE']._serialized_start=1599
+  _globals['_DECODERESPONSE']._serialized_end=1760
+  _globals['_DECODESESSIONREQUEST']._serialized_start=1762
+  _globals['_DECODESESSIONREQUEST']._serialized_end=1841
+  _globals['_DECODESESSIONUPDATE']._serialized_start=1843
+  _globals['_DECODESESSIONUPDATE']._serialized_end=1960
+  _globals['_DECODESESSIONRESPONSE']._serialized_start=1962
+  _globals['_DECODESESSIONRESPONSE']._serialized_end=2034
+  _globals['_PREFILLWORKER']._serialized_start=2037
+  _globals['_PREFILLWORKER']._serialized_end=2566
+  _globals['_DECODEWORKER']._serialized_start=2569
+  _globals['_DECODEWORKER']._serialized_end=2736
 # @@protoc_insertion_point(module_scope)

@@ -43,6 +43,32 @@ class PrefillStreamResponse(_message.Message):
     prefill: PrefillResponse
     def __init__(self, prefill: _Optional[_Union[PrefillResponse, _Mapping]] = ...) -> None: ...
 
+class PrefillSessionRequest(_message.Message):
+    __slots__ = ("start", "cancel")
+    START_FIELD_NUMBER: _ClassVar[int]
+    CANCEL_FIELD_NUMBER: _ClassVar[int]
+    start: _containers.RepeatedCompositeFieldContainer[PrefillRequest]
+    cancel: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, start: _Optional[_Iterable[_Union[PrefillRequest, _Mapping]]] = ..., cancel: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class PrefillSessionUpdate(_message.Message):
+    __slots__ = ("request_id", "response", "code", "details")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    RESPONSE_FIELD_NUMBER: _ClassVar[int]
+    CODE_FIELD_NUMBER: _ClassVar[int]
+    DETAILS_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    response: PrefillResponse
+    code: int
+    details: str
+    def __init__(self, request_id: _Optional[str] = ..., response: _Optional[_Union[PrefillResponse, _Mapping]] = ..., code: _Optional[int] = ..., details: _Optional[str] = ...) -> None: ...
+
+class PrefillSessionResponse(_message.Message):
+    __slots__ = ("updates",)
+    UPDATES_FIELD_NUMBER: _ClassVar[int]
+    updates: _containers.RepeatedCompositeFieldContainer[PrefillSessionUpdate]
+    def __init__(self, updates: _Optional[_Iterable[_Union[PrefillSessionUpdate, _Mapping]]] = ...) -> None: ...
+
 class PullKvRequest(_message.Message):
     __slots__ = ("request_id", "max_chunk_bytes")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]

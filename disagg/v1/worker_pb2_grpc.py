@@ -65,6 +65,11 @@ class PrefillWorkerStub:
                 request_serializer=disagg_dot_v1_dot_worker__pb2.WatchKvRequest.SerializeToString,
                 response_deserializer=disagg_dot_v1_dot_worker__pb2.KvProgress.FromString,
                 _registered_method=True)
+        self.PrefillSession = channel.stream_stream(
+                '/disagg.v1.PrefillWorker/PrefillSession',
+                request_serializer=disagg_dot_v1_dot_worker__pb2.PrefillSessionRequest.SerializeToString,
+                response_deserializer=disagg_dot_v1_dot_worker__pb2.PrefillSessionResponse.FromString,
+                _registered_method=True)
 
 
 class PrefillWorkerServicer:
@@ -131,6 +136,25 @@ class PrefillWorkerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def PrefillSession(self, request_iterator, context):
+        """Many Prefill requests over one long-lived stream: a request is a message,
+        not a call (the scheduler keeps one session per prefill worker). Each
+        `start` runs as a Prefill call would; its answer comes back tagged with
+        its request_id (several requests' in one message), or an update carrying
+        the error status Prefill would end with (INVALID_ARGUMENT,
+        ALREADY_EXISTS, INTERNAL, RESOURCE_EXHAUSTED beyond the worker's RPC
+        limit, UNAVAILABLE for a start that reaches a draining worker). `cancel`
+        gives a request up: a prefill still running is aborted, and KV the
+        request_id holds here is freed, as ReleaseKv with consumed = false does
+        (whether its answer was read or not: the scheduler frees KV no decode
+        worker took this way too). The session ending or breaking cancels every
+        request still running on it; a draining worker ends its sessions once
+        their requests are answered.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_PrefillWorkerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -163,6 +187,11 @@ def add_PrefillWorkerServicer_to_server(servicer, server):
                     servicer.WatchKv,
                     request_deserializer=disagg_dot_v1_dot_worker__pb2.WatchKvRequest.FromString,
                     response_serializer=disagg_dot_v1_dot_worker__pb2.KvProgress.SerializeToString,
+            ),
+            'PrefillSession': grpc.stream_stream_rpc_method_handler(
+                    servicer.PrefillSession,
+                    request_deserializer=disagg_dot_v1_dot_worker__pb2.PrefillSessionRequest.FromString,
+                    response_serializer=disagg_dot_v1_dot_worker__pb2.PrefillSessionResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -328,6 +357,33 @@ class PrefillWorker:
             '/disagg.v1.PrefillWorker/WatchKv',
             disagg_dot_v1_dot_worker__pb2.WatchKvRequest.SerializeToString,
             disagg_dot_v1_dot_worker__pb2.KvProgress.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PrefillSession(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/disagg.v1.PrefillWorker/PrefillSession',
+            disagg_dot_v1_dot_worker__pb2.PrefillSessionRequest.SerializeToString,
+            disagg_dot_v1_dot_worker__pb2.PrefillSessionResponse.FromString,
             options,
             channel_credentials,
             insecure,

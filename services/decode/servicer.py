@@ -19,7 +19,7 @@ stream starts with it (or, when the import failed before the owner was done,
 the prompt is prefilled here and the engine samples it).
 This file converts protobuf, plans the fallback and streams the engine's tokens:
 ``responses`` is one request's stream, for a Decode call or for one request of a
-DecodeSession (``services.decode.session``: many requests over one stream).
+DecodeSession (``disagg.worker.session``: many requests over one stream).
 """
 
 from __future__ import annotations
@@ -47,8 +47,8 @@ from disagg.v1 import common_pb2, worker_pb2, worker_pb2_grpc
 from disagg.wire import sampling_from_pb
 from disagg.worker.bridge import run_request
 from disagg.worker.host import KvPlane
+from disagg.worker.session import Kind, Sessions
 from disagg.worker.validation import MAX_CACHE_SALT_BYTES, Aborter, validate_prompt
-from services.decode.session import DecodeSessions
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +89,14 @@ class DecodeServicer(worker_pb2_grpc.DecodeWorkerServicer):
             metrics=kv.metrics,
             check_owner=self._owners.check if self._owners is not None else None,
         )
-        self._sessions = DecodeSessions(self.responses, cfg.max_concurrent_rpcs)
+        kind = Kind(
+            name="decode",
+            responses=self.responses,
+            is_last=lambda resp: bool(resp.finish_reason),
+            update=worker_pb2.DecodeSessionUpdate,
+            message=worker_pb2.DecodeSessionResponse,
+        )
+        self._sessions = Sessions(kind, cfg.max_concurrent_rpcs)
 
     async def Decode(
         self, request: worker_pb2.DecodeRequest, context: grpc.aio.ServicerContext

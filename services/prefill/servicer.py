@@ -10,6 +10,9 @@
 3. ReleaseKv: CONSUMED after a completed pull, FAILED on cancel; blocks freed.
    Its answer tells a NIXL reader whether the blocks were held until then.
    A lease that runs out first frees them as EXPIRED.
+PrefillSession carries many Prefills over one stream (``disagg.worker.session``):
+each start runs as a Prefill call; a request given up before the scheduler read
+its answer (a cancel, the session's end) has its KV freed at once (FAILED).
 Layer-wise: PrefillStream answers a PREFILLING handle first, then runs the
 prompt with the engine reporting each layer of each chunk to the handle's
 stream; WatchKv follows that stream for the one decode worker that took the
@@ -21,7 +24,7 @@ from its values and maps its errors to gRPC status codes.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 
 import grpc
 
@@ -50,7 +53,8 @@ from disagg.transfer.state import HandoffState
 from disagg.v1 import worker_pb2, worker_pb2_grpc
 from disagg.wire import sampling_from_pb
 from disagg.worker.bridge import run_request
-from disagg.worker.validation import MAX_CACHE_SALT_BYTES, validate_prompt
+from disagg.worker.session import Kind, Sessions
+from disagg.worker.validation import MAX_CACHE_SALT_BYTES, Aborter, validate_prompt
 
 
 class PrefillServicer(worker_pb2_grpc.PrefillWorkerServicer):
@@ -74,6 +78,15 @@ class PrefillServicer(worker_pb2_grpc.PrefillWorkerServicer):
             max_chunk_bytes=cfg.max_chunk_bytes,
             nixl=nixl.pool if nixl is not None else None,
         )
+        kind = Kind(
+            name="prefill",
+            responses=self._answer,
+            is_last=lambda resp: True,
+            update=worker_pb2.PrefillSessionUpdate,
+            message=worker_pb2.PrefillSessionResponse,
+            on_given_up=self._given_up,
+        )
+        self._sessions = Sessions(kind, cfg.max_concurrent_rpcs)
 
     @property
     def freed(self) -> dict[str, int]:
@@ -82,6 +95,28 @@ class PrefillServicer(worker_pb2_grpc.PrefillWorkerServicer):
 
     async def Prefill(
         self, request: worker_pb2.PrefillRequest, context: grpc.aio.ServicerContext
+    ) -> worker_pb2.PrefillResponse:
+        return await self._prefill(request, context)
+
+    async def PrefillSession(
+        self,
+        request_iterator: AsyncIterator[worker_pb2.PrefillSessionRequest],
+        context: grpc.aio.ServicerContext,
+    ) -> None:
+        await self._sessions.serve(request_iterator, context)
+
+    async def _answer(
+        self, request: worker_pb2.PrefillRequest, context: Aborter
+    ) -> AsyncGenerator[worker_pb2.PrefillResponse, None]:
+        """One request of a session: Prefill's answer, or its abort for this request."""
+        yield await self._prefill(request, context)
+
+    def _given_up(self, rid: str) -> None:
+        """A session's request given up unread: its KV, if held, is nobody's."""
+        self._sender.release(rid, consumed=False)
+
+    async def _prefill(
+        self, request: worker_pb2.PrefillRequest, context: Aborter
     ) -> worker_pb2.PrefillResponse:
         rid, ids, sampling = await self._validated(request, context)
         out = await self._run(rid, ids, sampling, request.cache_salt)
@@ -148,7 +183,7 @@ class PrefillServicer(worker_pb2_grpc.PrefillWorkerServicer):
             self._sender.unwatch(rid, stream)
 
     async def _validated(
-        self, request: worker_pb2.PrefillRequest, context: grpc.aio.ServicerContext
+        self, request: worker_pb2.PrefillRequest, context: Aborter
     ) -> tuple[str, list[int], SamplingParams]:
         """(request id, prompt, sampling) of a well-formed Prefill; else the call is aborted."""
         rid = request.request_id
@@ -197,7 +232,7 @@ class PrefillServicer(worker_pb2_grpc.PrefillWorkerServicer):
         return outs[-1]
 
     async def _hold(
-        self, rid: str, out: TokenOutput, context: grpc.aio.ServicerContext
+        self, rid: str, out: TokenOutput, context: Aborter
     ) -> worker_pb2.PrefillResponse:
         try:
             handle = await self._sender.hold(rid, out.token_ids[0])
@@ -248,8 +283,10 @@ class PrefillServicer(worker_pb2_grpc.PrefillWorkerServicer):
         await self._sender.settle()
 
     def drain(self) -> None:
-        """Nothing to end early: every call here is one request, and the server's
-        grace period lets them finish."""
+        """Starts on open sessions are refused from now on (UNAVAILABLE); each
+        session ends once its requests are answered. Calls need nothing: each is
+        one request, and the server's grace period lets them finish."""
+        self._sessions.drain()
 
     def close(self) -> None:
         self._sender.close()

@@ -122,7 +122,10 @@ class SchedulerApp:
             interceptors=send_token(cfg.cluster_token),
         )
         self._workers = WorkerClient(
-            channels.get_channel, cfg.worker_timeout_s, sessions=cfg.decode_sessions
+            channels.get_channel,
+            cfg.worker_timeout_s,
+            sessions=cfg.decode_sessions,
+            prefill_sessions=cfg.prefill_sessions,
         )
         self.orchestrator = Orchestrator(
             registry,

@@ -323,18 +323,31 @@ class Orchestrator:
             self._registry.release(f.booking)
 
     async def _run(self, f: _Flight) -> AsyncGenerator[GenerationEvent, None]:
-        """Phases 2-4 of an admitted request."""
+        """Phases 2-4 of an admitted request. The event that finishes the relay rides in
+        the last event: one client message fewer a request (each costs the scheduler
+        about as much as its routing)."""
+        held: GenerationEvent | None = None
         try:
             first = await self._prefill_phase(f)
             if first is not None:
-                yield first
+                if self._done_after_first(f.relay, f.req):
+                    held = first
+                else:
+                    yield first
             async with contextlib.aclosing(self._decode_phase(f)) as events:
                 async for ev in events:
-                    yield ev
+                    if f.relay.finish:  # the last tokens: sent with the finish
+                        held = ev
+                    else:
+                        yield ev
         finally:
             await self._release(f)  # a ticket no decode worker took (cancelled, done, lost)
             await asyncio.shield(self._end_stream(f))
         last = self._finish(f)
+        if held is not None:
+            last = dataclasses.replace(
+                last, token_ids=held.token_ids + last.token_ids, text=held.text + last.text
+            )
         self._verify_later(f, last)
         yield last
 

@@ -7,7 +7,10 @@ message and every gRPC status the scheduler sees is built or read here.
    ``PrefillResult`` (first token, timings, and an opaque ``KvTicket`` for the
    KV it now holds). A prompt the worker rejects raises ``InvalidRequest``;
    any other failure raises ``PrefillUnreachable`` (the caller may prefill
-   elsewhere).
+   elsewhere). Requests go over one ``PrefillSession`` per prefill worker; one
+   given up before its answer (cancelled, past the deadline) is cancelled on
+   the worker, which frees KV it may hold already. A worker without the
+   method gets one ``Prefill`` call per request.
    ``prefill_stream(worker, request)`` (layer-wise): a ``KvTicket`` for the KV
    at once -- a decode worker can take it before the prompt has run -- then
    the ``PrefillResult``; the same errors, raised instead of either.
@@ -16,11 +19,16 @@ message and every gRPC status the scheduler sees is built or read here.
    without one it prefills ``request``'s prompt itself. A rejected prompt
    raises ``InvalidRequest``; a broken stream raises ``DecodeLost``. Closing
    the iterator cancels the request. Requests go over one ``DecodeSession``
-   per decode worker (``_Session``: a request is a message on a long-lived
-   stream, not a call of its own); a worker without the method (UNIMPLEMENTED:
-   an older version) gets one ``Decode`` call per request instead.
-3. ``release(ticket)``: frees KV no decode worker took. Best effort: it does
-   not raise on a worker error (the prefill worker's lease frees it anyway).
+   per decode worker; a worker without the method gets one ``Decode`` call
+   per request instead.
+   Sessions (``_Session``): a request is a message on a long-lived stream,
+   not a call of its own (a gRPC call is most of what the scheduler spends on
+   a request); a worker without the method (UNIMPLEMENTED: an older version
+   during a rolling upgrade) is called per request until the scheduler
+   restarts.
+3. ``release(ticket)``: frees KV no decode worker took: a cancel on the owner's
+   open PrefillSession (a message), else a ``ReleaseKv`` call. Best effort: it
+   does not raise on a worker error (the prefill worker's lease frees it anyway).
 """
 
 from __future__ import annotations
@@ -165,17 +173,58 @@ class WorkerClient:
         timeout_s: float,
         *,
         sessions: bool = True,
+        prefill_sessions: bool = True,
     ):
-        """sessions: decode over one DecodeSession per worker (else a call per request)."""
+        """sessions: decode over one DecodeSession per worker (else a call per request);
+        prefill_sessions: the same for prefills (PrefillSession)."""
         self._channel_for = channel_for  # one reused channel per address
-        self._timeout_s = timeout_s  # deadline of a prefill call
-        self._use_sessions = sessions
-        self._sessions: dict[str, _Session] = {}  # decode worker address -> its session
-        self._no_sessions: set[str] = set()  # without DecodeSession (until a restart)
-        self.sessions_opened = 0  # DecodeSession calls made (a new one after each end)
+        self._timeout_s = timeout_s  # deadline of a prefill
+        self._use_sessions = {_DECODE: sessions, _PREFILL: prefill_sessions}
+        self._sessions: dict[tuple[str, str], _Session] = {}  # (kind, address) -> session
+        self._no_sessions: set[tuple[str, str]] = set()  # without the method (until a restart)
+        self.sessions_opened = 0  # session calls made (a new one after each end)
         self._releasing: set[asyncio.Future[Any]] = set()  # ReleaseKv calls in flight
 
     async def prefill(self, worker: WorkerView, req: GenerationRequest) -> PrefillResult:
+        if self._session_for(_PREFILL, worker.address):
+            try:
+                return await self._prefill_on_session(worker, req)
+            except _SessionUnimplemented:  # raised before the request ran
+                log.info("prefill worker %s has no PrefillSession: a call per request",
+                         worker.worker_id)  # fmt: skip
+                self._no_sessions.add((_PREFILL, worker.address))
+        return await self._prefill_call(worker, req)
+
+    async def _prefill_on_session(
+        self, worker: WorkerView, req: GenerationRequest
+    ) -> PrefillResult:
+        session = self._session(_PREFILL, worker.address)
+        rid = req.request_id
+        answer = session.start(prefill_request(req))
+        item: object = None
+        try:
+            async with asyncio.timeout(self._timeout_s):
+                item = await answer.get()
+        except TimeoutError as e:
+            why = f"no answer within {self._timeout_s:g} s"
+            raise PrefillUnreachable(grpc.StatusCode.DEADLINE_EXCEEDED.name, why) from e
+        finally:  # given up unanswered (cancelled, deadline): the worker frees what it held
+            session.forget(rid, cancel=item is None)
+        if isinstance(item, grpc.aio.AioRpcError):  # the session's end
+            if item.code() == grpc.StatusCode.UNIMPLEMENTED:
+                raise _SessionUnimplemented()
+            raise PrefillUnreachable(item.code().name, item.details())
+        if isinstance(item, _SessionEnded):
+            raise PrefillUnreachable(grpc.StatusCode.UNAVAILABLE.name, str(item))
+        assert isinstance(item, worker_pb2.PrefillSessionUpdate)
+        if item.code:
+            code = _CODES.get(item.code, grpc.StatusCode.UNKNOWN)
+            if code == grpc.StatusCode.INVALID_ARGUMENT:
+                raise InvalidRequest("prompt", item.details or "rejected by the prefill worker")
+            raise PrefillUnreachable(code.name, item.details)
+        return prefill_result(item.response)
+
+    async def _prefill_call(self, worker: WorkerView, req: GenerationRequest) -> PrefillResult:
         stub = worker_pb2_grpc.PrefillWorkerStub(self._channel_for(worker.address))
         try:
             resp = await stub.Prefill(prefill_request(req), timeout=self._timeout_s)
@@ -227,8 +276,8 @@ class WorkerClient:
     async def decode(
         self, worker: WorkerView, req: GenerationRequest, ticket: KvTicket | None
     ) -> AsyncGenerator[DecodeUpdate, None]:
-        if self._use_sessions and worker.address not in self._no_sessions:
-            session, request = self._session(worker.address), decode_request(req, ticket)
+        if self._session_for(_DECODE, worker.address):
+            session, request = self._session(_DECODE, worker.address), decode_request(req, ticket)
             try:
                 async with contextlib.aclosing(_session_updates(session, request, worker)) as ups:
                     async for up in ups:
@@ -237,26 +286,36 @@ class WorkerClient:
             except _SessionUnimplemented:  # raised before any update
                 log.info("decode worker %s has no DecodeSession: a call per request",
                          worker.worker_id)  # fmt: skip
-                self._no_sessions.add(worker.address)
+                self._no_sessions.add((_DECODE, worker.address))
         async with contextlib.aclosing(self._decode_call(worker, req, ticket)) as updates:
             async for up in updates:
                 yield up
 
-    def _session(self, address: str) -> _Session:
-        session = self._sessions.get(address)
+    def _session_for(self, kind: str, address: str) -> bool:
+        return self._use_sessions[kind] and (kind, address) not in self._no_sessions
+
+    def _session(self, kind: str, address: str) -> _Session:
+        key = (kind, address)
+        session = self._sessions.get(key)
         if session is None or session.closed:
-            stub = worker_pb2_grpc.DecodeWorkerStub(self._channel_for(address))
-            session = _Session(stub, lambda s: self._ended(address, s))
-            self._sessions[address] = session
+            channel = self._channel_for(address)
+            if kind == _PREFILL:
+                call = worker_pb2_grpc.PrefillWorkerStub(channel).PrefillSession()
+                message: Callable[..., Any] = worker_pb2.PrefillSessionRequest
+            else:
+                call = worker_pb2_grpc.DecodeWorkerStub(channel).DecodeSession()
+                message = worker_pb2.DecodeSessionRequest
+            session = _Session(kind, call, message, lambda s: self._ended(key, s))
+            self._sessions[key] = session
             self.sessions_opened += 1
         return session
 
-    def _ended(self, address: str, session: _Session) -> None:
-        if self._sessions.get(address) is session:  # a worker gone for good leaves nothing
-            del self._sessions[address]
+    def _ended(self, key: tuple[str, str], session: _Session) -> None:
+        if self._sessions.get(key) is session:  # a worker gone for good leaves nothing
+            del self._sessions[key]
 
     async def close(self) -> None:
-        """Ends every decode session (their requests get DecodeLost)."""
+        """Ends every session (their requests get DecodeLost / PrefillUnreachable)."""
         sessions, self._sessions = list(self._sessions.values()), {}
         for session in sessions:
             await session.close()
@@ -277,46 +336,64 @@ class WorkerClient:
             call.cancel()
 
     async def release(self, ticket: KvTicket) -> None:
-        stub = worker_pb2_grpc.PrefillWorkerStub(self._channel_for(ticket._handle.owner_address))
+        address = ticket._handle.owner_address
+        session = self._sessions.get((_PREFILL, address))
+        if session is not None and session.cancel(ticket._handle.request_id):
+            return  # a message on the owner's open session: freed as by ReleaseKv
+        stub = worker_pb2_grpc.PrefillWorkerStub(self._channel_for(address))
         with contextlib.suppress(grpc.aio.AioRpcError):
             await stub.ReleaseKv(release_request(ticket), timeout=_RELEASE_TIMEOUT_S)
 
 
 class _SessionUnimplemented(Exception):
-    """The decode worker has no DecodeSession (an older version)."""
+    """The worker has no session method (an older version)."""
+
+
+class _SessionEnded(Exception):
+    """The session ended without a status of its own (closed, drained, cancelled)."""
+
+
+_PREFILL, _DECODE = "prefill", "decode"
 
 
 class _Session:
-    """One DecodeSession call to one decode worker, shared by its requests.
+    """One session call (DecodeSession, PrefillSession) to one worker, shared by
+    its requests.
 
     ``start`` queues a request's start and returns the queue its updates arrive
-    on (``DecodeSessionUpdate``s, then -- should the session end first -- the
-    ``AioRpcError`` or ``DecodeLost`` that ended it). One writer sends what was
-    queued since its last write as one message; one reader hands each update to
-    its request's queue. A request that stops early is cancelled on the worker
-    (``forget``). The session ending, however it ends, ends every request on it;
-    the next request opens a new one.
+    on (``DecodeSessionUpdate``s / a ``PrefillSessionUpdate``, then -- should
+    the session end first -- the ``AioRpcError`` or ``_SessionEnded`` that ended
+    it). One writer sends what was queued since its last write as one message;
+    one reader hands each update to its request's queue. A request that stops
+    early is cancelled on the worker (``forget``). The session ending, however
+    it ends, ends every request on it; the next request opens a new one.
     """
 
     def __init__(
-        self, stub: worker_pb2_grpc.DecodeWorkerStub, on_end: Callable[[_Session], None]
+        self,
+        kind: str,
+        call: Any,
+        message: Callable[..., Any],
+        on_end: Callable[[_Session], None],
     ) -> None:
+        self._kind = kind
         self._on_end = on_end
-        self._call = stub.DecodeSession()
+        self._call = call
+        self._message = message  # (start=[...], cancel=[...]) -> the request message
         self._queues: dict[str, asyncio.Queue[object]] = {}
-        self._starts: list[worker_pb2.DecodeRequest] = []
+        self._starts: list[Any] = []
         self._cancels: list[str] = []
         self._wake = asyncio.Event()
         self.closed = False
         self._reader = asyncio.ensure_future(self._read())
         self._writer = asyncio.ensure_future(self._write())
 
-    def start(self, request: worker_pb2.DecodeRequest) -> asyncio.Queue[object]:
+    def start(self, request: Any) -> asyncio.Queue[object]:
         queue: asyncio.Queue[object] = asyncio.Queue()
         rid = request.request_id
         if self.closed or rid in self._queues:
             why = "closed" if self.closed else f"request_id {rid!r} already on it"
-            queue.put_nowait(DecodeLost(f"decode session {why}"))
+            queue.put_nowait(_SessionEnded(f"{self._kind} session {why}"))
             return queue
         self._queues[rid] = queue
         self._starts.append(request)
@@ -325,12 +402,20 @@ class _Session:
 
     def forget(self, rid: str, cancel: bool) -> None:
         """The request is over here; cancel: tell the worker to stop it."""
-        if self._queues.pop(rid, None) is not None and cancel and not self.closed:
-            self._cancels.append(rid)
-            self._wake.set()
+        if self._queues.pop(rid, None) is not None and cancel:
+            self.cancel(rid)
+
+    def cancel(self, rid: str) -> bool:
+        """Sends a cancel for rid (on a PrefillSession, an answered request's KV is freed
+        by it); False: the session is closed, nothing sent."""
+        if self.closed:
+            return False
+        self._cancels.append(rid)
+        self._wake.set()
+        return True
 
     async def close(self) -> None:
-        self._end(DecodeLost("the scheduler closed the decode session"))
+        self._end(_SessionEnded(f"the scheduler closed the {self._kind} session"))
         self._call.cancel()
         await asyncio.gather(self._reader, self._writer, return_exceptions=True)
 
@@ -340,13 +425,13 @@ class _Session:
                 await self._wake.wait()
                 self._wake.clear()
                 if self._starts or self._cancels:
-                    msg = worker_pb2.DecodeSessionRequest(start=self._starts, cancel=self._cancels)
+                    msg = self._message(start=self._starts, cancel=self._cancels)
                     self._starts, self._cancels = [], []
                     await self._call.write(msg)
         except (grpc.aio.AioRpcError, asyncio.InvalidStateError) as e:
-            log.debug("decode session write ended: %s", e)  # the reader reports the status
+            log.debug("%s session write ended: %s", self._kind, e)  # the reader reports it
         except grpc.aio.UsageError as e:  # written after the call ended: the reader reports
-            log.debug("decode session write ended: %s", e)
+            log.debug("%s session write ended: %s", self._kind, e)
 
     async def _read(self) -> None:
         try:
@@ -355,11 +440,11 @@ class _Session:
                     queue = self._queues.get(update.request_id)
                     if queue is not None:
                         queue.put_nowait(update)
-            self._end(DecodeLost("the decode worker ended the session (draining)"))
+            self._end(_SessionEnded(f"the {self._kind} worker ended the session (draining)"))
         except grpc.aio.AioRpcError as e:
             self._end(e)
         except asyncio.CancelledError:
-            self._end(DecodeLost("the decode session was cancelled"))
+            self._end(_SessionEnded(f"the {self._kind} session was cancelled"))
             raise
 
     def _end(self, why: object) -> None:
@@ -391,7 +476,7 @@ async def _session_updates(
                 if item.code() == grpc.StatusCode.UNIMPLEMENTED:
                     raise _SessionUnimplemented()
                 raise DecodeLost(f"{worker.worker_id}: {item.code().name} {item.details()}")
-            if isinstance(item, DecodeLost):
+            if isinstance(item, _SessionEnded):
                 raise DecodeLost(f"{worker.worker_id}: {item}")
             assert isinstance(item, worker_pb2.DecodeSessionUpdate)
             if item.code:

@@ -67,6 +67,16 @@ class Counting(worker_pb2_grpc.PrefillWorkerServicer, worker_pb2_grpc.DecodeWork
         self.calls += 1
         yield worker_pb2.DecodeResponse(token_ids=[1], finish_reason="length")
 
+    async def PrefillSession(self, request_iterator, context):  # type: ignore[no-untyped-def]
+        self.calls += 1
+        async for msg in request_iterator:
+            for req in msg.start:
+                update = worker_pb2.PrefillSessionUpdate(
+                    request_id=req.request_id, response=worker_pb2.PrefillResponse()
+                )
+                yield worker_pb2.PrefillSessionResponse(updates=[update])
+            return
+
     async def DecodeSession(self, request_iterator, context):  # type: ignore[no-untyped-def]
         self.calls += 1
         async for msg in request_iterator:
@@ -89,6 +99,7 @@ def worker_calls(channel: grpc.aio.Channel) -> list[tuple[str, Any]]:
     stream = worker_pb2.PrefillStreamRequest(prefill=pre)
     watch = worker_pb2.WatchKvRequest(request_id="x")
     session = worker_pb2.DecodeSessionRequest(start=[dec])
+    prefills = worker_pb2.PrefillSessionRequest(start=[pre])
 
     async def drain(call: Any) -> list[Any]:
         return [m async for m in call]
@@ -100,6 +111,12 @@ def worker_calls(channel: grpc.aio.Channel) -> list[tuple[str, Any]]:
         ("StartKvRead", lambda **kw: prefill.StartKvRead(start, timeout=5, **kw)),
         ("PrefillStream", lambda **kw: drain(prefill.PrefillStream(stream, timeout=5, **kw))),
         ("WatchKv", lambda **kw: drain(prefill.WatchKv(watch, timeout=5, **kw))),
+        (
+            "PrefillSession",
+            lambda **kw: drain(
+                prefill.PrefillSession(iter([prefills]), timeout=5, **kw)  # type: ignore[arg-type]
+            ),
+        ),
         ("Decode", lambda **kw: drain(decode.Decode(dec, timeout=5, **kw))),
         (
             "DecodeSession",

@@ -329,6 +329,6 @@ def _limit_reached(address: str, limit: int) -> None:
 def test_configured_rpc_limits_reach_every_server(trust_cluster: Cluster) -> None:
     cluster = trust_cluster
     _limit_reached(cluster.address, SCHEDULER_RPCS)
-    cluster.run(cluster.app._workers.close())  # its DecodeSession calls would count as well
+    cluster.run(cluster.app._workers.close())  # its session calls would count as well
     for host in cluster.hosts:
         _limit_reached(host.address, WORKER_RPCS)
