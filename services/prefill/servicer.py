@@ -11,8 +11,10 @@
    Its answer tells a NIXL reader whether the blocks were held until then.
    A lease that runs out first frees them as EXPIRED.
 PrefillSession carries many Prefills over one stream (``disagg.worker.session``):
-each start runs as a Prefill call; a request given up before the scheduler read
-its answer (a cancel, the session's end) has its KV freed at once (FAILED).
+each start runs as a Prefill call. A cancel frees the request's KV at once
+(FAILED), whether its answer went out or not (the scheduler's release of KV no
+decode worker took); so does the session's end for a request it cut off before
+its answer went out.
 Layer-wise: PrefillStream answers a PREFILLING handle first, then runs the
 prompt with the engine reporting each layer of each chunk to the handle's
 stream; WatchKv follows that stream for the one decode worker that took the
@@ -112,7 +114,7 @@ class PrefillServicer(worker_pb2_grpc.PrefillWorkerServicer):
         yield await self._prefill(request, context)
 
     def _given_up(self, rid: str) -> None:
-        """A session's request given up unread: its KV, if held, is nobody's."""
+        """A session's request given up (cancelled, cut off): its KV, if held, is nobody's."""
         self._sender.release(rid, consumed=False)
 
     async def _prefill(
