@@ -354,6 +354,8 @@ class _SessionEnded(Exception):
 
 
 _PREFILL, _DECODE = "prefill", "decode"
+# Prompt tokens in one session message: at most ~5 bytes a token on the wire, 2.5 MiB.
+BATCH_PROMPT_TOKENS = 1 << 19
 
 
 class _Session:
@@ -424,14 +426,28 @@ class _Session:
             while not self.closed:
                 await self._wake.wait()
                 self._wake.clear()
-                if self._starts or self._cancels:
-                    msg = self._message(start=self._starts, cancel=self._cancels)
-                    self._starts, self._cancels = [], []
+                while not self.closed and (self._starts or self._cancels):
+                    starts = self._batch()
+                    msg = self._message(start=starts, cancel=self._cancels)
+                    self._cancels = []
                     await self._call.write(msg)
         except (grpc.aio.AioRpcError, asyncio.InvalidStateError) as e:
             log.debug("%s session write ended: %s", self._kind, e)  # the reader reports it
         except grpc.aio.UsageError as e:  # written after the call ended: the reader reports
             log.debug("%s session write ended: %s", self._kind, e)
+
+    def _batch(self) -> list[Any]:
+        """The starts of the next message, taken off the queue: as many as fit in
+        BATCH_PROMPT_TOKENS prompt tokens (one at least), so that what piled up during a
+        write stays far under the message size limit (16 MiB) even with long prompts."""
+        n, tokens = 0, 0
+        for start in self._starts:
+            tokens += len(start.prompt_token_ids)
+            if n and tokens > BATCH_PROMPT_TOKENS:
+                break
+            n += 1
+        starts, self._starts = self._starts[:n], self._starts[n:]
+        return starts
 
     async def _read(self) -> None:
         try:

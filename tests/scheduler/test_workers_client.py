@@ -315,3 +315,42 @@ def test_release_frees_and_never_raises() -> None:
         assert len(prefill.released) == 2
 
     run_async(_with_server(prefill, _Decode(), body))
+
+
+@dataclass
+class _SessionPrefill(_Prefill):
+    """A prefill worker with PrefillSession: answers every start, records each message."""
+
+    messages: list[worker_pb2.PrefillSessionRequest] = field(default_factory=list)
+
+    async def PrefillSession(self, request_iterator, context):  # type: ignore[no-untyped-def]
+        async for msg in request_iterator:
+            self.messages.append(msg)
+            updates = [
+                worker_pb2.PrefillSessionUpdate(
+                    request_id=s.request_id, response=worker_pb2.PrefillResponse(handle=_handle())
+                )
+                for s in msg.start
+            ]
+            if updates:
+                yield worker_pb2.PrefillSessionResponse(updates=updates)
+
+
+def test_starts_that_piled_up_go_in_messages_under_the_token_budget(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """Long prompts queued during one write are split over several session messages
+    (each far under the message size limit), every one answered."""
+    monkeypatch.setattr("services.scheduler.workers.BATCH_PROMPT_TOKENS", 100)
+    prefill = _SessionPrefill()
+
+    async def body(client: WorkerClient, pre: WorkerView, dec: WorkerView) -> None:
+        reqs = [_request(request_id=f"r-{i}", prompt_token_ids=[5] * 40) for i in range(5)]
+        results = await asyncio.gather(*(client.prefill(pre, r) for r in reqs))
+        assert all(r.first_token_id == 42 for r in results)
+        sizes = [[len(s.prompt_token_ids) for s in m.start] for m in prefill.messages]
+        assert sorted(s.request_id for m in prefill.messages for s in m.start) == [
+            f"r-{i}" for i in range(5)
+        ]
+        assert len(sizes) > 1 and all(sum(s) <= 100 or len(s) == 1 for s in sizes), sizes
+        assert client.sessions_opened == 1 and not prefill.released  # sessions, no calls
+
+    run_async(_with_server(prefill, _Decode(), body))
