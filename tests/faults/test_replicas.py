@@ -25,7 +25,9 @@ from disagg.metastore.store import MetaStore
 from disagg.v1 import common_pb2, scheduler_pb2, scheduler_pb2_grpc
 from tests.e2e.test_up import READY_TIMEOUT_S, UpProcess, _generate, system_procs
 
-STREAM = {"max_tokens": 120, "temperature": 0.0, "ignore_eos": True}
+# Long enough that no stream ends before the kill: it comes once every stream has its
+# first token, and the calls start together (their connections made first).
+STREAM = {"max_tokens": 240, "temperature": 0.0, "ignore_eos": True}
 N_STREAMS = 16
 
 
@@ -69,12 +71,15 @@ def test_killed_replica_loses_only_its_streams(
 
         got: list[list[int]] = [[] for _ in prompts]
         codes: list[grpc.StatusCode | None] = [None] * N_STREAMS
+        connected = threading.Barrier(N_STREAMS)
         started = threading.Barrier(N_STREAMS + 1)
 
         def stream(i: int) -> None:
             # One TCP connection each: a local subchannel pool, so channels to the
             # same target do not share the process-wide connection.
             with grpc.insecure_channel(up.address, [("grpc.use_local_subchannel_pool", 1)]) as ch:
+                grpc.channel_ready_future(ch).result(timeout=30)
+                connected.wait(timeout=60)  # every connection made: the calls start together
                 call = scheduler_pb2_grpc.SchedulerStub(ch).Generate(
                     scheduler_pb2.GenerateRequest(prompt_token_ids=prompts[i], **STREAM),
                     timeout=120,
