@@ -16,7 +16,6 @@ Schedulers read a worker's set only when its version changed
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 
 from disagg.engine.api import Engine
@@ -37,6 +36,7 @@ class PrefixPublisher:
         self._ttl_s = ttl_s
         self._published: int | None = None
         self._task: asyncio.Task[None] | None = None
+        self._stopped = False
 
     async def publish(self) -> None:
         """Writes the set if it changed since the last write, else renews its TTL."""
@@ -55,13 +55,21 @@ class PrefixPublisher:
         self._task = asyncio.get_running_loop().create_task(self._run())
 
     async def stop(self) -> None:
+        # The loop also ends at its next turn if the cancel below is lost: redis-py can
+        # turn a cancellation in the middle of a command into a ConnectionError, which
+        # the loop takes as an outage and goes on (the worker's stop then hung for good).
+        self._stopped = True
         if self._task is not None:
             self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
+            try:
                 await self._task
+            except asyncio.CancelledError:
+                current = asyncio.current_task()
+                if current is not None and current.cancelling():
+                    raise  # our caller cancelled the stop itself: not ours to swallow
 
     async def _run(self) -> None:
-        while True:
+        while not self._stopped:
             try:
                 # A publish stuck on a black-holed Redis is dropped after a TTL: the next
                 # one tries afresh rather than waiting out every socket timeout and retry.
