@@ -9,13 +9,12 @@ publisher's loop).
 from __future__ import annotations
 
 import asyncio
-import threading
 import time
-from typing import Any
 
 from disagg.metastore.store import MetaStore
 from disagg.mock.engine import MockEngine
 from disagg.worker.prefix import PrefixPublisher
+from tests.control.helpers import run_in_thread
 
 
 def test_a_cancel_lost_in_a_redis_call_does_not_hang_the_stop(valkey_url: str) -> None:
@@ -44,17 +43,4 @@ def test_a_cancel_lost_in_a_redis_call_does_not_hang_the_stop(valkey_url: str) -
         assert time.monotonic() - started < 5
         await store.close()
 
-    # in a thread: a stop that hangs would hang asyncio.run's own cleanup too
-    errors: list[BaseException] = []
-    t = threading.Thread(target=_run_catching, args=(body, errors), daemon=True)
-    t.start()
-    t.join(20)
-    assert not t.is_alive(), "the prefix publisher's stop hung"
-    assert not errors, errors
-
-
-def _run_catching(body: Any, errors: list[BaseException]) -> None:
-    try:
-        asyncio.run(body())
-    except BaseException as e:
-        errors.append(e)
+    run_in_thread(body, "the prefix publisher's stop")

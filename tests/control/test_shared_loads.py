@@ -9,9 +9,7 @@ request, leaves, or dies (its record's TTL).
 from __future__ import annotations
 
 import asyncio
-import threading
 import time
-from typing import Any
 
 import redis.asyncio as aioredis
 
@@ -20,6 +18,7 @@ from disagg.metastore.store import MetaStore
 from disagg.policy.routing import Decision, Load, RouteRequest, decide
 from disagg.v1 import common_pb2
 from services.scheduler.registry import WorkerRegistry
+from tests.control.helpers import run_in_thread
 
 LAYOUT = common_pb2.KvLayout(
     num_layers=2, num_kv_heads=1, head_dim=8, dtype="float32", block_size=16
@@ -213,17 +212,4 @@ def test_a_cancel_lost_in_a_redis_call_does_not_hang_the_stop(valkey_url: str) -
             await reg.leave()
         await store.close()
 
-    # in a thread: a stop that hangs would hang asyncio.run's own cleanup too
-    errors: list[BaseException] = []
-    t = threading.Thread(target=_run_catching, args=(body, errors), daemon=True)
-    t.start()
-    t.join(20)
-    assert not t.is_alive(), "the registry's stop hung"
-    assert not errors, errors
-
-
-def _run_catching(body: Any, errors: list[BaseException]) -> None:
-    try:
-        asyncio.run(body())
-    except BaseException as e:
-        errors.append(e)
+    run_in_thread(body, "the registry's stop")
