@@ -15,13 +15,13 @@ Nothing leaks in any of them.
 from __future__ import annotations
 
 import asyncio
-from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import grpc
 
 from disagg.v1 import common_pb2, worker_pb2, worker_pb2_grpc
+from tests.faults.sessions import HandSession
 
 PROMPTS = [[5 + (i * 37 + j * 11) % 400 for j in range(6 + 3 * i)] for i in range(8)]
 
@@ -54,24 +54,11 @@ def test_streams_share_one_session_and_stay_greedy(make_cluster, tiny_reference)
     cluster.wait_no_leaks()
 
 
-class _Session:
-    """A hand-driven DecodeSession: write messages, collect updates per request."""
+class _Session(HandSession):
+    """A hand-driven DecodeSession."""
 
     def __init__(self, address: str) -> None:
-        self.channel = grpc.aio.insecure_channel(address)
-        self.call = worker_pb2_grpc.DecodeWorkerStub(self.channel).DecodeSession()
-        self.updates: dict[str, list[worker_pb2.DecodeSessionUpdate]] = defaultdict(list)
-        self.ended: asyncio.Future[grpc.StatusCode] = asyncio.get_running_loop().create_future()
-        self._reader = asyncio.ensure_future(self._read())
-
-    async def _read(self) -> None:
-        try:
-            async for resp in self.call:
-                for u in resp.updates:
-                    self.updates[u.request_id].append(u)
-            self.ended.set_result(grpc.StatusCode.OK)
-        except grpc.aio.AioRpcError as e:
-            self.ended.set_result(e.code())
+        super().__init__(address, lambda ch: worker_pb2_grpc.DecodeWorkerStub(ch).DecodeSession())
 
     def tokens(self, rid: str) -> list[int]:
         return [t for u in self.updates[rid] for t in u.response.token_ids]
@@ -79,21 +66,6 @@ class _Session:
     def finish(self, rid: str) -> str:
         ups = self.updates[rid]
         return ups[-1].response.finish_reason if ups else ""
-
-    def error(self, rid: str) -> grpc.StatusCode | None:
-        codes = {c.value[0]: c for c in grpc.StatusCode}
-        return next((codes[u.code] for u in self.updates[rid] if u.code), None)
-
-    async def until(self, cond: Any, timeout_s: float = 20.0) -> None:
-        deadline = asyncio.get_running_loop().time() + timeout_s
-        while not cond():
-            assert asyncio.get_running_loop().time() < deadline, dict(self.updates)
-            await asyncio.sleep(0.01)
-
-    async def close(self) -> None:
-        self.call.cancel()
-        await asyncio.gather(self._reader, return_exceptions=True)
-        await self.channel.close()
 
 
 def test_requests_end_on_their_own(make_cluster, tiny_reference) -> None:  # type: ignore[no-untyped-def]

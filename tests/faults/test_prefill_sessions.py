@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -28,6 +27,7 @@ from disagg.engine.api import SamplingParams
 from disagg.v1 import common_pb2, worker_pb2, worker_pb2_grpc
 from services.scheduler.requests import GenerationRequest
 from services.scheduler.workers import WorkerClient
+from tests.faults.sessions import HandSession
 from tests.scheduler import factories
 
 PROMPTS = [[5 + (i * 41 + j * 13) % 400 for j in range(20 + 3 * i)] for i in range(8)]
@@ -70,42 +70,14 @@ def test_prefills_share_one_session_and_stay_greedy(make_cluster, tiny_reference
     assert not freed.get("expired")
 
 
-class _Session:
-    """A hand-driven PrefillSession: write messages, collect updates per request."""
+class _Session(HandSession):
+    """A hand-driven PrefillSession."""
 
     def __init__(self, address: str) -> None:
-        self.channel = grpc.aio.insecure_channel(address)
-        self.call = worker_pb2_grpc.PrefillWorkerStub(self.channel).PrefillSession()
-        self.updates: dict[str, list[worker_pb2.PrefillSessionUpdate]] = defaultdict(list)
-        self.ended: asyncio.Future[grpc.StatusCode] = asyncio.get_running_loop().create_future()
-        self._reader = asyncio.ensure_future(self._read())
-
-    async def _read(self) -> None:
-        try:
-            async for resp in self.call:
-                for u in resp.updates:
-                    self.updates[u.request_id].append(u)
-            self.ended.set_result(grpc.StatusCode.OK)
-        except grpc.aio.AioRpcError as e:
-            self.ended.set_result(e.code())
+        super().__init__(address, lambda ch: worker_pb2_grpc.PrefillWorkerStub(ch).PrefillSession())
 
     def answered(self, rid: str) -> bool:
         return any(u.response.handle.request_id == rid for u in self.updates[rid])
-
-    def error(self, rid: str) -> grpc.StatusCode | None:
-        codes = {c.value[0]: c for c in grpc.StatusCode}
-        return next((codes[u.code] for u in self.updates[rid] if u.code), None)
-
-    async def until(self, cond: Any, timeout_s: float = 20.0) -> None:
-        deadline = asyncio.get_running_loop().time() + timeout_s
-        while not cond():
-            assert asyncio.get_running_loop().time() < deadline, dict(self.updates)
-            await asyncio.sleep(0.01)
-
-    async def close(self) -> None:
-        self.call.cancel()
-        await asyncio.gather(self._reader, return_exceptions=True)
-        await self.channel.close()
 
 
 def test_requests_are_answered_on_their_own(make_cluster, tiny_reference) -> None:  # type: ignore[no-untyped-def]
