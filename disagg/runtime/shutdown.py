@@ -67,3 +67,21 @@ class ShutdownDeadline:
             sys.stderr.flush()
         except Exception as e:  # the loop changed under us: the thread stacks stand
             os.write(sys.stderr.fileno(), f"(tasks not listed: {e!r})\n".encode())
+
+
+async def cancel_and_wait(task: asyncio.Task[None] | None) -> None:
+    """Cancels a service's background task and waits for it to end.
+
+    The task's loop must also check a stop flag set before this call. redis-py can
+    turn a cancel that lands mid-command into a ConnectionError; a loop that takes
+    that for an outage and goes on would never end. The task's own CancelledError
+    is swallowed. A cancel aimed at the caller, which is stopping, is raised."""
+    if task is None:
+        return
+    task.cancel()
+    try:
+        await task
+    except asyncio.CancelledError:
+        current = asyncio.current_task()
+        if current is not None and current.cancelling():
+            raise

@@ -20,6 +20,7 @@ import logging
 
 from disagg.engine.api import Engine
 from disagg.metastore.store import MetaStore
+from disagg.runtime.shutdown import cancel_and_wait
 from disagg.v1 import control_pb2
 
 log = logging.getLogger(__name__)
@@ -55,18 +56,9 @@ class PrefixPublisher:
         self._task = asyncio.get_running_loop().create_task(self._run())
 
     async def stop(self) -> None:
-        # The loop also ends at its next turn if the cancel below is lost: redis-py can
-        # turn a cancellation in the middle of a command into a ConnectionError, which
-        # the loop takes as an outage and goes on (the worker's stop then hung for good).
+        # The loop also ends at its next turn if the cancel is lost (cancel_and_wait).
         self._stopped = True
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                current = asyncio.current_task()
-                if current is not None and current.cancelling():
-                    raise  # our caller cancelled the stop itself: not ours to swallow
+        await cancel_and_wait(self._task)
 
     async def _run(self) -> None:
         while not self._stopped:

@@ -45,6 +45,7 @@ from disagg.metastore.store import OUTAGE_GRACE_S, MetaStore
 from disagg.policy.cost import CostModel
 from disagg.policy.prefix import PrefixIndex
 from disagg.policy.routing import NO_LOAD, Decision, Load, Snapshot, WorkerView, blocks_needed
+from disagg.runtime.shutdown import cancel_and_wait
 from disagg.v1 import common_pb2, control_pb2
 from services.scheduler.dispatch import NO_PEERS, PeerSlots
 
@@ -219,14 +220,7 @@ class WorkerRegistry:
         # take as an outage and go on (the scheduler's stop then hung for good).
         self._stopped = True
         for task in (self._task, self._watch, self._push):
-            if task is not None:
-                task.cancel()
-                try:
-                    await task
-                except asyncio.CancelledError:
-                    current = asyncio.current_task()
-                    if current is not None and current.cancelling():
-                        raise  # our caller cancelled the stop itself: not ours to swallow
+            await cancel_and_wait(task)
 
     @property
     def call_timeout_s(self) -> float:
